@@ -1,0 +1,1 @@
+"""lowbit: a compiler for extreme low-bit language models."""
