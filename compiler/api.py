@@ -1,0 +1,144 @@
+"""Public API: ``compile_quantized``.
+
+Capture the model's graph, run the recipe's passes and the quantize pass on it, and
+materialize the result: a Hugging Face model gets its linear sites replaced by
+``lowbit.QuantLinear`` modules at the same names (so ``generate()`` and its KV cache keep
+working) and its weight-only edits copied back; any other model is returned as the
+rewritten ``torch.fx.GraphModule``.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .capture import capture
+from .pass_manager import CompileContext, CompileReport, run_passes
+from .quant_linear import QuantLinear
+from .recipes import Recipe, get_recipe
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is optional
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def normalize_calibration(calibration: Any) -> list[tuple]:
+    """Calibration data as a list of positional-argument tuples.
+
+    Accepts a [B, T] tensor of token ids (one batch per row), a list of tensors, or a list
+    of tuples of tensors.
+    """
+    if calibration is None:
+        return []
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() == 1:
+            calibration = calibration.unsqueeze(0)
+        return [(row.unsqueeze(0),) for row in calibration] if calibration.dtype in (torch.long, torch.int) \
+            else [(calibration,)]
+    out = []
+    for b in calibration:
+        if isinstance(b, torch.Tensor):
+            out.append((b if b.dim() > 1 or b.is_floating_point() else b.unsqueeze(0),))
+        elif isinstance(b, dict):
+            out.append((b["input_ids"],))
+        else:
+            out.append(tuple(b))
+    return out
+
+
+def default_example(model: nn.Module, seq_len: int = 16) -> tuple:
+    cfg = getattr(model, "config", None)
+    vocab = getattr(cfg, "vocab_size", None)
+    if vocab is None:
+        raise ValueError("pass example_inputs (or calibration data): lowbit cannot guess this model's inputs")
+    g = torch.Generator().manual_seed(0)
+    dev = next(model.parameters()).device
+    return (torch.randint(0, vocab, (1, seq_len), generator=g).to(dev),)
+
+
+def build_passes(recipe: Recipe, context: CompileContext) -> list:
+    """The recipe's graph passes followed by the quantize pass."""
+    from lowbit.passes import registry
+    from lowbit.passes.quantize import QuantizePass
+
+    passes = [registry.make(p, context) for p in recipe.passes]
+    passes.append(QuantizePass(recipe.weight, recipe.activation, ignore=recipe.is_ignored,
+                               clip_search=recipe.clip_search,
+                               weight_quantizer=registry.weight_quantizer(recipe, context),
+                               context=context))
+    return passes
+
+
+def materialize(model: nn.Module, gm: torch.fx.GraphModule) -> nn.Module:
+    """Write the rewritten graph back into the module tree of ``model``.
+
+    QuantLinear modules go to the same names; parameters and buffers of the graph whose
+    names exist in the model are copied (weight-only edits such as folded norms); new
+    tensors a pass added for a module are moved with that module.
+    """
+    for name, mod in gm.named_modules():
+        if isinstance(mod, QuantLinear):
+            model.set_submodule(name, mod)
+    model_state = dict(model.named_parameters(remove_duplicate=False))
+    model_state.update(dict(model.named_buffers(remove_duplicate=False)))
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        target = model_state.get(name)
+        if target is None or target is t:
+            continue
+        if target.shape != t.shape:
+            raise RuntimeError(f"materialize: {name} has shape {tuple(t.shape)} in the graph, {tuple(target.shape)} in the model")
+        with torch.no_grad():
+            target.copy_(t)
+    return model
+
+
+def compile_quantized(
+    model: nn.Module,
+    recipe: "str | Recipe | dict" = "w2a16",
+    calibration: Any = None,
+    backend: str = "reference",
+    example_inputs: tuple | None = None,
+    inplace: bool = False,
+    progress: bool = True,
+) -> nn.Module:
+    """Quantize ``model`` with ``recipe`` and return the compiled model.
+
+    ``calibration``: token-id batches (a [B, T] tensor, or a list of tensors / tuples) used
+    to measure errors and by calibrated passes. ``backend``: "reference" (pure PyTorch),
+    "triton" (CUDA kernels) or "auto". ``inplace=False`` works on a deep copy.
+    The result carries ``lowbit_report`` (a :class:`CompileReport`) and ``lowbit_recipe``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if torch.cuda.is_available() else "reference"
+    recipe = get_recipe(recipe)
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    calib = normalize_calibration(calibration)
+    example = tuple(example_inputs) if example_inputs is not None else (calib[0] if calib else default_example(model))
+    report = CompileReport(meta={"recipe": recipe.name, "backend": backend, "model": type(model).__name__})
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        captured = capture(model, example)
+    report.meta["capture_method"] = captured.method
+    report.meta["capture_seconds"] = time.perf_counter() - t0
+    context = CompileContext(report=report, calibration=calib, recipe=recipe, progress=progress)
+    with torch.no_grad():
+        gm = run_passes(captured.graph_module, build_passes(recipe, context), report)
+    report.meta["compile_seconds"] = time.perf_counter() - t0
+    result = materialize(model, gm) if is_hf_model(model) else gm
+    result.lowbit_report = report
+    result.lowbit_recipe = recipe
+    result.lowbit_backend = backend
+    return result

@@ -1,0 +1,108 @@
+"""The lowbit op registry: ``torch.ops.lowbit.*``.
+
+Each op is a ``torch.library.custom_op`` with
+* a reference implementation in plain PyTorch (CPU and CUDA): the definition of its
+  numerics, built on :mod:`lowbit.formats`;
+* a fake implementation, so ``torch.export`` and ``torch.compile`` see through it;
+* optional backend kernels registered later (Triton on CUDA, see ``lowbit.codegen``),
+  and an ONNX lowering.
+
+Formats travel as plain scalars (bits, grid, group size, scale dtype) so the ops'
+schemas stay simple and serialisable.
+
+Ops
+---
+``quantize_act(x, bits, grid, group_size, scale_dtype) -> (codes, scales, global_scale)``
+    dynamic per-token, per-group activation quantization along the last dimension.
+    codes int8 ``[..., K]``; scales ``[..., K/G]`` (E4M3 or fp16/fp32); global fp32 ``[..., 1]``.
+
+``qlinear(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, group_size, w_scale_dtype,
+a_bits, a_grid, a_group_size, a_scale_dtype) -> y``
+    ``y = Qa(x) @ dequant(W)^T + bias`` where ``Qa`` quantizes and dequantizes x with the
+    activation format (``a_bits == 0``: x is used as is, W*A16). Output in x's dtype;
+    the reference accumulates in fp32.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .formats import (
+    QFormat,
+    dequantize_codes,
+    effective_scales,
+    quantize,
+    unpack_codes,
+)
+
+
+def _fmt(bits: int, grid: str, group_size: int, scale_dtype: str) -> QFormat:
+    return QFormat(bits, grid, group_size, scale_dtype)
+
+
+# -- quantize_act ------------------------------------------------------------------
+
+@torch.library.custom_op("lowbit::quantize_act", mutates_args=())
+def quantize_act(
+    x: torch.Tensor, bits: int, grid: str, group_size: int, scale_dtype: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    fmt = _fmt(bits, grid, group_size, scale_dtype)
+    qt = quantize(x, fmt, per_row=True)
+    return qt.codes, qt.scales, qt.global_scale.expand(*x.shape[:-1], 1).contiguous()
+
+
+@quantize_act.register_fake
+def _(x, bits, grid, group_size, scale_dtype):
+    fmt = _fmt(bits, grid, group_size, scale_dtype)
+    k = x.shape[-1]
+    codes = x.new_empty(x.shape, dtype=torch.int8)
+    scales = x.new_empty((*x.shape[:-1], k // group_size), dtype=fmt.scale_torch_dtype)
+    gscale = x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+    return codes, scales, gscale
+
+
+def fake_quantize_act(x: torch.Tensor, fmt: QFormat) -> torch.Tensor:
+    """Quantize-dequantize x per token and group (the value a W*A* site computes with), fp32."""
+    codes, scales, gscale = torch.ops.lowbit.quantize_act(x, fmt.bits, fmt.grid, fmt.group_size, fmt.scale_dtype)
+    return dequantize_codes(codes, effective_scales(scales, gscale), fmt)
+
+
+# -- qlinear -----------------------------------------------------------------------
+
+def dequantize_weight(w_packed, w_scales, w_global, fmt: QFormat, in_features: int | None = None) -> torch.Tensor:
+    """fp32 weight [N, K] from packed codes, stored scales and the global scale."""
+    k = in_features if in_features is not None else w_scales.shape[-1] * fmt.group_size
+    codes = unpack_codes(w_packed, fmt.bits, k)
+    return dequantize_codes(codes, effective_scales(w_scales, w_global), fmt)
+
+
+@torch.library.custom_op("lowbit::qlinear", mutates_args=())
+def qlinear(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scales: torch.Tensor,
+    w_global: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    w_bits: int,
+    w_grid: str,
+    group_size: int,
+    w_scale_dtype: str,
+    a_bits: int,
+    a_grid: str,
+    a_group_size: int,
+    a_scale_dtype: str,
+) -> torch.Tensor:
+    wfmt = _fmt(w_bits, w_grid, group_size, w_scale_dtype)
+    w = dequantize_weight(w_packed, w_scales, w_global, wfmt)
+    xa = x.float()
+    if a_bits:
+        xa = fake_quantize_act(xa, _fmt(a_bits, a_grid, a_group_size, a_scale_dtype))
+    y = torch.nn.functional.linear(xa, w, None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+@qlinear.register_fake
+def _(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, group_size, w_scale_dtype,
+      a_bits, a_grid, a_group_size, a_scale_dtype):
+    return x.new_empty((*x.shape[:-1], w_packed.shape[0]))

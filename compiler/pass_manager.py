@@ -1,0 +1,149 @@
+"""Pass infrastructure: the compile context, the compile report and the pass runner.
+
+A lowbit pass is a ``torch.fx.passes.infra.pass_base.PassBase``: calling it on a
+GraphModule returns a ``PassResult``, so any FX tool can run it. Passes that need more
+than the graph (calibration data, a recipe) take a :class:`CompileContext` at
+construction; each pass writes what it did into ``context.report``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.utils import _pytree as pytree
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    modified: bool
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class CompileReport:
+    """What each pass did, and per linear site its format, bits per weight and error."""
+
+    passes: list[PassRecord] = field(default_factory=list)
+    sites: dict[str, dict] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def site(self, name: str) -> dict:
+        return self.sites.setdefault(name, {"name": name})
+
+    def to_dict(self) -> dict:
+        return {
+            "meta": self.meta,
+            "passes": [vars(p) for p in self.passes],
+            "sites": self.sites,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CompileReport":
+        return cls([PassRecord(**p) for p in d.get("passes", [])], dict(d.get("sites", {})), dict(d.get("meta", {})))
+
+    def mean_bits_per_weight(self) -> float:
+        """Bits per weight over every quantized site, weighted by element count."""
+        num = den = 0.0
+        for s in self.sites.values():
+            if "bits_per_weight" in s and "numel" in s:
+                num += s["bits_per_weight"] * s["numel"]
+                den += s["numel"]
+        return num / den if den else float("nan")
+
+    def summary_table(self, max_rows: int | None = None) -> str:
+        rows = [("site", "format", "bits/w", "rel.err")]
+        quant = [s for s in self.sites.values() if "format" in s]
+        for s in quant[:max_rows] if max_rows else quant:
+            err = s.get("rel_error")
+            rows.append((s["name"], s["format"], f"{s['bits_per_weight']:.3f}", "-" if err is None else f"{err:.4f}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        if max_rows and len(quant) > max_rows:
+            lines.append(f"... {len(quant) - max_rows} more sites")
+        lines.append("")
+        lines.append(f"{len(quant)} quantized sites, {self.mean_bits_per_weight():.3f} bits per weight on average")
+        for p in self.passes:
+            lines.append(f"pass {p.name}: {p.seconds:.2f} s, " + ", ".join(f"{k}={v}" for k, v in p.details.items()
+                                                                             if not isinstance(v, (dict, list))))
+        return "\n".join(lines)
+
+
+@dataclass
+class CompileContext:
+    """State shared by the passes of one compilation."""
+
+    report: CompileReport = field(default_factory=CompileReport)
+    calibration: list[tuple] = field(default_factory=list)   # positional inputs of the captured graph
+    recipe: Any = None
+    progress: bool = True
+    max_calibration_rows: int = 2048
+
+    def site_inputs(self, gm: torch.fx.GraphModule, node_names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Inputs (first argument) of the given nodes over the calibration data, as [rows, K] fp32.
+
+        At most ``max_calibration_rows`` rows are kept per node (taken evenly across batches).
+        """
+        wanted = set(node_names)
+        found: dict[str, list[torch.Tensor]] = {n: [] for n in wanted}
+        if not self.calibration or not wanted:
+            return {}
+        per_batch = max(1, self.max_calibration_rows // len(self.calibration))
+
+        class Recorder(torch.fx.Interpreter):
+            def run_node(self, n):
+                if n.name in wanted:
+                    x = self.env[n.args[0]] if isinstance(n.args[0], torch.fx.Node) else n.args[0]
+                    rows = x.detach().reshape(-1, x.shape[-1])
+                    if rows.shape[0] > per_batch:
+                        idx = torch.linspace(0, rows.shape[0] - 1, per_batch).long()
+                        rows = rows[idx]
+                    found[n.name].append(rows.float().cpu())
+                return super().run_node(n)
+
+        with torch.no_grad():
+            for args in self.calibration:
+                Recorder(gm).run(*pytree.tree_leaves(args))
+        return {k: torch.cat(v) for k, v in found.items() if v}
+
+
+class LowbitPass(PassBase):
+    """Base of lowbit's passes: a PassBase with a name, a context and options."""
+
+    name = "pass"
+
+    def __init__(self, context: CompileContext | None = None):
+        super().__init__()
+        self.context = context or CompileContext()
+
+    @property
+    def report(self) -> CompileReport:
+        return self.context.report
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def run_passes(gm: torch.fx.GraphModule, passes: list[PassBase], report: CompileReport | None = None) -> torch.fx.GraphModule:
+    """Run passes in order, timing each and recording it in ``report``."""
+    for p in passes:
+        t0 = time.perf_counter()
+        before = len(report.passes) if report is not None else 0
+        result = p(gm)
+        if result is not None:
+            gm = result.graph_module
+        if report is not None:
+            name = getattr(p, "name", type(p).__name__)
+            details = getattr(p, "details", {})
+            report.passes.insert(before, PassRecord(name, time.perf_counter() - t0, bool(result and result.modified), details))
+    return gm

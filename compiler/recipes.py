@@ -1,0 +1,115 @@
+"""Recipes: what to quantize, to which formats, with which passes.
+
+A recipe is a plain dataclass that round-trips through JSON and YAML. ``passes`` is an
+ordered list of ``{"name": ..., **options}`` entries for the passes that run before
+quantization (for example ``{"name": "rotate"}``); ``ignore`` holds ``fnmatch``
+patterns of site names left in high precision (the classifier head by default).
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+from .formats import QFormat
+
+DEFAULT_IGNORE = ["lm_head", "*.lm_head", "output", "classifier", "score"]
+
+
+@dataclass
+class Recipe:
+    name: str
+    weight: QFormat
+    activation: QFormat | None = None
+    weight_method: str = "rtn"
+    clip_search: bool = True
+    passes: list[dict] = field(default_factory=list)
+    ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
+
+    def __post_init__(self):
+        if isinstance(self.weight, dict):
+            self.weight = QFormat.from_dict(self.weight)
+        if isinstance(self.activation, dict):
+            self.activation = QFormat.from_dict(self.activation)
+        if self.weight_method not in ("rtn", "gptq"):
+            raise ValueError(f"weight_method must be 'rtn' or 'gptq', got {self.weight_method!r}")
+        for p in self.passes:
+            if not isinstance(p, dict) or "name" not in p:
+                raise ValueError(f"each pass entry must be a dict with a 'name', got {p!r}")
+
+    def is_ignored(self, site: str) -> bool:
+        return any(fnmatch.fnmatchcase(site, pat) for pat in self.ignore)
+
+    # -- serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "weight": self.weight.to_dict(),
+            "activation": self.activation.to_dict() if self.activation else None,
+            "weight_method": self.weight_method,
+            "clip_search": self.clip_search,
+            "passes": [dict(p) for p in self.passes],
+            "ignore": list(self.ignore),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        known = {"name", "weight", "activation", "weight_method", "clip_search", "passes", "ignore"}
+        extra = set(d) - known
+        if extra:
+            raise ValueError(f"unknown recipe fields {sorted(extra)}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Recipe":
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "Recipe":
+        return cls.from_dict(yaml.safe_load(text))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        text = path.read_text()
+        return cls.from_json(text) if path.suffix == ".json" else cls.from_yaml(text)
+
+    def with_passes(self, *passes: dict) -> "Recipe":
+        return replace(self, passes=list(self.passes) + list(passes))
+
+
+def _preset(name, wbits, abits, group=16):
+    return Recipe(name, QFormat(wbits, "int", group, "e4m3"), QFormat(abits, "int", group, "e4m3") if abits else None)
+
+
+PRESETS = {
+    "w8a8": lambda: _preset("w8a8", 8, 8),
+    "w4a16": lambda: _preset("w4a16", 4, 0),
+    "w4a4": lambda: _preset("w4a4", 4, 4),
+    "w3a16": lambda: _preset("w3a16", 3, 0),
+    "w2a16": lambda: _preset("w2a16", 2, 0),
+    "w2a2": lambda: _preset("w2a2", 2, 2),
+}
+
+
+def get_recipe(recipe: "str | Recipe | dict | Path") -> Recipe:
+    """A Recipe from a preset name, a dict, a Recipe, or a .json/.yaml file path."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    s = str(recipe)
+    if s in PRESETS:
+        return PRESETS[s]()
+    if Path(s).suffix in (".json", ".yaml", ".yml") and Path(s).exists():
+        return Recipe.from_file(s)
+    raise ValueError(f"unknown recipe {s!r}: use one of {sorted(PRESETS)}, a Recipe, or a .json/.yaml file")

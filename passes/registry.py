@@ -1,0 +1,32 @@
+"""Pass names used in recipes, mapped to the pass classes that implement them.
+
+A recipe's ``passes`` entry ``{"name": "rotate", "seed": 0}`` becomes
+``make({"name": "rotate", "seed": 0}, context)``: the class registered under "rotate",
+built with the remaining keys as options and the compile context.
+"""
+from __future__ import annotations
+
+import importlib
+
+# name -> "module:Class", imported lazily so a pass's dependencies load only when used
+PASSES: dict[str, str] = {}
+
+
+def register(name: str, target: str) -> None:
+    PASSES[name] = target
+
+
+def make(entry: dict, context):
+    opts = dict(entry)
+    name = opts.pop("name")
+    if name not in PASSES:
+        raise ValueError(f"unknown pass {name!r} in recipe; known passes: {sorted(PASSES)}")
+    module, cls = PASSES[name].split(":")
+    return getattr(importlib.import_module(module), cls)(context=context, **opts)
+
+
+def weight_quantizer(recipe, context):
+    """The weight quantizer for ``recipe.weight_method`` (None: the quantize pass's RTN)."""
+    if recipe.weight_method == "rtn":
+        return None
+    raise NotImplementedError(f"weight_method {recipe.weight_method!r} is not available yet")
