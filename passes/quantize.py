@@ -118,7 +118,9 @@ class QuantizePass(LowbitPass):
             new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
-        gm.graph.eliminate_dead_code()
+        for n in list(gm.graph.nodes):
+            if n.op == "get_attr" and not n.users:
+                gm.graph.erase_node(n)
         gm.graph.lint()
         gm.recompile()
         self.details = {"sites": len(chosen), "ignored": len(skipped),

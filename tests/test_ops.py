@@ -12,7 +12,7 @@ def _act_codes_f64(x, fmt):
     xg = x.double().reshape(*x.shape[:-1], -1, fmt.group_size)
     s = torch.maximum(xg.amax(-1).clamp(min=0) / fmt.level_hi, xg.amin(-1).clamp(max=0) / fmt.level_lo)
     gmax = s.amax(-1, keepdim=True) / fmt.scale_max
-    stored = (s / gmax).float().to(torch.float8_e4m3fn)
+    stored = ((s / gmax).float() * 1.0625).clamp(max=fmt.scale_max).to(torch.float8_e4m3fn)
     eff = stored.double() * gmax.float().double()
     q = torch.clamp(torch.round(xg / eff[..., None]), fmt.qmin, fmt.qmax)
     return q.reshape(x.shape), stored

@@ -1,0 +1,158 @@
+"""Artifacts: ``lowbit.save(qmodel, dir)`` and ``lowbit.load(dir)``.
+
+An artifact folder holds
+* ``model.safetensors``: every parameter and buffer (packed codes as uint8, E4M3 scales
+  as float8_e4m3fn, global scales fp32, unquantized weights as they were);
+* ``manifest.json``: ``format`` ("lowbit"), ``format_version``, the recipe, the model's
+  class and config, the configuration of each QuantLinear site, the compile report,
+  and the sha256 and size of every file.
+
+Loading reads JSON and safetensors only (never pickle). It checks the manifest's format
+and version and every file's size and checksum before it builds anything, so a
+corrupted, truncated or mismatched artifact raises :class:`ArtifactError` and loads
+nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .quant_linear import QuantLinear
+
+FORMAT = "lowbit"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+class ArtifactError(RuntimeError):
+    """A lowbit artifact is missing, corrupted, truncated or of another format version."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def quant_sites(model: nn.Module) -> dict[str, dict]:
+    return {name: m.config() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def save(qmodel: nn.Module, directory: str | Path, tokenizer=None) -> Path:
+    """Save a compiled Hugging Face model (and optionally its tokenizer) to ``directory``."""
+    from safetensors.torch import save_model
+
+    config = getattr(qmodel, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise TypeError("lowbit.save supports compiled Hugging Face models (with a .config); "
+                        "for a rewritten GraphModule use torch.export.save on an export of it")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(qmodel, str(directory / WEIGHTS_FILE))
+    extra_files = []
+    if tokenizer is not None:
+        if not hasattr(tokenizer, "save_pretrained"):
+            raise TypeError("tokenizer must have save_pretrained() (a Hugging Face tokenizer)")
+        tok_dir = directory / "tokenizer"
+        tokenizer.save_pretrained(str(tok_dir))
+        extra_files = [p for p in sorted(tok_dir.rglob("*")) if p.is_file()]
+    files = {}
+    for p in [directory / WEIGHTS_FILE, *extra_files]:
+        files[str(p.relative_to(directory))] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    report = getattr(qmodel, "lowbit_report", None)
+    recipe = getattr(qmodel, "lowbit_recipe", None)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {"class": type(qmodel).__name__, "config": config.to_dict()},
+        "recipe": recipe.to_dict() if recipe is not None else None,
+        "sites": quant_sites(qmodel),
+        "files": files,
+        "report": report.to_dict() if report is not None else None,
+    }
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, default=str))
+    return directory
+
+
+def read_manifest(directory: str | Path, verify: bool = True) -> dict:
+    """Read and check ``manifest.json`` (format, version, and file sizes and checksums)."""
+    directory = Path(directory)
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{directory} is not a lowbit artifact: {MANIFEST_FILE} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path} is corrupted: not valid JSON ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not a lowbit manifest (format={manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"{directory} has artifact format version {version!r}; this lowbit reads version "
+                            f"{FORMAT_VERSION}. Re-export it with a matching lowbit version.")
+    for key in ("model", "sites", "files"):
+        if key not in manifest:
+            raise ArtifactError(f"{path} lacks the '{key}' entry")
+    if verify:
+        for name, meta in manifest["files"].items():
+            p = directory / name
+            if not p.is_file():
+                raise ArtifactError(f"{directory}: file {name} listed in the manifest is missing")
+            size = p.stat().st_size
+            if size != meta["bytes"]:
+                raise ArtifactError(f"{directory}: {name} has {size} bytes, the manifest says {meta['bytes']} "
+                                    "(truncated or replaced)")
+            if sha256_file(p) != meta["sha256"]:
+                raise ArtifactError(f"{directory}: {name} fails its sha256 check (corrupted)")
+    return manifest
+
+
+def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a compiled model saved by :func:`save`. Verifies everything before building."""
+    import transformers
+    from safetensors.torch import load_model
+
+    from .pass_manager import CompileReport
+    from .recipes import Recipe
+
+    directory = Path(directory)
+    manifest = read_manifest(directory, verify=True)
+    cls_name = manifest["model"]["class"]
+    cls = getattr(transformers, cls_name, None)
+    if cls is None:
+        raise ArtifactError(f"model class {cls_name} is not in this transformers version")
+    cfg_dict = dict(manifest["model"]["config"])
+    config = transformers.AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
+    model = cls(config)
+    for name, site in manifest["sites"].items():
+        model.set_submodule(name, QuantLinear.from_config(site))
+    try:
+        missing, unexpected = load_model(model, str(directory / WEIGHTS_FILE), strict=False)
+    except Exception as e:  # safetensors header errors, shape mismatches
+        raise ArtifactError(f"{directory / WEIGHTS_FILE} could not be loaded: {e}") from e
+    if unexpected or missing:
+        raise ArtifactError(f"{directory}: weights do not match the model (missing {list(missing)[:5]}, "
+                            f"unexpected {list(unexpected)[:5]})")
+    model.eval().to(device)
+    if manifest.get("recipe"):
+        model.lowbit_recipe = Recipe.from_dict(manifest["recipe"])
+    if manifest.get("report"):
+        model.lowbit_report = CompileReport.from_dict(manifest["report"])
+    return model
+
+
+def load_tokenizer(directory: str | Path):
+    """The tokenizer saved beside an artifact, or None."""
+    tok_dir = Path(directory) / "tokenizer"
+    if not tok_dir.is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tok_dir))

