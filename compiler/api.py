@@ -81,23 +81,37 @@ def build_passes(recipe: Recipe, context: CompileContext) -> list:
 def materialize(model: nn.Module, gm: torch.fx.GraphModule) -> nn.Module:
     """Write the rewritten graph back into the module tree of ``model``.
 
-    QuantLinear modules go to the same names; parameters and buffers of the graph whose
-    names exist in the model are copied (weight-only edits such as folded norms); new
-    tensors a pass added for a module are moved with that module.
+    QuantLinear and PrologueLinear modules go to the same names. Parameters and buffers
+    that passes replaced (weight-only edits such as folded norms and fused rotations) are
+    put at the same paths in the model, as the graph's own tensors; a tied weight that a
+    pass made differ is therefore untied, and the config says so.
     """
+    from .prologue import PrologueLinear
+    from lowbit.passes.weights import get_attr_path
+
     for name, mod in gm.named_modules():
-        if isinstance(mod, QuantLinear):
+        if isinstance(mod, (QuantLinear, PrologueLinear)):
             model.set_submodule(name, mod)
-    model_state = dict(model.named_parameters(remove_duplicate=False))
-    model_state.update(dict(model.named_buffers(remove_duplicate=False)))
     for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        target = model_state.get(name)
-        if target is None or target is t:
+        *parents, leaf = name.split(".")
+        try:
+            owner = get_attr_path(model, ".".join(parents)) if parents else model
+        except AttributeError:
             continue
-        if target.shape != t.shape:
-            raise RuntimeError(f"materialize: {name} has shape {tuple(t.shape)} in the graph, {tuple(target.shape)} in the model")
-        with torch.no_grad():
-            target.copy_(t)
+        current = owner._parameters.get(leaf, owner._buffers.get(leaf))
+        if current is None or current is t:
+            continue
+        if current.shape != t.shape:
+            raise RuntimeError(f"materialize: {name} has shape {tuple(t.shape)} in the graph, {tuple(current.shape)} in the model")
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+        else:
+            owner._buffers[leaf] = t
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if inp is not None and isinstance(out, nn.Linear) and out.weight is not inp.weight \
+            and getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False
     return model
 
 

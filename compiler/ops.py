@@ -20,7 +20,9 @@ Ops
 a_bits, a_grid, a_group_size, a_scale_dtype) -> y``
     ``y = Qa(x) @ dequant(W)^T + bias`` where ``Qa`` quantizes and dequantizes x with the
     activation format (``a_bits == 0``: x is used as is, W*A16). Output in x's dtype;
-    the reference accumulates in fp32.
+    the reference accumulates in fp32. The stored weight may be wider than x (padded to
+    a multiple of the group sizes): x is padded with zeros to that width before it is
+    quantized, and the product uses only the first ``K = x.shape[-1]`` columns.
 """
 from __future__ import annotations
 
@@ -71,10 +73,11 @@ def fake_quantize_act(x: torch.Tensor, fmt: QFormat) -> torch.Tensor:
 # -- qlinear -----------------------------------------------------------------------
 
 def dequantize_weight(w_packed, w_scales, w_global, fmt: QFormat, in_features: int | None = None) -> torch.Tensor:
-    """fp32 weight [N, K] from packed codes, stored scales and the global scale."""
-    k = in_features if in_features is not None else w_scales.shape[-1] * fmt.group_size
-    codes = unpack_codes(w_packed, fmt.bits, k)
-    return dequantize_codes(codes, effective_scales(w_scales, w_global), fmt)
+    """fp32 weight [N, K_padded] from packed codes, stored scales and the global scale
+    (the first ``in_features`` columns when given)."""
+    codes = unpack_codes(w_packed, fmt.bits, w_scales.shape[-1] * fmt.group_size)
+    w = dequantize_codes(codes, effective_scales(w_scales, w_global), fmt)
+    return w if in_features is None else w[:, :in_features]
 
 
 @torch.library.custom_op("lowbit::qlinear", mutates_args=())
@@ -94,10 +97,13 @@ def qlinear(
     a_scale_dtype: str,
 ) -> torch.Tensor:
     wfmt = _fmt(w_bits, w_grid, group_size, w_scale_dtype)
-    w = dequantize_weight(w_packed, w_scales, w_global, wfmt)
+    k = x.shape[-1]
+    w = dequantize_weight(w_packed, w_scales, w_global, wfmt)[:, :k]
     xa = x.float()
     if a_bits:
-        xa = fake_quantize_act(xa, _fmt(a_bits, a_grid, a_group_size, a_scale_dtype))
+        pad = w_scales.shape[-1] * group_size - k
+        xp = torch.nn.functional.pad(xa, (0, pad)) if pad else xa
+        xa = fake_quantize_act(xp, _fmt(a_bits, a_grid, a_group_size, a_scale_dtype))[..., :k]
     y = torch.nn.functional.linear(xa, w, None if bias is None else bias.float())
     return y.to(x.dtype)
 
@@ -106,3 +112,22 @@ def qlinear(
 def _(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, group_size, w_scale_dtype,
       a_bits, a_grid, a_group_size, a_scale_dtype):
     return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
+
+
+# -- hadamard --------------------------------------------------------------------------
+
+@torch.library.custom_op("lowbit::hadamard", mutates_args=())
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Hadamard transform along the last dim: ``x @ H_n^T / sqrt(n)``.
+
+    ``H_n`` is ``lowbit.hadamard.hadamard_matrix(n)``; the reference is the O(n log n)
+    transform of ``lowbit.hadamard``, computed in fp32 for half-precision inputs.
+    """
+    from .hadamard import hadamard_transform
+
+    return hadamard_transform(x).contiguous()
+
+
+@hadamard.register_fake
+def _(x):
+    return torch.empty_like(x)

@@ -29,3 +29,64 @@ def prologue_from_config(cfg: dict) -> nn.Module:
         raise ValueError(f"unknown prologue kind {kind!r}; known: {sorted(PROLOGUE_KINDS)}")
     args = {k: v for k, v in cfg.items() if k != "kind"}
     return PROLOGUE_KINDS[kind](**args)
+
+
+@register_prologue("hadamard")
+class HadamardPrologue(nn.Module):
+    """Online orthonormal Hadamard transform of the activation (``torch.ops.lowbit.hadamard``).
+
+    The site's weight holds the inverse: ``W' = W H^T / sqrt(n)`` so that
+    ``hadamard(x) @ W'^T == x @ W^T`` (``H H^T = n I``).
+    """
+
+    def __init__(self, size: int):
+        super().__init__()
+        from .hadamard import decompose
+
+        decompose(size)  # raises a clear error for unsupported sizes
+        self.size = size
+
+    def forward(self, x):
+        import torch
+
+        if x.shape[-1] != self.size:
+            raise ValueError(f"HadamardPrologue of size {self.size} got an activation of width {x.shape[-1]}")
+        return torch.ops.lowbit.hadamard(x)
+
+    def config(self) -> dict:
+        return {"kind": "hadamard", "size": self.size}
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
+
+
+class PrologueLinear(nn.Linear):
+    """A float linear site with a prologue: ``linear(prologue(x))``.
+
+    Passes that attach ops in front of a site (online rotations, channel splits) turn the
+    site into a PrologueLinear; the quantize pass then carries the prologue into the
+    QuantLinear, and materialization moves either into the original module tree.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, prologue=None,
+                 weight_in_features: int | None = None, device=None, dtype=None):
+        super().__init__(weight_in_features or in_features, out_features, bias, device=device, dtype=dtype)
+        self.site_in_features = in_features
+        self.prologue = nn.ModuleList(prologue or [])
+
+    @classmethod
+    def wrap(cls, linear_weight, bias, prologue) -> "PrologueLinear":
+        import torch
+
+        out_f, in_w = linear_weight.shape
+        m = cls(in_w, out_f, bias is not None, prologue, device=linear_weight.device, dtype=linear_weight.dtype)
+        with torch.no_grad():
+            m.weight.copy_(linear_weight)
+            if bias is not None:
+                m.bias.copy_(bias)
+        return m
+
+    def forward(self, x):
+        for op in self.prologue:
+            x = op(x)
+        return super().forward(x)

@@ -12,11 +12,22 @@ to the backend kernel for the tensor's device, the reference op being the defini
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.lowbit)
 from .formats import QFormat, QTensor, pack_codes, quantize_weight_rtn
+
+
+def padded_width(k: int, weight_format: QFormat, act_format: QFormat | None = None) -> int:
+    """The stored width of a weight with k input features: a multiple of every group size
+    and of the codes per byte. The padding columns are zeros, and the product ignores them
+    (``torch.ops.lowbit.qlinear`` uses the first ``x.shape[-1]`` columns only)."""
+    m = math.lcm(weight_format.group_size, 8 // weight_format.container_bits,
+                 act_format.group_size if act_format else 1)
+    return -(-k // m) * m
 
 
 class QuantLinear(nn.Module):
@@ -37,13 +48,8 @@ class QuantLinear(nn.Module):
         self.weight_in_features = weight_in_features or in_features
         self.weight_format = weight_format
         self.act_format = act_format
-        k = self.weight_in_features
-        for fmt in (weight_format, act_format):
-            if fmt is not None and k % fmt.group_size:
-                raise ValueError(f"in_features {k} is not a multiple of the group size {fmt.group_size}")
+        self.packed_in_features = k = padded_width(self.weight_in_features, weight_format, act_format)
         per_byte = 8 // weight_format.container_bits
-        if k % per_byte:
-            raise ValueError(f"in_features {k} is not a multiple of {per_byte} (codes per byte)")
         self.register_buffer("weight_packed", torch.zeros(out_features, k // per_byte, dtype=torch.uint8, device=device))
         self.register_buffer(
             "weight_scales",
@@ -58,9 +64,9 @@ class QuantLinear(nn.Module):
 
     # -- construction ----------------------------------------------------------------
     def set_weight(self, qt: QTensor, bias: torch.Tensor | None = None) -> None:
-        if tuple(qt.codes.shape) != (self.out_features, self.weight_in_features):
-            raise ValueError(f"codes of shape {tuple(qt.codes.shape)} for a site of weight shape "
-                             f"{(self.out_features, self.weight_in_features)}")
+        if tuple(qt.codes.shape) != (self.out_features, self.packed_in_features):
+            raise ValueError(f"codes of shape {tuple(qt.codes.shape)} for a site of padded weight shape "
+                             f"{(self.out_features, self.packed_in_features)}")
         dev = self.weight_packed.device
         self.weight_packed = pack_codes(qt.codes, self.weight_format.bits).to(dev)
         self.weight_scales = qt.scales.to(dev)
@@ -84,14 +90,18 @@ class QuantLinear(nn.Module):
         n, k = weight.shape
         ql = cls(in_features or k, n, weight_format, act_format, bias is not None, weight_in_features=k,
                  prologue=prologue, device=weight.device)
-        qt = qtensor if qtensor is not None else quantize_weight_rtn(weight, weight_format, clip_search=clip_search)
+        if qtensor is None:
+            pad = ql.packed_in_features - k
+            padded = torch.nn.functional.pad(weight.detach().float(), (0, pad)) if pad else weight
+            qtensor = quantize_weight_rtn(padded, weight_format, clip_search=clip_search)
+        qt = qtensor
         ql.set_weight(qt, bias)
         return ql
 
     # -- use ----------------------------------------------------------------------------
     def dequantized_weight(self) -> torch.Tensor:
         return ops.dequantize_weight(self.weight_packed, self.weight_scales, self.weight_global,
-                                     self.weight_format, self.weight_in_features)
+                                     self.weight_format, self.weight_in_features)  # [N, K'] (padding dropped)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for op in self.prologue:
@@ -105,7 +115,9 @@ class QuantLinear(nn.Module):
         )
 
     def bits_per_weight(self) -> float:
-        return self.weight_format.bits_per_weight(self.out_features, self.weight_in_features)
+        """Stored bits (codes, scales, global scale; padding included) per real weight."""
+        stored = self.weight_format.bits_per_weight(self.out_features, self.packed_in_features)
+        return stored * self.packed_in_features / self.weight_in_features
 
     def config(self) -> dict:
         """What is needed, beside the buffers, to rebuild this module (artifact manifests)."""

@@ -20,34 +20,15 @@ from __future__ import annotations
 
 import torch
 import torch.fx
-from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 from tqdm.auto import tqdm
 
 from lowbit.capture import find_linear_sites
 from lowbit.formats import QFormat, QTensor
 from lowbit.pass_manager import CompileContext, LowbitPass
+from lowbit.prologue import PrologueLinear
 from lowbit.quant_linear import QuantLinear
-
-
-def get_attr_path(root: nn.Module, path: str):
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def install_module(gm: torch.fx.GraphModule, name: str, module: nn.Module) -> None:
-    """Put ``module`` at dotted ``name`` in gm, creating parent modules where missing."""
-    parent = gm
-    *parents, leaf = name.split(".")
-    for p in parents:
-        if not hasattr(parent, p):
-            parent.add_module(p, nn.Module())
-        parent = getattr(parent, p)
-    if leaf in parent._parameters:
-        del parent._parameters[leaf]
-    setattr(parent, leaf, module)
+from lowbit.passes.weights import get_attr_path, install_module
 
 
 class QuantizePass(LowbitPass):
@@ -93,12 +74,17 @@ class QuantizePass(LowbitPass):
             weight = get_attr_path(gm, site.weight).detach()
             bias = get_attr_path(gm, site.bias).detach() if site.bias else None
             x = inputs.get(site.node)
+            existing = get_attr_path(gm, name) if node.op == "call_module" else None
+            prologue = list(existing.prologue) if isinstance(existing, PrologueLinear) else []
+            with torch.no_grad():
+                x_weight = x
+                for op in prologue:  # the product sees the activation after the prologue
+                    x_weight = op(x_weight) if x_weight is not None else None
             qt: QTensor | None = None
             if self.weight_quantizer is not None:
-                qt = self.weight_quantizer(name, weight, x)
-            existing = get_attr_path(gm, name) if _has_path(gm, name) else None
-            prologue = list(existing.prologue) if isinstance(existing, QuantLinear) else None
+                qt = self.weight_quantizer(name, weight, x_weight)
             ql = QuantLinear.from_weight(weight, bias, self.weight_format, self.act_format,
+                                         in_features=existing.site_in_features if prologue else weight.shape[1],
                                          prologue=prologue, clip_search=self.clip_search, qtensor=qt)
             rec = self.report.site(name)
             rec.update(format=self.weight_format.name + (f" / act {self.act_format.name}" if self.act_format else ""),
@@ -107,7 +93,7 @@ class QuantizePass(LowbitPass):
                        method="rtn+clip" if qt is None and self.clip_search else ("rtn" if qt is None else "custom"))
             if x is not None:
                 with torch.no_grad():
-                    ref = torch.nn.functional.linear(x, weight.float(), None if bias is None else bias.float())
+                    ref = torch.nn.functional.linear(x_weight, weight.float(), None if bias is None else bias.float())
                     out = ql(x)
                     err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
                 rec["rel_error"] = err
@@ -128,10 +114,3 @@ class QuantizePass(LowbitPass):
                         "mean_rel_error": sum(errors) / len(errors) if errors else None}
         return PassResult(gm, bool(chosen))
 
-
-def _has_path(root: nn.Module, path: str) -> bool:
-    try:
-        get_attr_path(root, path)
-        return True
-    except AttributeError:
-        return False

@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 
 # name -> "module:Class", imported lazily so a pass's dependencies load only when used
-PASSES: dict[str, str] = {}
+PASSES: dict[str, str] = {
+    "fold_norms": "lowbit.passes.fold_norms:FoldNormsPass",
+    "rotate": "lowbit.passes.rotate:RotatePass",
+}
 
 
 def register(name: str, target: str) -> None:

@@ -88,6 +88,16 @@ def test_qlinear_under_torch_compile():
     assert torch.equal(compiled(x), ql(x))
 
 
-def test_quant_linear_bad_shapes():
-    with pytest.raises(ValueError, match="multiple"):
-        QuantLinear(60, 8, QFormat(2, group_size=16))
+@pytest.mark.parametrize("grid", ["int", "half"])
+def test_quant_linear_pads_widths_that_are_not_a_group_multiple(grid):
+    """K = 60 is stored padded to 64; the product must ignore the padding exactly
+    (with the half grid a padded zero would quantize to +-0.5*s, not zero)."""
+    torch.manual_seed(0)
+    w, x = torch.randn(8, 60), torch.randn(5, 60)
+    ql = QuantLinear.from_weight(w, None, QFormat(2, grid), QFormat(4, grid))
+    assert ql.weight_packed.shape == (8, 16) and ql.weight_scales.shape == (8, 4)
+    wd = ql.dequantized_weight().double()
+    assert wd.shape == (8, 60)
+    xq = quantize(torch.nn.functional.pad(x, (0, 4)), QFormat(4, grid), per_row=True).dequantize().double()[:, :60]
+    assert torch.allclose(ql(x).double(), xq @ wd.T, rtol=1e-5, atol=1e-5)
+    assert ql.bits_per_weight() == pytest.approx((64 * 8 * 2 + 4 * 8 * 8 + 32) / (60 * 8))

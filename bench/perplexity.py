@@ -1,0 +1,75 @@
+"""Perplexity of a model in float and under lowbit recipes (reference backend, CPU).
+
+    python bench/perplexity.py --model smollm2 --recipes w8a8,w4a16,w4a4,w2a16,w2a2 --rotate both
+
+Protocol (the project's standard): the first 200,000 characters of WikiText-2 raw test,
+8 windows of 512 tokens. Prints a markdown table; --json FILE also writes the rows.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import lowbit
+from lowbit.eval import perplexity
+from lowbit.llama2c import shared_data_dir
+from lowbit.models import load_model
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--recipes", default="w8a8,w4a16,w4a4,w2a16,w2a2")
+    p.add_argument("--rotate", choices=["no", "yes", "both"], default="no")
+    p.add_argument("--text", default=None)
+    p.add_argument("--chars", type=int, default=200_000)
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--window-len", type=int, default=512)
+    p.add_argument("--no-float", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    text_path = args.text or str(shared_data_dir() / "text" / "wikitext2_raw_test.txt")
+    text = Path(text_path).read_text()[: args.chars]
+    model, tok = load_model(args.model)
+    calib = torch.randint(0, model.config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
+    rows = []
+
+    def record(label, m, extra=None):
+        t0 = time.perf_counter()
+        res = perplexity(m, tok, text, windows=args.windows, window_len=args.window_len, progress=False)
+        row = {"config": label, "perplexity": res["perplexity"], "eval_s": time.perf_counter() - t0, **(extra or {})}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    if not args.no_float:
+        record("float", model, {"bits_per_weight": 32.0})
+    rotations = {"no": [False], "yes": [True], "both": [False, True]}[args.rotate]
+    for name in [r for r in args.recipes.split(",") if r]:
+        for rot in rotations:
+            recipe = lowbit.get_recipe(name)
+            if rot:
+                recipe = recipe.with_passes({"name": "rotate"})
+            t0 = time.perf_counter()
+            q = lowbit.compile_quantized(model, recipe, calibration=calib, progress=False)
+            compile_s = time.perf_counter() - t0
+            rep = q.lowbit_report
+            record(name + (" +rotate" if rot else ""), q, {"bits_per_weight": rep.mean_bits_per_weight(),
+                                                          "compile_s": compile_s})
+            del q
+    print()
+    print("| config | bits/weight (quantized sites) | perplexity |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r['config']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
