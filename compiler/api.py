@@ -81,16 +81,17 @@ def build_passes(recipe: Recipe, context: CompileContext) -> list:
 def materialize(model: nn.Module, gm: torch.fx.GraphModule) -> nn.Module:
     """Write the rewritten graph back into the module tree of ``model``.
 
-    QuantLinear and PrologueLinear modules go to the same names. Parameters and buffers
+    Site modules (``lowbit.sites``: QuantLinear, PrologueLinear, ...) go to the same names. Parameters and buffers
     that passes replaced (weight-only edits such as folded norms and fused rotations) are
     put at the same paths in the model, as the graph's own tensors; a tied weight that a
     pass made differ is therefore untied, and the config says so.
     """
-    from .prologue import PrologueLinear
+    from . import prologue  # noqa: F401  (registers PrologueLinear)
+    from .sites import is_site_module
     from lowbit.passes.weights import get_attr_path
 
     for name, mod in gm.named_modules():
-        if isinstance(mod, (QuantLinear, PrologueLinear)):
+        if is_site_module(mod):
             model.set_submodule(name, mod)
     for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
         *parents, leaf = name.split(".")

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .quant_linear import QuantLinear
+from . import quant_linear  # noqa: F401  (registers QuantLinear)
+from .sites import is_site_module, site_config, site_module_from_config
 
 FORMAT = "lowbit"
 FORMAT_VERSION = 1
@@ -42,7 +43,10 @@ def sha256_file(path: Path) -> str:
 
 
 def quant_sites(model: nn.Module) -> dict[str, dict]:
-    return {name: m.config() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    """Config of every site module (QuantLinear, PrologueLinear, ...) by module name."""
+    from . import prologue  # noqa: F401  (registers PrologueLinear)
+
+    return {name: site_config(m) for name, m in model.named_modules() if is_site_module(m)}
 
 
 def save(qmodel: nn.Module, directory: str | Path, tokenizer=None) -> Path:
@@ -132,7 +136,11 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module
     config = transformers.AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
     model = cls(config)
     for name, site in manifest["sites"].items():
-        model.set_submodule(name, QuantLinear.from_config(site))
+        try:
+            module = site_module_from_config(site)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ArtifactError(f"{directory}: site {name} cannot be rebuilt: {e}") from e
+        model.set_submodule(name, module)
     try:
         missing, unexpected = load_model(model, str(directory / WEIGHTS_FILE), strict=False)
     except Exception as e:  # safetensors header errors, shape mismatches

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .sites import register_site_module
+
 PROLOGUE_KINDS: dict[str, type] = {}
 
 
@@ -60,6 +62,7 @@ class HadamardPrologue(nn.Module):
         return f"size={self.size}"
 
 
+@register_site_module
 class PrologueLinear(nn.Linear):
     """A float linear site with a prologue: ``linear(prologue(x))``.
 
@@ -90,3 +93,13 @@ class PrologueLinear(nn.Linear):
         for op in self.prologue:
             x = op(x)
         return super().forward(x)
+
+    def config(self) -> dict:
+        return {"in_features": self.site_in_features, "out_features": self.out_features,
+                "weight_in_features": self.in_features, "bias": self.bias is not None,
+                "prologue": [p.config() for p in self.prologue]}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "PrologueLinear":
+        return cls(cfg["in_features"], cfg["out_features"], cfg["bias"],
+                   [prologue_from_config(p) for p in cfg.get("prologue", [])], cfg["weight_in_features"])

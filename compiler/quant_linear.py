@@ -19,6 +19,7 @@ from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.lowbit)
 from .formats import QFormat, QTensor, pack_codes, quantize_weight_rtn
+from .sites import register_site_module
 
 
 def padded_width(k: int, weight_format: QFormat, act_format: QFormat | None = None) -> int:
@@ -30,6 +31,7 @@ def padded_width(k: int, weight_format: QFormat, act_format: QFormat | None = No
     return -(-k // m) * m
 
 
+@register_site_module
 class QuantLinear(nn.Module):
     def __init__(
         self,
