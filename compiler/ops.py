@@ -131,3 +131,17 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
 @hadamard.register_fake
 def _(x):
     return torch.empty_like(x)
+
+
+# -- channel_split -----------------------------------------------------------------------
+
+@torch.library.custom_op("lowbit::channel_split", mutates_args=())
+def channel_split(x: torch.Tensor, index: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Outlier channel split: ``y[..., i] = x[..., index[i]] * scale[i]`` (a gather with
+    per-channel scales; the scales are 1 or 1/2, exact in every float type)."""
+    return x.index_select(-1, index) * scale.to(x.dtype)
+
+
+@channel_split.register_fake
+def _(x, index, scale):
+    return x.new_empty((*x.shape[:-1], index.shape[0]))

@@ -103,3 +103,34 @@ class PrologueLinear(nn.Linear):
     def from_config(cls, cfg: dict) -> "PrologueLinear":
         return cls(cfg["in_features"], cfg["out_features"], cfg["bias"],
                    [prologue_from_config(p) for p in cfg.get("prologue", [])], cfg["weight_in_features"])
+
+
+@register_prologue("channel_split")
+class ChannelSplitPrologue(nn.Module):
+    """Duplicate chosen activation channels: ``x[..., index] * scale`` (``torch.ops.lowbit.channel_split``).
+
+    ``index`` [out_features] lists, for each output channel, the input channel it copies;
+    ``scale`` is 1 (weight splitting: the weight column is split in two) or 1/2 (activation
+    splitting: the channel is halved and the weight column duplicated).
+    """
+
+    def __init__(self, in_features: int, out_features: int, index=None, scale=None):
+        import torch
+
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("index", torch.arange(out_features) % in_features if index is None
+                             else torch.as_tensor(index, dtype=torch.long))
+        self.register_buffer("scale", torch.ones(out_features) if scale is None
+                             else torch.as_tensor(scale, dtype=torch.float32))
+
+    def forward(self, x):
+        import torch
+
+        return torch.ops.lowbit.channel_split(x, self.index, self.scale)
+
+    def config(self) -> dict:
+        return {"kind": "channel_split", "in_features": self.in_features, "out_features": self.out_features}
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}"

@@ -117,9 +117,10 @@ class QuantLinear(nn.Module):
         )
 
     def bits_per_weight(self) -> float:
-        """Stored bits (codes, scales, global scale; padding included) per real weight."""
+        """Stored bits (codes, scales, global scale; padding and split channels included)
+        per weight of the original site (out_features x in_features)."""
         stored = self.weight_format.bits_per_weight(self.out_features, self.packed_in_features)
-        return stored * self.packed_in_features / self.weight_in_features
+        return stored * self.packed_in_features / self.in_features
 
     def config(self) -> dict:
         """What is needed, beside the buffers, to rebuild this module (artifact manifests)."""

@@ -81,7 +81,10 @@ class QuantizePass(LowbitPass):
                 for op in prologue:  # the product sees the activation after the prologue
                     x_weight = op(x_weight) if x_weight is not None else None
             qt: QTensor | None = None
-            if self.weight_quantizer is not None:
+            hint = getattr(existing, "weight_qtensor", None)
+            if hint is not None and hint.fmt == self.weight_format and hint.codes.shape == weight.shape:
+                qt = hint  # made by a pass that optimised the codes (rounding-aware splitting)
+            elif self.weight_quantizer is not None:
                 qt = self.weight_quantizer(name, weight, x_weight)
             ql = QuantLinear.from_weight(weight, bias, self.weight_format, self.act_format,
                                          in_features=existing.site_in_features if prologue else weight.shape[1],

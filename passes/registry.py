@@ -12,6 +12,7 @@ import importlib
 PASSES: dict[str, str] = {
     "fold_norms": "lowbit.passes.fold_norms:FoldNormsPass",
     "rotate": "lowbit.passes.rotate:RotatePass",
+    "split_outliers": "lowbit.passes.split_outliers:SplitOutliersPass",
 }
 
 
