@@ -1,6 +1,12 @@
 """Perplexity of a model in float and under lowbit recipes (reference backend, CPU).
 
-    python bench/perplexity.py --model smollm2 --recipes w8a8,w4a16,w4a4,w2a16,w2a2 --rotate both
+    python bench/perplexity.py --model smollm2 --recipes w8a8,w4a16,w4a4,w2a16,w2a2
+    python bench/perplexity.py --recipes w4a4,w4a16,w2a16 --variants rotate --no-float
+    python bench/perplexity.py --recipes w2a16,w2a2 --variants ocs-plain,ocs-ra --no-float
+
+Variants add passes before quantization: "none", "rotate", "ocs-plain" (outlier channel
+splitting by plain halving), "ocs-ra" (rounding-aware splitting), "ocs-act" (activation
+splitting), and combinations joined with "+", e.g. "rotate+ocs-ra".
 
 Protocol (the project's standard): the first 200,000 characters of WikiText-2 raw test,
 8 windows of 512 tokens. Prints a markdown table; --json FILE also writes the rows.
@@ -21,11 +27,19 @@ from lowbit.llama2c import shared_data_dir
 from lowbit.models import load_model
 
 
+VARIANT_PASSES = {
+    "rotate": {"name": "rotate"},
+    "ocs-plain": {"name": "split_outliers", "rounding_aware": False},
+    "ocs-ra": {"name": "split_outliers", "rounding_aware": True},
+    "ocs-act": {"name": "split_outliers", "mode": "activation"},
+}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
     p.add_argument("--recipes", default="w8a8,w4a16,w4a4,w2a16,w2a2")
-    p.add_argument("--rotate", choices=["no", "yes", "both"], default="no")
+    p.add_argument("--variants", default="none", help="comma-separated: none, rotate, ocs-plain, ocs-ra, ocs-act, a+b")
     p.add_argument("--text", default=None)
     p.add_argument("--chars", type=int, default=200_000)
     p.add_argument("--windows", type=int, default=8)
@@ -37,6 +51,8 @@ def main(argv=None):
     text_path = args.text or str(shared_data_dir() / "text" / "wikitext2_raw_test.txt")
     text = Path(text_path).read_text()[: args.chars]
     model, tok = load_model(args.model)
+    # calibration: seeded random tokens (never the evaluation text); used for the report's
+    # per-site errors, the rotation check and activation-split statistics
     calib = torch.randint(0, model.config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
     rows = []
 
@@ -49,17 +65,14 @@ def main(argv=None):
 
     if not args.no_float:
         record("float", model, {"bits_per_weight": 32.0})
-    rotations = {"no": [False], "yes": [True], "both": [False, True]}[args.rotate]
     for name in [r for r in args.recipes.split(",") if r]:
-        for rot in rotations:
-            recipe = lowbit.get_recipe(name)
-            if rot:
-                recipe = recipe.with_passes({"name": "rotate"})
+        for variant in args.variants.split(","):
+            recipe = lowbit.get_recipe(name).with_passes(*[VARIANT_PASSES[v] for v in variant.split("+") if v != "none"])
             t0 = time.perf_counter()
             q = lowbit.compile_quantized(model, recipe, calibration=calib, progress=False)
             compile_s = time.perf_counter() - t0
             rep = q.lowbit_report
-            record(name + (" +rotate" if rot else ""), q, {"bits_per_weight": rep.mean_bits_per_weight(),
+            record(name + ("" if variant == "none" else f" {variant}"), q, {"bits_per_weight": rep.mean_bits_per_weight(),
                                                           "compile_s": compile_s})
             del q
     print()

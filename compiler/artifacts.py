@@ -49,8 +49,12 @@ def quant_sites(model: nn.Module) -> dict[str, dict]:
     return {name: site_config(m) for name, m in model.named_modules() if is_site_module(m)}
 
 
-def save(qmodel: nn.Module, directory: str | Path, tokenizer=None) -> Path:
-    """Save a compiled Hugging Face model (and optionally its tokenizer) to ``directory``."""
+def save(qmodel: nn.Module, directory: str | Path, tokenizer=None, source: str | None = None) -> Path:
+    """Save a compiled Hugging Face model (and optionally its tokenizer) to ``directory``.
+
+    ``source``: where the float model came from (a ``lowbit.models.load_model`` name or
+    path), recorded so tools can find its tokenizer when none is saved.
+    """
     from safetensors.torch import save_model
 
     config = getattr(qmodel, "config", None)
@@ -75,7 +79,7 @@ def save(qmodel: nn.Module, directory: str | Path, tokenizer=None) -> Path:
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model": {"class": type(qmodel).__name__, "config": config.to_dict()},
+        "model": {"class": type(qmodel).__name__, "config": config.to_dict(), "source": source},
         "recipe": recipe.to_dict() if recipe is not None else None,
         "sites": quant_sites(qmodel),
         "files": files,

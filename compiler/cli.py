@@ -56,7 +56,8 @@ def cmd_compile(args) -> int:
     report = qmodel.lowbit_report
     print(report.summary_table(max_rows=None if args.all_sites else 20))
     if args.out:
-        lowbit.save(qmodel, args.out, tokenizer=tokenizer if hasattr(tokenizer, "save_pretrained") else None)
+        lowbit.save(qmodel, args.out, tokenizer=tokenizer if hasattr(tokenizer, "save_pretrained") else None,
+                    source=args.model)
         (Path(args.out) / "report.json").write_text(report.to_json())
         print(f"saved to {args.out} ({time.perf_counter() - t0:.1f} s)")
     return 0
@@ -67,12 +68,15 @@ def cmd_eval(args) -> int:
     from .eval import perplexity
 
     if _is_artifact(args.model):
-        from .artifacts import load_tokenizer
+        from .artifacts import load_tokenizer, read_manifest
 
         model = lowbit.load(args.model)
         tokenizer = load_tokenizer(args.model)
         if tokenizer is None:
-            raise SystemExit(f"{args.model} has no saved tokenizer; pass a model name with --tokenizer-from")
+            source = read_manifest(args.model, verify=False)["model"].get("source")
+            if source is None:
+                raise SystemExit(f"{args.model} has no saved tokenizer and no recorded source model")
+            tokenizer = _load(source)[1]
         label = f"{args.model} (artifact)"
     else:
         model, tokenizer = _load(args.model)

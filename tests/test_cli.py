@@ -1,0 +1,36 @@
+"""The lowbit console script, end to end on stories260K (skips without the shared data)."""
+import json
+
+import pytest
+
+from lowbit.cli import main
+from lowbit.llama2c import shared_data_dir
+
+
+@pytest.fixture
+def data():
+    d = shared_data_dir()
+    if d is None:
+        pytest.skip("shared data folder (../shared/data) is absent")
+    return d
+
+
+def test_compile_then_eval_artifact(data, tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["compile", "stories260k", "--recipe", "w4a16", "--out", str(out), "--quiet",
+                 "--calib-samples", "2", "--calib-len", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "bits per weight on average" in printed and "model.layers.0.self_attn.q_proj" in printed
+    assert (out / "manifest.json").is_file() and json.loads((out / "report.json").read_text())["sites"]
+    text = str(data / "text" / "tinystories_val_head.txt")
+    assert main(["eval", str(out), "--text", text, "--windows", "2", "--window-len", "256", "--json", "--quiet"]) == 0
+    q = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", "stories260k", "--text", text, "--windows", "2", "--window-len", "256", "--json", "--quiet"]) == 0
+    f = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # 4-bit weights cost a little perplexity, not much
+    assert f["perplexity"] < q["perplexity"] < f["perplexity"] * 1.3
+
+
+def test_unknown_recipe_is_a_clear_error(data):
+    with pytest.raises(ValueError, match="unknown recipe"):
+        main(["compile", "stories260k", "--recipe", "w1a1", "--quiet"])
