@@ -252,41 +252,64 @@ def quantize(x: torch.Tensor, fmt: QFormat, per_row: bool = False, clip_ratio: t
     return QTensor(quantize_codes(x, eff, fmt), stored, gscale, fmt)
 
 
-def quantize_weight_rtn(
-    w: torch.Tensor,
-    fmt: QFormat,
-    clip_search: bool = True,
-    ratios: tuple[float, float, int] = (0.3, 1.0, 15),
-) -> QTensor:
-    """Static weight quantization: RTN with a per-group clipping-ratio search.
+CLIP_RATIOS = (0.3, 1.0, 15)
 
-    The global scale is fixed from the unclipped scales; each group then takes, among
-    ``ratios`` (low, high, count; linearly spaced) times its unclipped scale, the one
-    whose E4M3-rounded scale gives the least squared error over the group.
+
+def weight_global_scale(w: torch.Tensor, fmt: QFormat) -> torch.Tensor:
+    """The per-tensor global scale of a weight, from its unclipped group scales."""
+    return encode_scales(unclipped_group_scales(w, fmt), fmt, per_row=False)[1]
+
+
+def search_group_scales(
+    w: torch.Tensor, fmt: QFormat, global_scale: torch.Tensor, clip_search: bool = True,
+    ratios: tuple[float, float, int] = CLIP_RATIOS,
+) -> torch.Tensor:
+    """Stored group scales [.., K/G] for w under a fixed global scale.
+
+    Each group takes, among ``ratios`` (low, high, count; linearly spaced) times its
+    unclipped scale, the one whose stored (E4M3-rounded) scale gives the least squared
+    error over the group (only the ratio 1 without ``clip_search``).
     """
     w = w.detach().float()
     base = unclipped_group_scales(w, fmt)
-    _, gscale = encode_scales(base, fmt, per_row=False)
-    if not clip_search:
-        return quantize(w, fmt)
-    lo, hi, n = ratios
     grouped = _grouped(w, fmt.group_size)
-    best_err = None
-    best_stored = None
-    for r in torch.linspace(hi, lo, n).tolist():
-        stored = e4m3_group_scales(base * r / gscale, fmt) if fmt.scale_dtype == "e4m3" \
-            else (base * r).to(fmt.scale_torch_dtype)
-        eff = effective_scales(stored, gscale)
-        q = quantize_codes(w, eff, fmt)
-        err = (_grouped(dequantize_codes(q, eff, fmt), fmt.group_size) - grouped).pow(2).sum(-1)
+
+    def stored_for(r):
+        if fmt.scale_dtype == "e4m3":
+            return e4m3_group_scales(base * r / global_scale, fmt)
+        return (base * r).to(fmt.scale_torch_dtype)
+
+    lo, hi, n = ratios
+    best_err = best_stored = None
+    for r in (torch.linspace(hi, lo, n).tolist() if clip_search else [1.0]):
+        stored = stored_for(r)
+        eff = effective_scales(stored, global_scale)
+        err = (_grouped(dequantize_codes(quantize_codes(w, eff, fmt), eff, fmt), fmt.group_size) - grouped).pow(2).sum(-1)
         if best_err is None:
             best_err, best_stored = err, stored
         else:
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_stored = torch.where(better, stored.float(), best_stored.float()).to(stored.dtype)
-    eff = effective_scales(best_stored, gscale)
-    return QTensor(quantize_codes(w, eff, fmt), best_stored, gscale, fmt)
+    return best_stored
+
+
+def quantize_weight_rtn(
+    w: torch.Tensor,
+    fmt: QFormat,
+    clip_search: bool = True,
+    ratios: tuple[float, float, int] = CLIP_RATIOS,
+) -> QTensor:
+    """Static weight quantization: RTN with a per-group clipping-ratio search.
+
+    The global scale is fixed from the unclipped scales; the group scales come from
+    :func:`search_group_scales`.
+    """
+    w = w.detach().float()
+    gscale = weight_global_scale(w, fmt)
+    stored = search_group_scales(w, fmt, gscale, clip_search, ratios)
+    eff = effective_scales(stored, gscale)
+    return QTensor(quantize_codes(w, eff, fmt), stored, gscale, fmt)
 
 
 # -- nested grids ---------------------------------------------------------------

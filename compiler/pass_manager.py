@@ -93,12 +93,17 @@ class CompileContext:
         """Inputs (first argument) of the given nodes over the calibration data, as [rows, K] fp32.
 
         At most ``max_calibration_rows`` rows are kept per node (taken evenly across batches).
+        Each calibration batch runs only as far as the last wanted node, so collecting the
+        inputs of one block at a time keeps memory bounded by that block.
         """
         wanted = set(node_names)
         found: dict[str, list[torch.Tensor]] = {n: [] for n in wanted}
         if not self.calibration or not wanted:
             return {}
         per_batch = max(1, self.max_calibration_rows // len(self.calibration))
+
+        class _Done(Exception):
+            pass
 
         class Recorder(torch.fx.Interpreter):
             def run_node(self, n):
@@ -109,11 +114,19 @@ class CompileContext:
                         idx = torch.linspace(0, rows.shape[0] - 1, per_batch).long()
                         rows = rows[idx]
                     found[n.name].append(rows.float().cpu())
+                    self.remaining.discard(n.name)
+                    if not self.remaining:
+                        raise _Done
                 return super().run_node(n)
 
         with torch.no_grad():
             for args in self.calibration:
-                Recorder(gm).run(*pytree.tree_leaves(args))
+                rec = Recorder(gm)
+                rec.remaining = set(wanted)
+                try:
+                    rec.run(*pytree.tree_leaves(args))
+                except _Done:
+                    pass
         return {k: torch.cat(v) for k, v in found.items() if v}
 
 

@@ -18,6 +18,8 @@ Invariants:
 """
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
@@ -29,6 +31,23 @@ from lowbit.pass_manager import CompileContext, LowbitPass
 from lowbit.prologue import PrologueLinear
 from lowbit.quant_linear import QuantLinear
 from lowbit.passes.weights import get_attr_path, install_module
+
+
+_BLOCK = re.compile(r"^(.*?\.\d+)\.")
+
+
+def site_blocks(sites: dict) -> list[dict]:
+    """Consecutive sites grouped by their numbered block (``model.layers.3``); others alone."""
+    blocks: list[dict] = []
+    last = object()
+    for name, site in sites.items():
+        m = _BLOCK.match(name)
+        key = m.group(1) if m else name
+        if key != last:
+            blocks.append({})
+            last = key
+        blocks[-1][name] = site
+    return blocks
 
 
 class QuantizePass(LowbitPass):
@@ -66,54 +85,62 @@ class QuantizePass(LowbitPass):
         sites = find_linear_sites(gm)
         chosen = {name: s for name, s in sites.items() if not self.ignore(name)}
         skipped = [name for name in sites if name not in chosen]
-        inputs = self.context.site_inputs(gm, [s.node for s in chosen.values()])
-        nodes = {n.name: n for n in gm.graph.nodes}
         errors = []
-        for name, site in tqdm(chosen.items(), desc="quantize", disable=not self.context.progress, unit="site"):
-            node = nodes[site.node]
-            weight = get_attr_path(gm, site.weight).detach()
-            bias = get_attr_path(gm, site.bias).detach() if site.bias else None
-            x = inputs.get(site.node)
-            existing = get_attr_path(gm, name) if node.op == "call_module" else None
-            prologue = list(existing.prologue) if isinstance(existing, PrologueLinear) else []
-            with torch.no_grad():
-                x_weight = x
-                for op in prologue:  # the product sees the activation after the prologue
-                    x_weight = op(x_weight) if x_weight is not None else None
-            qt: QTensor | None = None
-            hint = getattr(existing, "weight_qtensor", None)
-            if hint is not None and hint.fmt == self.weight_format and hint.codes.shape == weight.shape:
-                qt = hint  # made by a pass that optimised the codes (rounding-aware splitting)
-            elif self.weight_quantizer is not None:
-                qt = self.weight_quantizer(name, weight, x_weight)
-            ql = QuantLinear.from_weight(weight, bias, self.weight_format, self.act_format,
-                                         in_features=existing.site_in_features if prologue else weight.shape[1],
-                                         prologue=prologue, clip_search=self.clip_search, qtensor=qt)
-            rec = self.report.site(name)
-            rec.update(format=self.weight_format.name + (f" / act {self.act_format.name}" if self.act_format else ""),
-                       bits_per_weight=ql.bits_per_weight(), numel=weight.numel(),
-                       shape=[ql.out_features, ql.weight_in_features],
-                       method="rtn+clip" if qt is None and self.clip_search else ("rtn" if qt is None else "custom"))
-            if x is not None:
-                with torch.no_grad():
-                    ref = torch.nn.functional.linear(x_weight, weight.float(), None if bias is None else bias.float())
-                    out = ql(x)
-                    err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-                rec["rel_error"] = err
-                errors.append(err)
-            install_module(gm, name, ql)
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_module(name, (node.args[0],))
-            new.meta = dict(node.meta)
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-        for n in list(gm.graph.nodes):
-            if n.op == "get_attr" and not n.users:
-                gm.graph.erase_node(n)
+        bar = tqdm(total=len(chosen), desc="quantize", disable=not self.context.progress, unit="site")
+        for block in site_blocks(chosen):
+            # sequential: this block's inputs come from the graph with earlier blocks quantized
+            inputs = self.context.site_inputs(gm, [s.node for s in block.values()])
+            nodes = {n.name: n for n in gm.graph.nodes}
+            for name, site in block.items():
+                self._quantize_site(gm, name, site, nodes[site.node], inputs.get(site.node), errors)
+                bar.update(1)
+            del inputs
+            for n in list(gm.graph.nodes):  # weights of replaced sites are gone
+                if n.op == "get_attr" and not n.users:
+                    gm.graph.erase_node(n)
+        bar.close()
         gm.graph.lint()
         gm.recompile()
         self.details = {"sites": len(chosen), "ignored": len(skipped),
                         "ignored_sites": skipped,
                         "mean_rel_error": sum(errors) / len(errors) if errors else None}
         return PassResult(gm, bool(chosen))
+
+    def _quantize_site(self, gm, name, site, node, x, errors):
+        weight = get_attr_path(gm, site.weight).detach()
+        bias = get_attr_path(gm, site.bias).detach() if site.bias else None
+        existing = get_attr_path(gm, name) if node.op == "call_module" else None
+        prologue = list(existing.prologue) if isinstance(existing, PrologueLinear) else []
+        with torch.no_grad():
+            x_weight = x
+            for op in prologue:  # the product sees the activation after the prologue
+                x_weight = op(x_weight) if x_weight is not None else None
+        qt: QTensor | None = None
+        hint = getattr(existing, "weight_qtensor", None)
+        if hint is not None and hint.fmt == self.weight_format and hint.codes.shape == weight.shape:
+            qt = hint  # made by a pass that optimised the codes (rounding-aware splitting)
+        elif self.weight_quantizer is not None:
+            qt = self.weight_quantizer(name, weight, x_weight)
+        ql = QuantLinear.from_weight(weight, bias, self.weight_format, self.act_format,
+                                     in_features=existing.site_in_features if prologue else weight.shape[1],
+                                     prologue=prologue, clip_search=self.clip_search, qtensor=qt)
+        rec = self.report.site(name)
+        rec.update(format=self.weight_format.name + (f" / act {self.act_format.name}" if self.act_format else ""),
+                   bits_per_weight=ql.bits_per_weight(), numel=weight.numel(),
+                   shape=[ql.out_features, ql.weight_in_features],
+                   method="rtn+clip" if qt is None and self.clip_search else ("rtn" if qt is None else "custom"))
+        if x is not None:
+            with torch.no_grad():
+                ref = torch.nn.functional.linear(x_weight, weight.float(), None if bias is None else bias.float())
+                out = ql(x)
+                err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+            rec["rel_error"] = err
+            rec["act_absmax"] = [float(f"{v:.4g}") for v in x_weight.abs().amax(0).tolist()]
+            errors.append(err)
+        install_module(gm, name, ql)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (node.args[0],))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
 
