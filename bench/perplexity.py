@@ -4,7 +4,8 @@
     python bench/perplexity.py --recipes w4a4,w4a16,w2a16 --variants rotate --no-float
     python bench/perplexity.py --recipes w2a16,w2a2 --variants ocs-plain,ocs-ra --no-float
 
-Variants add passes before quantization: "none", "rotate", "ocs-plain" (outlier channel
+Variants add passes before quantization: "none", "rotate", "rotate-noR1" (R2 and online
+Hadamard only), "fold" (norm folding only), "ocs-plain" (outlier channel
 splitting by plain halving), "ocs-ra" (rounding-aware splitting), "ocs-act" (activation
 splitting), and combinations joined with "+", e.g. "rotate+ocs-ra".
 
@@ -29,6 +30,8 @@ from lowbit.models import load_model
 
 VARIANT_PASSES = {
     "rotate": {"name": "rotate"},
+    "rotate-noR1": {"name": "rotate", "r1": False},
+    "fold": {"name": "fold_norms"},
     "ocs-plain": {"name": "split_outliers", "rounding_aware": False},
     "ocs-ra": {"name": "split_outliers", "rounding_aware": True},
     "ocs-act": {"name": "split_outliers", "mode": "activation"},
