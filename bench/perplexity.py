@@ -7,7 +7,8 @@
 Variants add passes before quantization: "none", "rotate", "rotate-noR1" (R2 and online
 Hadamard only), "fold" (norm folding only), "ocs-plain" (outlier channel
 splitting by plain halving), "ocs-ra" (rounding-aware splitting), "ocs-act" (activation
-splitting), and combinations joined with "+", e.g. "rotate+ocs-ra".
+splitting), "gptq" (GPTQ weights instead of RTN), and combinations joined with "+",
+e.g. "rotate+ocs-ra" or "rotate+gptq".
 
 Protocol (the project's standard): the first 200,000 characters of WikiText-2 raw test,
 8 windows of 512 tokens. Prints a markdown table; --json FILE also writes the rows.
@@ -48,15 +49,32 @@ def main(argv=None):
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--window-len", type=int, default=512)
     p.add_argument("--no-float", action="store_true")
+    p.add_argument("--calib", default="random",
+                   help="random (seeded random tokens), generate (the model's own seeded samples), or a text file")
+    p.add_argument("--calib-samples", type=int, default=4)
+    p.add_argument("--calib-len", type=int, default=256)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     text_path = args.text or str(shared_data_dir() / "text" / "wikitext2_raw_test.txt")
     text = Path(text_path).read_text()[: args.chars]
     model, tok = load_model(args.model)
-    # calibration: seeded random tokens (never the evaluation text); used for the report's
-    # per-site errors, the rotation check and activation-split statistics
-    calib = torch.randint(0, model.config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
+    # calibration (never the evaluation text): seeded random tokens by default, used for the
+    # report's per-site errors, the rotation check and activation-split statistics; GPTQ
+    # wants real data: --calib generate (data-free) or a text file
+    n, length = args.calib_samples, args.calib_len
+    if args.calib == "random":
+        calib = torch.randint(0, model.config.vocab_size, (n, length), generator=torch.Generator().manual_seed(0))
+    elif args.calib == "generate":
+        from lowbit.calibration import from_generations
+
+        t0 = time.perf_counter()
+        calib = from_generations(model, n, length, seed=0, progress=False)
+        print(f"sampled {n} x {length} calibration tokens in {time.perf_counter() - t0:.0f} s", flush=True)
+    else:
+        from lowbit.calibration import from_text
+
+        calib = from_text(tok, Path(args.calib), n, length, seed=0)
     rows = []
 
     def record(label, m, extra=None):
@@ -70,7 +88,10 @@ def main(argv=None):
         record("float", model, {"bits_per_weight": 32.0})
     for name in [r for r in args.recipes.split(",") if r]:
         for variant in args.variants.split(","):
-            recipe = lowbit.get_recipe(name).with_passes(*[VARIANT_PASSES[v] for v in variant.split("+") if v != "none"])
+            parts = variant.split("+")
+            recipe = lowbit.get_recipe(name).with_passes(*[VARIANT_PASSES[v] for v in parts if v in VARIANT_PASSES])
+            if "gptq" in parts:
+                recipe = recipe.with_gptq()
             t0 = time.perf_counter()
             q = lowbit.compile_quantized(model, recipe, calibration=calib, progress=False)
             compile_s = time.perf_counter() - t0

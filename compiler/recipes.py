@@ -25,6 +25,7 @@ class Recipe:
     weight: QFormat
     activation: QFormat | None = None
     weight_method: str = "rtn"
+    weight_options: dict = field(default_factory=dict)   # e.g. GPTQ: {"act_order": true, "damp": 0.01}
     clip_search: bool = True
     passes: list[dict] = field(default_factory=list)
     ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
@@ -50,6 +51,7 @@ class Recipe:
             "weight": self.weight.to_dict(),
             "activation": self.activation.to_dict() if self.activation else None,
             "weight_method": self.weight_method,
+            "weight_options": dict(self.weight_options),
             "clip_search": self.clip_search,
             "passes": [dict(p) for p in self.passes],
             "ignore": list(self.ignore),
@@ -57,7 +59,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
-        known = {"name", "weight", "activation", "weight_method", "clip_search", "passes", "ignore"}
+        known = {"name", "weight", "activation", "weight_method", "weight_options", "clip_search", "passes", "ignore"}
         extra = set(d) - known
         if extra:
             raise ValueError(f"unknown recipe fields {sorted(extra)}; known: {sorted(known)}")
@@ -85,6 +87,10 @@ class Recipe:
 
     def with_passes(self, *passes: dict) -> "Recipe":
         return replace(self, passes=list(self.passes) + list(passes))
+
+    def with_gptq(self, **options) -> "Recipe":
+        """This recipe with GPTQ weights (options: act_order, damp, calibration_rows)."""
+        return replace(self, name=self.name + "-gptq", weight_method="gptq", weight_options=dict(options))
 
 
 def _preset(name, wbits, abits, group=16):

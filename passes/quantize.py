@@ -128,7 +128,8 @@ class QuantizePass(LowbitPass):
         rec.update(format=self.weight_format.name + (f" / act {self.act_format.name}" if self.act_format else ""),
                    bits_per_weight=ql.bits_per_weight(), numel=weight.numel(),
                    shape=[ql.out_features, ql.weight_in_features],
-                   method="rtn+clip" if qt is None and self.clip_search else ("rtn" if qt is None else "custom"))
+                   method=("rtn+clip" if self.clip_search else "rtn") if qt is None else
+                   ("split-aware" if qt is hint else getattr(self.weight_quantizer, "method", "custom")))
         if x is not None:
             with torch.no_grad():
                 ref = torch.nn.functional.linear(x_weight, weight.float(), None if bias is None else bias.float())

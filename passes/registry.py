@@ -33,4 +33,9 @@ def weight_quantizer(recipe, context):
     """The weight quantizer for ``recipe.weight_method`` (None: the quantize pass's RTN)."""
     if recipe.weight_method == "rtn":
         return None
-    raise NotImplementedError(f"weight_method {recipe.weight_method!r} is not available yet")
+    if recipe.weight_method == "gptq":
+        from lowbit.passes.gptq import GPTQWeightQuantizer
+
+        opts = {k: v for k, v in recipe.weight_options.items() if k in ("act_order", "damp")}
+        return GPTQWeightQuantizer(recipe.weight, clip_search=recipe.clip_search, **opts)
+    raise ValueError(f"unknown weight_method {recipe.weight_method!r}")
