@@ -99,3 +99,21 @@ def test_html_report_has_plots_and_sites(tiny_llama, calib_ids, tmp_path):
     page = out.read_text()
     assert page.count("data:image/png;base64,") >= 4  # error, blocks, outlier ratio, channel detail
     assert "model.layers.1.self_attn.v_proj" in page and "split_outliers" in page
+
+
+def test_calibration_runs_block_by_block(tiny_llama, calib_ids, monkeypatch):
+    """The quantize pass asks for one block's activations at a time (bounded memory)."""
+    requests = []
+    original = lowbit.CompileContext.site_inputs
+
+    def spy(self, gm, nodes):
+        nodes = list(nodes)
+        requests.append(nodes)
+        return original(self, gm, nodes)
+
+    monkeypatch.setattr(lowbit.CompileContext, "site_inputs", spy)
+    q = lowbit.compile_quantized(tiny_llama, lowbit.get_recipe("w4a16").with_gptq(), calibration=calib_ids,
+                                 progress=False)
+    assert len(requests) == 2  # two decoder blocks; lm_head is ignored
+    assert all(len(r) == 7 for r in requests)  # q, k, v, o, gate, up, down
+    assert all(s["method"] == "gptq" for s in q.lowbit_report.sites.values())
