@@ -96,14 +96,19 @@ def main(argv=None):
             q = lowbit.compile_quantized(model, recipe, calibration=calib, progress=False)
             compile_s = time.perf_counter() - t0
             rep = q.lowbit_report
-            record(name + ("" if variant == "none" else f" {variant}"), q, {"bits_per_weight": rep.mean_bits_per_weight(),
-                                                          "compile_s": compile_s})
+            errs = [st["rel_error"] for st in rep.sites.values() if "rel_error" in st]
+            record(name + ("" if variant == "none" else f" {variant}"), q, {
+                "bits_per_weight": rep.mean_bits_per_weight(), "compile_s": compile_s,
+                "mean_site_error": sum(errs) / len(errs) if errs else None,
+                "max_site_error": max(errs) if errs else None})
             del q
     print()
-    print("| config | bits/weight (quantized sites) | perplexity |")
-    print("|---|---|---|")
+    print("| config | bits/weight (quantized sites) | mean site error | perplexity |")
+    print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['config']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} |")
+        err = r.get("mean_site_error")
+        print(f"| {r['config']} | {r['bits_per_weight']:.3f} | {'-' if err is None else f'{err:.4f}'} | "
+              f"{r['perplexity']:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
