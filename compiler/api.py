@@ -120,9 +120,14 @@ def record_float_channel_stats(captured, context: CompileContext) -> None:
     """Per-channel max |x| at every linear site of the float model, before any pass (for
     the report's outlier plots), collected block by block."""
     from lowbit.passes.quantize import site_blocks
+    from .pass_manager import SequentialCalibration
 
-    for block in site_blocks(captured.sites):
-        inputs = context.site_inputs(captured.graph_module, [s.node for s in block.values()])
+    calib = SequentialCalibration(context, captured.graph_module)
+    blocks = site_blocks(captured.sites)
+    for b, block in enumerate(blocks):
+        inputs = calib.collect([s.node for s in block.values()])
+        if b + 1 < len(blocks):
+            calib.advance(next(iter(blocks[b + 1].values())).node)
         for name, site in block.items():
             if site.node in inputs:
                 context.report.site(name)["act_absmax_float"] = [

@@ -130,6 +130,93 @@ class CompileContext:
         return {k: torch.cat(v) for k, v in found.items() if v}
 
 
+class SequentialCalibration:
+    """Block-by-block calibration over a graph that is being rewritten as it goes.
+
+    For each calibration batch it keeps the interpreter's live values at a point of the
+    graph (a checkpoint). ``collect(nodes)`` runs each batch from its checkpoint until
+    the inputs of ``nodes`` are recorded (without moving the checkpoint);
+    ``advance(node)`` runs each batch from its checkpoint to just before ``node`` on the
+    current graph (so after the previous block was rewritten) and checkpoints there.
+    Each block is thus computed twice in all, instead of rerunning the whole prefix of
+    the graph for every block, and only live values are held.
+    """
+
+    def __init__(self, context: "CompileContext", gm: torch.fx.GraphModule):
+        self.context, self.gm = context, gm
+        self.states: list[tuple[dict, str | None] | None] = [None] * len(context.calibration)
+
+    def _run(self, i: int, stop_at: str | None, wanted: set, found: dict, per_batch: int):
+        gm = self.gm
+        nodes = list(gm.graph.nodes)
+        state = self.states[i]
+        env: dict = {}
+        start = 0
+        if state is not None:
+            env, prev_name = dict(state[0]), state[1]
+            idx = {n.name: k for k, n in enumerate(nodes)}
+            if prev_name in idx:
+                start = idx[prev_name] + 1
+                # values of nodes a rewrite removed (a replaced site's weight) are dropped
+                env = {nodes[idx[n.name]]: v for n, v in env.items() if n.name in idx}
+            else:  # the checkpoint's place is gone: start over
+                env, start, state = {}, 0, None
+        last_use = {}
+        for k, n in enumerate(nodes):
+            for a in n.all_input_nodes:
+                last_use[a] = k
+        interp = torch.fx.Interpreter(gm, garbage_collect_values=False)
+        interp.env = env
+        args_iter = iter(pytree.tree_leaves(self.context.calibration[i]))
+        interp.args_iter = args_iter
+        remaining = set(wanted)
+        for k in range(start, len(nodes)):
+            n = nodes[k]
+            if stop_at is not None and n.name == stop_at:
+                self.states[i] = ({m: v for m, v in env.items()}, nodes[k - 1].name if k else None)
+                return
+            if n.op == "output":
+                break
+            if n.op == "placeholder":
+                env[n] = next(args_iter) if state is None else env[n]
+            elif n in env:
+                pass
+            else:
+                if n.name in remaining:
+                    x = env[n.args[0]] if isinstance(n.args[0], torch.fx.Node) else n.args[0]
+                    rows = x.detach().reshape(-1, x.shape[-1])
+                    if rows.shape[0] > per_batch:
+                        rows = rows[torch.linspace(0, rows.shape[0] - 1, per_batch).long()]
+                    found[n.name].append(rows.float().cpu())
+                    remaining.discard(n.name)
+                    if not remaining and stop_at is None:
+                        return
+                env[n] = interp.run_node(n)
+            for a in n.all_input_nodes:  # free values after their last use
+                if last_use.get(a) == k and a in env and a.op != "placeholder":
+                    del env[a]
+        if stop_at is not None:
+            raise RuntimeError(f"calibration never reached node {stop_at}")
+
+    @torch.no_grad()
+    def collect(self, node_names) -> dict[str, torch.Tensor]:
+        wanted = set(node_names)
+        found: dict[str, list[torch.Tensor]] = {n: [] for n in wanted}
+        if not self.context.calibration or not wanted:
+            return {}
+        per_batch = max(1, self.context.max_calibration_rows // len(self.context.calibration))
+        saved = list(self.states)
+        for i in range(len(self.context.calibration)):
+            self._run(i, None, wanted, found, per_batch)
+        self.states = saved
+        return {k: torch.cat(v) for k, v in found.items() if v}
+
+    @torch.no_grad()
+    def advance(self, node_name: str) -> None:
+        for i in range(len(self.context.calibration)):
+            self._run(i, node_name, set(), {}, 1)
+
+
 class LowbitPass(PassBase):
     """Base of lowbit's passes: a PassBase with a name, a context and options."""
 

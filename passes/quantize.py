@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from lowbit.capture import find_linear_sites
 from lowbit.formats import QFormat, QTensor
-from lowbit.pass_manager import CompileContext, LowbitPass
+from lowbit.pass_manager import CompileContext, LowbitPass, SequentialCalibration
 from lowbit.prologue import PrologueLinear
 from lowbit.quant_linear import QuantLinear
 from lowbit.passes.weights import get_attr_path, install_module
@@ -87,9 +87,11 @@ class QuantizePass(LowbitPass):
         skipped = [name for name in sites if name not in chosen]
         errors = []
         bar = tqdm(total=len(chosen), desc="quantize", disable=not self.context.progress, unit="site")
-        for block in site_blocks(chosen):
+        calib = SequentialCalibration(self.context, gm)
+        blocks = site_blocks(chosen)
+        for b, block in enumerate(blocks):
             # sequential: this block's inputs come from the graph with earlier blocks quantized
-            inputs = self.context.site_inputs(gm, [s.node for s in block.values()])
+            inputs = calib.collect([s.node for s in block.values()])
             nodes = {n.name: n for n in gm.graph.nodes}
             for name, site in block.items():
                 self._quantize_site(gm, name, site, nodes[site.node], inputs.get(site.node), errors)
@@ -98,6 +100,8 @@ class QuantizePass(LowbitPass):
             for n in list(gm.graph.nodes):  # weights of replaced sites are gone
                 if n.op == "get_attr" and not n.users:
                     gm.graph.erase_node(n)
+            if b + 1 < len(blocks) and self.context.calibration:
+                calib.advance(next(iter(blocks[b + 1].values())).node)
         bar.close()
         gm.graph.lint()
         gm.recompile()

@@ -41,7 +41,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from lowbit.capture import find_linear_sites
 from lowbit.formats import QFormat, QTensor, effective_scales, quantize_codes, quantize_weight_rtn
-from lowbit.pass_manager import CompileContext, LowbitPass
+from lowbit.pass_manager import CompileContext, LowbitPass, SequentialCalibration
 from lowbit.passes.weights import get_attr_path, install_module
 from lowbit.prologue import ChannelSplitPrologue, PrologueLinear
 
@@ -120,17 +120,24 @@ class SplitOutliersPass(LowbitPass):
         chosen = dict(self._chosen(gm))
         act_max = {}
         if self.mode == "activation":
-            inputs = self.context.site_inputs(gm, [s.node for s in chosen.values()])
-            if not inputs:
+            if not self.context.calibration:
                 raise ValueError("activation splitting needs calibration data in the context")
+            from lowbit.passes.quantize import site_blocks
+
             nodes = {n.name: n for n in gm.graph.nodes}
-            for site in chosen.values():
-                x = inputs[site.node]
-                existing = get_attr_path(gm, site.name) if nodes[site.node].op == "call_module" else None
-                with torch.no_grad():
-                    for op in getattr(existing, "prologue", []):  # stats of what the weight sees
-                        x = op(x)
-                act_max[site.node] = x.abs().amax(0)
+            calib = SequentialCalibration(self.context, gm)
+            blocks = site_blocks(chosen)
+            for b, block in enumerate(blocks):  # one block's activations at a time
+                inputs = calib.collect([s.node for s in block.values()])
+                for site in block.values():
+                    x = inputs[site.node]
+                    existing = get_attr_path(gm, site.name) if nodes[site.node].op == "call_module" else None
+                    with torch.no_grad():
+                        for op in getattr(existing, "prologue", []):  # stats of what the weight sees
+                            x = op(x)
+                    act_max[site.node] = x.abs().amax(0)
+                if b + 1 < len(blocks):
+                    calib.advance(next(iter(blocks[b + 1].values())).node)
         nodes = {n.name: n for n in gm.graph.nodes}
         total_new = 0
         for name, site in chosen.items():

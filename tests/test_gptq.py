@@ -104,14 +104,16 @@ def test_html_report_has_plots_and_sites(tiny_llama, calib_ids, tmp_path):
 def test_calibration_runs_block_by_block(tiny_llama, calib_ids, monkeypatch):
     """The quantize pass asks for one block's activations at a time (bounded memory)."""
     requests = []
-    original = lowbit.CompileContext.site_inputs
+    from lowbit.pass_manager import SequentialCalibration
 
-    def spy(self, gm, nodes):
+    original = SequentialCalibration.collect
+
+    def spy(self, nodes):
         nodes = list(nodes)
         requests.append(nodes)
-        return original(self, gm, nodes)
+        return original(self, nodes)
 
-    monkeypatch.setattr(lowbit.CompileContext, "site_inputs", spy)
+    monkeypatch.setattr(SequentialCalibration, "collect", spy)
     q = lowbit.compile_quantized(tiny_llama, lowbit.get_recipe("w4a16").with_gptq(), calibration=calib_ids,
                                  progress=False)
     assert len(requests) == 2  # two decoder blocks; lm_head is ignored
