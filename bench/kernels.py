@@ -35,28 +35,26 @@ SHAPES = [  # (M, K, N, label)
 ]
 
 DEFAULT = [{}]
-VARIANTS = {
-    1: [
+_SK = dict(path="skinny")
+VARIANTS = {  # by (M, K, N); the full sweep behind the defaults is in docs/benchmarks.md
+    (1, 8192, 8192): [
+        dict(_SK, SPLIT_K=1),
+        dict(_SK, SPLIT_K=4),
+        dict(_SK, BLOCK_N=64, BLOCK_G=32, num_warps=4, SPLIT_K=2),
+        dict(_SK, BLOCK_N=64, BLOCK_G=32, num_warps=4, SPLIT_K=4),
+        dict(_SK, ASM=False),
         dict(path="gemv"),
-        dict(path="skinny", XPERM=False),
-        dict(path="skinny", BLOCK_G=64),
-        dict(path="skinny", BLOCK_N=128, BLOCK_G=32, num_warps=8),
-        dict(path="skinny", BLOCK_N=32, num_warps=2),
-        dict(path="skinny", SPLIT_K=2),
-        dict(path="skinny", num_stages=4),
-        dict(path="skinny", ASM=False),
     ],
-    16: [
-        dict(path="skinny", XPERM=False),
-        dict(path="skinny", BLOCK_N=128, BLOCK_G=32, num_warps=8),
-        dict(path="skinny", SPLIT_K=2),
+    (1, 4096, 4096): [
+        dict(_SK, SPLIT_K=2),
+        dict(_SK, SPLIT_K=8),
+        dict(_SK, BLOCK_N=64, BLOCK_G=32, num_warps=4, SPLIT_K=4),
+        dict(path="gemv"),
     ],
-    4096: [
-        dict(path="gemm", XPERM=True),
-        dict(path="gemm", BLOCK_N=256),
-        dict(path="gemm", num_stages=4),
-        dict(path="gemm", ASM=False),
-    ],
+    (1, 8192, 28672): [dict(_SK, SPLIT_K=2)],
+    (16, 8192, 8192): [dict(_SK, BLOCK_N=64, BLOCK_G=32, num_warps=4, SPLIT_K=1),
+                       dict(_SK, BLOCK_N=64, BLOCK_G=32, num_warps=4, SPLIT_K=2)],
+    (4096, 8192, 8192): [dict(path="gemm", BLOCK_M=128, BLOCK_G=16, XPERM=False)],
 }
 
 
@@ -134,7 +132,7 @@ def run(shapes, with_variants, dtype=torch.bfloat16):
         sets = [(packed, stored)] + [(packed.clone(), stored.clone()) for _ in range(npk - 1)]
         variants = [dict(v) for v in DEFAULT]
         if with_variants:
-            variants += [dict(v) for v in VARIANTS.get(m, [])]
+            variants += [dict(v) for v in VARIANTS.get((m, k, n), [])]
         variants.append(dict(op=True))
         for v in variants:
             name = "torch.ops.lowbit.qlinear" if v.get("op") else \
@@ -193,11 +191,23 @@ def main(argv=None):
     ap.add_argument("--variants", action="store_true", help="also time tile-size variants")
     ap.add_argument("--shapes", default="all", help="comma-separated indices into SHAPES, or 'all'")
     ap.add_argument("--json", default=None, help="write all rows to this file")
+    ap.add_argument("--once", action="store_true",
+                    help="run the default kernel of each shape twice and exit (for ncu / nsys)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
         return 1
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    if args.once:
+        import lowbit.codegen.triton as lt
+
+        for m, k, n, _ in shapes:
+            packed, stored, gscale = make_weight(n, k, "cuda", seed=0)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            for _ in range(2):
+                lt.w2a16_linear(x, packed, stored, gscale)
+        torch.cuda.synchronize()
+        return 0
     rows = run(shapes, args.variants)
     print()
     print(table(rows))

@@ -154,6 +154,8 @@ def compile_quantized(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = "triton" if torch.cuda.is_available() else "reference"
+    if backend == "triton":
+        import lowbit.codegen.triton  # noqa: F401  (registers the CUDA kernels of the lowbit ops)
     recipe = get_recipe(recipe)
     if not inplace:
         model = copy.deepcopy(model)

@@ -80,6 +80,34 @@ def dequantize_weight(w_packed, w_scales, w_global, fmt: QFormat, in_features: i
     return w if in_features is None else w[:, :in_features]
 
 
+def qlinear_reference(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scales: torch.Tensor,
+    w_global: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    w_bits: int,
+    w_grid: str,
+    group_size: int,
+    w_scale_dtype: str,
+    a_bits: int,
+    a_grid: str,
+    a_group_size: int,
+    a_scale_dtype: str,
+) -> torch.Tensor:
+    """The reference numerics of ``lowbit::qlinear`` (any device); backends match it."""
+    wfmt = _fmt(w_bits, w_grid, group_size, w_scale_dtype)
+    k = x.shape[-1]
+    w = dequantize_weight(w_packed, w_scales, w_global, wfmt)[:, :k]
+    xa = x.float()
+    if a_bits:
+        pad = w_scales.shape[-1] * group_size - k
+        xp = torch.nn.functional.pad(xa, (0, pad)) if pad else xa
+        xa = fake_quantize_act(xp, _fmt(a_bits, a_grid, a_group_size, a_scale_dtype))[..., :k]
+    y = torch.nn.functional.linear(xa, w, None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
 @torch.library.custom_op("lowbit::qlinear", mutates_args=())
 def qlinear(
     x: torch.Tensor,
@@ -96,16 +124,8 @@ def qlinear(
     a_group_size: int,
     a_scale_dtype: str,
 ) -> torch.Tensor:
-    wfmt = _fmt(w_bits, w_grid, group_size, w_scale_dtype)
-    k = x.shape[-1]
-    w = dequantize_weight(w_packed, w_scales, w_global, wfmt)[:, :k]
-    xa = x.float()
-    if a_bits:
-        pad = w_scales.shape[-1] * group_size - k
-        xp = torch.nn.functional.pad(xa, (0, pad)) if pad else xa
-        xa = fake_quantize_act(xp, _fmt(a_bits, a_grid, a_group_size, a_scale_dtype))[..., :k]
-    y = torch.nn.functional.linear(xa, w, None if bias is None else bias.float())
-    return y.to(x.dtype)
+    return qlinear_reference(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, group_size, w_scale_dtype,
+                             a_bits, a_grid, a_group_size, a_scale_dtype)
 
 
 @qlinear.register_fake
