@@ -17,7 +17,8 @@ Math, per site:
    the squared weight error, since for ``w ~ a b`` with ``a >= 0`` the error is
    ``||w||^2 - <w, b>^2 / G``) or ``"activation"`` (``|w_k| * h_k`` with
    ``h_k = mean x_k^2`` over the calibration inputs: the diagonal of the layer's
-   output-error Hessian; needs calibration data);
+   output-error Hessian; needs calibration data); ``"auto"`` (the default) takes
+   ``"activation"`` when calibration data is given, else ``"magnitude"``;
 3. with the signs fixed, each scale group of G weights takes the least-squares scale
    ``a = <w, b> / G`` (``<h w, b> / sum h`` with activation weighting), clamped at 0,
    stored as E4M3 (nearest) with one fp32 global scale per site, or fp16/fp32;
@@ -59,7 +60,7 @@ from lowbit.passes.weights import get_attr_path, install_module
 
 #: options of the ``btc`` preset (about 0.76 bits per weight on SmolLM2-135M)
 BTC_OPTIONS = {"vector_size": 16, "index_bits": 11, "group_size": 0, "scale_dtype": "e4m3",
-               "weighting": "magnitude"}
+               "weighting": "auto"}
 
 
 def _ignore_fn(ignore, context: CompileContext):
@@ -87,7 +88,7 @@ class CodebookPass(LowbitPass):
         index_bits: int = 11,
         group_size: int = 0,
         scale_dtype: str = "e4m3",
-        weighting: str = "magnitude",
+        weighting: str = "auto",
         iterations: int = 10,
         init: str = "frequent",
         seed: int = 0,
@@ -98,10 +99,12 @@ class CodebookPass(LowbitPass):
         """``group_size=0``: one scale per row. ``ignore``: callable(site name) -> bool or
         fnmatch patterns (default: the recipe's ``is_ignored`` when the context has a recipe,
         else ``lowbit.recipes.DEFAULT_IGNORE``). ``only``: fnmatch patterns; when given, only
-        matching sites are replaced (the rest is left to later passes)."""
+        matching sites are replaced (the rest is left to later passes). ``weighting``: one of
+        ``lowbit.codebook.WEIGHTINGS`` or "auto" (activation with calibration data, else
+        magnitude)."""
         super().__init__(context)
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if weighting not in WEIGHTINGS + ("auto",):
+            raise ValueError(f"weighting must be one of {WEIGHTINGS + ('auto',)}, got {weighting!r}")
         self.format = CodebookFormat(vector_size, index_bits, group_size, scale_dtype)
         self.weighting = weighting
         self.iterations = iterations
@@ -121,7 +124,10 @@ class CodebookPass(LowbitPass):
         chosen = {name: s for name, s in sites.items() if self._chosen(name)}
         skipped = [name for name in sites if name not in chosen]
         inputs = self.context.site_inputs(gm, [s.node for s in chosen.values()])
-        if self.weighting == "activation" and len(inputs) < len(chosen):
+        weighting = self.weighting
+        if weighting == "auto":
+            weighting = "activation" if chosen and len(inputs) == len(chosen) else "magnitude"
+        if weighting == "activation" and len(inputs) < len(chosen):
             raise ValueError("CodebookPass(weighting='activation') needs calibration data for every site")
         nodes = {n.name: n for n in gm.graph.nodes}
         errors = []
@@ -136,18 +142,18 @@ class CodebookPass(LowbitPass):
                 x_weight = x
                 for op in prologue:  # the product sees the activation after the prologue
                     x_weight = op(x_weight) if x_weight is not None else None
-                importance = x_weight.pow(2).mean(0) if (x_weight is not None and self.weighting == "activation") \
+                importance = x_weight.pow(2).mean(0) if (x_weight is not None and weighting == "activation") \
                     else None
                 cl = CodebookLinear.from_weight(
                     weight, bias, self.format,
                     in_features=existing.site_in_features if prologue else weight.shape[1], prologue=prologue,
-                    weighting=self.weighting, importance=importance, iterations=self.iterations,
+                    weighting=weighting, importance=importance, iterations=self.iterations,
                     seed=self.seed, init=self.init)
             km = cl.kmeans
             rec = self.report.site(name)
             signs_kept = (cl.dequantized_weight().sign() * weight.float().sign() > 0).float().mean().item()
             rec.update(format=self.format.name, bits_per_weight=cl.bits_per_weight(), numel=weight.numel(),
-                       shape=[cl.out_features, cl.weight_in_features], method=f"codebook/{self.weighting}",
+                       shape=[cl.out_features, cl.weight_in_features], method=f"codebook/{weighting}",
                        kmeans_objective=[km.history[0], km.history[-1]], kmeans_iterations=km.iterations,
                        codebook_used=int(torch.unique(km.assignment).numel()), signs_kept=signs_kept)
             if x is not None:
@@ -170,7 +176,7 @@ class CodebookPass(LowbitPass):
         gm.graph.lint()
         gm.recompile()
         self.details = {"sites": len(chosen), "ignored": len(skipped), "ignored_sites": skipped,
-                        "format": self.format.name,
+                        "format": self.format.name, "weighting": weighting,
                         "mean_rel_error": sum(errors) / len(errors) if errors else None}
         return PassResult(gm, bool(chosen))
 
