@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import quant_linear  # noqa: F401  (registers QuantLinear)
+from . import codebook  # noqa: F401  (registers CodebookLinear)
 from .sites import is_site_module, site_config, site_module_from_config
 
 FORMAT = "lowbit"

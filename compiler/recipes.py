@@ -97,6 +97,14 @@ def _preset(name, wbits, abits, group=16):
     return Recipe(name, QFormat(wbits, "int", group, "e4m3"), QFormat(abits, "int", group, "e4m3") if abits else None)
 
 
+def _btc() -> Recipe:
+    """Sub-1-bit binary codebook weights (``lowbit.passes.codebook``, its ``BTC_OPTIONS``);
+    sites the codebook pass leaves (none but the ignored ones) would get 1-bit signs."""
+    from lowbit.passes.codebook import BTC_OPTIONS
+
+    return Recipe("btc", QFormat(1, "half", 16, "e4m3"), passes=[{"name": "codebook", **BTC_OPTIONS}])
+
+
 PRESETS = {
     "w8a8": lambda: _preset("w8a8", 8, 8),
     "w4a16": lambda: _preset("w4a16", 4, 0),
@@ -104,6 +112,7 @@ PRESETS = {
     "w3a16": lambda: _preset("w3a16", 3, 0),
     "w2a16": lambda: _preset("w2a16", 2, 0),
     "w2a2": lambda: _preset("w2a2", 2, 2),
+    "btc": _btc,
 }
 
 

@@ -13,6 +13,7 @@ PASSES: dict[str, str] = {
     "fold_norms": "lowbit.passes.fold_norms:FoldNormsPass",
     "rotate": "lowbit.passes.rotate:RotatePass",
     "split_outliers": "lowbit.passes.split_outliers:SplitOutliersPass",
+    "codebook": "lowbit.passes.codebook:CodebookPass",
 }
 
 
