@@ -13,6 +13,7 @@ from .formats import QFormat, QTensor
 from .pass_manager import CompileContext, CompileReport, LowbitPass, run_passes
 from .quant_linear import QuantLinear
 from .recipes import PRESETS, Recipe, get_recipe
+from .qat import FakeQuantLinear, freeze, prepare_qat
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,5 @@ __all__ = [
     "compile_quantized", "materialize", "save", "load", "ArtifactError", "capture", "CaptureError",
     "CapturedGraph", "LinearSite", "find_linear_sites", "QFormat", "QTensor", "CompileContext",
     "CompileReport", "LowbitPass", "run_passes", "QuantLinear", "Recipe", "PRESETS", "get_recipe",
+    "FakeQuantLinear", "freeze", "prepare_qat",
 ]

@@ -65,11 +65,14 @@ def default_example(model: nn.Module, seq_len: int = 16) -> tuple:
     return (torch.randint(0, vocab, (1, seq_len), generator=g).to(dev),)
 
 
-def build_passes(recipe: Recipe, context: CompileContext) -> list:
-    """The recipe's graph passes followed by the quantize pass."""
+def build_passes(recipe: Recipe, context: CompileContext, mode: str = "infer") -> list:
+    """The recipe's graph passes followed by the quantize pass (its trainable variant,
+    ``lowbit.qat.TrainableQuantizePass``, for ``mode="train"``)."""
     from lowbit.passes import registry
     from lowbit.passes.quantize import QuantizePass
 
+    if mode == "train":
+        from .qat import TrainableQuantizePass as QuantizePass  # noqa: F811
     passes = [registry.make(p, context) for p in recipe.passes]
     passes.append(QuantizePass(recipe.weight, recipe.activation, ignore=recipe.is_ignored,
                                clip_search=recipe.clip_search,
@@ -142,6 +145,7 @@ def compile_quantized(
     example_inputs: tuple | None = None,
     inplace: bool = False,
     progress: bool = True,
+    mode: str = "infer",
 ) -> nn.Module:
     """Quantize ``model`` with ``recipe`` and return the compiled model.
 
@@ -149,7 +153,11 @@ def compile_quantized(
     to measure errors and by calibrated passes. ``backend``: "reference" (pure PyTorch),
     "triton" (CUDA kernels) or "auto". ``inplace=False`` works on a deep copy.
     The result carries ``lowbit_report`` (a :class:`CompileReport`) and ``lowbit_recipe``.
+    ``mode="train"`` puts trainable ``lowbit.qat.FakeQuantLinear`` sites in place of the
+    packed ones (quantization-aware training; ``lowbit.freeze`` packs them afterwards).
     """
+    if mode not in ("infer", "train"):
+        raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -177,7 +185,7 @@ def compile_quantized(
     if recipe.passes and calib:
         record_float_channel_stats(captured, context)
     with torch.no_grad():
-        gm = run_passes(captured.graph_module, build_passes(recipe, context), report)
+        gm = run_passes(captured.graph_module, build_passes(recipe, context, mode), report)
     report.meta["compile_seconds"] = time.perf_counter() - t0
     result = materialize(model, gm) if is_hf_model(model) else gm
     result.lowbit_report = report
