@@ -1,7 +1,6 @@
 """lowbit.runtime: Session, generation with the KV cache, sampling, checksums, CLI, and
 no torch at run time."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,8 +18,6 @@ import lowbit  # noqa: E402
 from lowbit.codegen.onnx import export_onnx  # noqa: E402
 from lowbit.runtime import ManifestError, Session, select_token  # noqa: E402
 from lowbit.runtime.cli import main as run_main  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _byte_tokenizer():
@@ -172,14 +169,13 @@ def test_cli_run_streams_text(artifact, capsys):
 
 
 _NO_TORCH = r"""
-import sys, types
+import sys
 class BlockTorch:
     def find_spec(self, name, path=None, target=None):
         if name == "torch" or name.startswith("torch."):
             raise ImportError("torch is blocked in this test")
 sys.meta_path.insert(0, BlockTorch())
-if STUB_PARENT:  # load lowbit.runtime without executing lowbit/__init__.py
-    pkg = types.ModuleType("lowbit"); pkg.__path__ = [COMPILER]; sys.modules["lowbit"] = pkg
+import lowbit.runtime
 from lowbit.runtime import Session
 from lowbit.runtime.cli import main
 s = Session(DIRECTORY, threads=1)
@@ -190,35 +186,11 @@ print("NO_TORCH_OK", "".join(pieces) == s.generate("The quick", max_new_tokens=6
 """
 
 
-def _run_without_torch(d, stub_parent: bool):
-    code = (f"STUB_PARENT = {stub_parent}\nCOMPILER = {str(REPO / 'compiler')!r}\nDIRECTORY = {str(d)!r}\n"
-            + _NO_TORCH)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-
-
 def test_runtime_runs_without_torch(artifact):
-    """The runtime modules import onnxruntime, numpy and tokenizers only."""
+    """``import lowbit.runtime``, a Session, streaming and the CLI in a fresh interpreter
+    where importing torch fails: the runtime imports onnxruntime, numpy and tokenizers only."""
     _, d = artifact
-    r = _run_without_torch(d, stub_parent=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "NO_TORCH_OK True" in r.stdout
-
-
-def _lowbit_package_imports_torch() -> bool:
-    r = subprocess.run([sys.executable, "-c", "import sys, lowbit; print('torch' in sys.modules)"],
-                       capture_output=True, text=True, timeout=120)
-    return r.stdout.strip().endswith("True")
-
-
-def test_import_lowbit_runtime_without_torch(artifact):
-    """``import lowbit.runtime`` in a fresh interpreter where torch cannot be imported.
-
-    Needs the parent package ``lowbit`` (compiler/__init__.py) to import its torch-based
-    API lazily; until it does, this documents the gap."""
-    if _lowbit_package_imports_torch():
-        pytest.xfail("compiler/__init__.py imports torch eagerly, so `import lowbit.runtime` does too")
-    _, d = artifact
-    r = _run_without_torch(d, stub_parent=False)
+    code = f"DIRECTORY = {str(d)!r}\n" + _NO_TORCH
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "NO_TORCH_OK True" in r.stdout
