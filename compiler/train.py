@@ -1,0 +1,462 @@
+"""Progressive quantization-aware training by distillation from the float model.
+
+``train(model, recipe, data, config)`` compiles ``model`` in trainable form
+(:func:`lowbit.qat.prepare_qat`, initialised by the recipe's weight method: RTN with
+clipping search or GPTQ, after its passes: rotation, outlier splitting) and then runs the
+stages of ``config``, each at a lower precision than the last (for example weights at
+4, then 3, then 2 bits). A stage starts from the previous one: the codes move along the
+nested integer grids of :mod:`lowbit.formats` (``q_b = round_shift(q_{b+d}, d)``, group
+scales kept, global scale times ``2^d``), see :meth:`lowbit.qat.FakeQuantLinear.set_formats`.
+
+Each stage has two phases, both distilling the float model (the compiled model with its
+sites in ``float_mode``: the same rotations and splits, unquantized weights):
+
+* **block reconstruction**, block by block (``model.layers.<i>``): the block's inputs are
+  those of the quantized model (so earlier blocks' errors are seen), its targets the
+  float model's outputs of that block on the float model's own inputs; the loss is
+  ``||B_q(x_q) - B_f(x_f)||^2 / ||B_f(x_f)||^2`` and only that block's latent weights and
+  log group scales move;
+* **end to end**: ``KL(p_float || p_quant)`` of the next-token distributions over every
+  position of a batch, all sites training together.
+
+Data: token ids, from a text file (:func:`lowbit.calibration.from_text`) or sampled from
+the float model itself (:func:`lowbit.calibration.from_generations`, data-free); both
+seeded. Batches are drawn by a generator seeded from (seed, stage, phase, block, step),
+so a resumed run draws the same batches as an uninterrupted one.
+
+Checkpoints (``out/``, no pickle): ``sites.safetensors`` (the tensors of every trainable
+site), ``optimizer.safetensors`` + ``state.json`` (stage, phase, block, step, formats,
+config, recipe, loss history), ``data.safetensors`` (the token ids). ``train(...,
+resume=True)`` rebuilds the model from the float one and continues where the checkpoint
+left off; on the CPU the result equals an uninterrupted run bit for bit.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats import QFormat
+from .qat import fake_quant_sites, float_mode, prepare_qat, set_formats
+from .recipes import Recipe, get_recipe
+
+_STAGE = re.compile(r"^w(\d)(?:a(\d+))?$")
+_BLOCK = re.compile(r"^(.*?\.\d+)\.")
+
+
+def parse_stage(spec: str) -> tuple[int, int]:
+    """``"w4a8"`` -> (4, 8); ``"w2"`` -> (2, 0) (activations left in float)."""
+    m = _STAGE.match(spec.strip().lower())
+    if not m:
+        raise ValueError(f"stage {spec!r}: expected 'w<bits>' or 'w<bits>a<bits>', e.g. 'w4', 'w2a2'")
+    return int(m.group(1)), int(m.group(2) or 0)
+
+
+@dataclass
+class TrainConfig:
+    """What to train and how. ``stages`` are format specs (``"w4"``, ``"w3a4"``, ``"w2a2"``);
+    their grid, group size and scale dtype come from the recipe, and the last stage must
+    be the recipe's own formats."""
+
+    stages: list[str] = field(default_factory=list)
+    block_steps: int = 0           # per block, per stage
+    e2e_steps: int = 100           # per stage
+    batch_size: int = 4
+    lr: float = 5e-3               # latent weights: Adam step relative to each site's weight RMS
+    scale_lr: float = 2e-3         # log group scales (relative change of a scale per step)
+    temperature: float = 1.0       # of the end-to-end KL
+    seed: int = 0
+    amp: str = "auto"              # "bf16": autocast on CUDA; "none"; "auto": bf16 on CUDA only
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 0      # end-to-end steps between checkpoints (0: at phase ends only)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, **overrides) -> "TrainConfig":
+        """Defaults from ``recipe.weight_options["qat"]`` (if any), then ``overrides``."""
+        d = dict(recipe.weight_options.get("qat", {}))
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        cfg = cls(**d)
+        if not cfg.stages:
+            cfg.stages = [recipe_stage(recipe)]
+        return cfg
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def recipe_stage(recipe: Recipe) -> str:
+    return f"w{recipe.weight.bits}" + (f"a{recipe.activation.bits}" if recipe.activation else "")
+
+
+def stage_formats(recipe: Recipe, spec: str) -> tuple[QFormat, QFormat | None]:
+    wb, ab = parse_stage(spec)
+    w = replace(recipe.weight, bits=wb)
+    a = None
+    if ab:
+        base = recipe.activation or recipe.weight
+        a = replace(base, bits=ab)
+    return w, a
+
+
+def stage_recipe(recipe: Recipe, spec: str) -> Recipe:
+    w, a = stage_formats(recipe, spec)
+    return replace(recipe, name=f"{recipe.name}@{spec}", weight=w, activation=a)
+
+
+def training_data(model, tokenizer, source: str = "generate", samples: int = 64, seq_len: int = 256,
+                  seed: int = 0, batch_size: int = 32, progress: bool = True) -> torch.Tensor:
+    """[samples, seq_len] token ids: the model's own seeded samples (``"generate"``) or
+    windows at seeded offsets of a text file (any other value is a path)."""
+    from . import calibration
+
+    if source == "generate":
+        return calibration.from_generations(model, samples, seq_len, seed=seed, batch_size=batch_size,
+                                            progress=progress)
+    return calibration.from_text(tokenizer, Path(source), samples, seq_len, seed=seed)
+
+
+def block_names(model: nn.Module) -> list[str]:
+    """Numbered blocks holding trainable sites (``model.layers.3``), in order."""
+    out: list[str] = []
+    for name in fake_quant_sites(model):
+        m = _BLOCK.match(name)
+        if m and m.group(1) not in out:
+            out.append(m.group(1))
+    return out
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _call_logits(model, ids):
+    out = model(ids, use_cache=False) if _is_hf(model) else model(ids)
+    return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+
+
+def _is_hf(model) -> bool:
+    return hasattr(model, "config") and hasattr(model, "generate")
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class Trainer:
+    """Runs the stages of a :class:`TrainConfig` on a prepared (trainable) model."""
+
+    def __init__(self, student: nn.Module, recipe: Recipe, config: TrainConfig, data: torch.Tensor,
+                 out: str | Path | None = None, progress: bool = True):
+        self.model, self.recipe, self.config = student, recipe, config
+        self.data = data.long()[: data.shape[0] // config.batch_size * config.batch_size]
+        if self.data.shape[0] == 0:
+            raise ValueError(f"{data.shape[0]} training sequences, fewer than one batch of {config.batch_size}")
+        self.out = Path(out) if out else None
+        self.progress = progress
+        self.device = next(student.parameters()).device
+        self.state = {"stage": 0, "phase": "block", "block": 0, "step": 0, "formats_stage": 0}
+        self.history: list[dict] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._pending_optimizer: dict | None = None
+        for p in student.parameters():
+            p.requires_grad_(False)
+        for m in fake_quant_sites(student).values():
+            m.weight.requires_grad_(True)
+            m.log_scale.requires_grad_(True)
+        if config.gradient_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
+            student.gradient_checkpointing_enable()
+
+    # -- helpers ----------------------------------------------------------------------------
+    def autocast(self):
+        amp = self.config.amp
+        if self.device.type == "cuda" and amp in ("auto", "bf16"):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def batch_index(self, *key) -> torch.Tensor:
+        g = torch.Generator().manual_seed(hash_key(self.config.seed, *key))
+        return torch.randint(0, self.data.shape[0], (self.config.batch_size,), generator=g)
+
+    def make_optimizer(self, sites: dict) -> torch.optim.Optimizer:
+        groups = []
+        for m in sites.values():
+            rms = float(m.float_weight.pow(2).mean().sqrt()) or 1.0
+            groups.append({"params": [m.weight], "lr": self.config.lr * rms, "base_lr": self.config.lr * rms})
+        groups.append({"params": [m.log_scale for m in sites.values()], "lr": self.config.scale_lr,
+                       "base_lr": self.config.scale_lr})
+        return torch.optim.Adam(groups, betas=(0.9, 0.95))
+
+    def set_lr(self, step: int, total: int) -> None:
+        f = 0.5 * (1 + math.cos(math.pi * step / max(1, total)))  # cosine to zero
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * f
+
+    def opt_step(self, loss: torch.Tensor, step: int, total: int) -> None:
+        self.set_lr(step, total)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self._steps_done += 1
+
+    # -- block reconstruction ------------------------------------------------------------------
+    def block_inputs(self, block: nn.Module, quantized: bool):
+        """Inputs of ``block`` over the whole data set (hidden states [S, T, D]) and the
+        keyword arguments of its call, from the quantized or the float model."""
+        captured = {}
+
+        def hook(mod, args, kwargs):
+            captured["args"], captured["kwargs"] = args, kwargs
+            raise _Stop
+
+        h = block.register_forward_pre_hook(hook, with_kwargs=True)
+        xs = []
+        ctx = contextlib.nullcontext() if quantized else float_mode(self.model)
+        try:
+            with torch.no_grad(), ctx, self.autocast():
+                for i in range(0, self.data.shape[0], self.config.batch_size):
+                    try:
+                        _call_logits(self.model, self.data[i:i + self.config.batch_size].to(self.device))
+                    except _Stop:
+                        pass
+                    args, kwargs = captured["args"], dict(captured["kwargs"])
+                    x = args[0] if args else kwargs.pop("hidden_states")
+                    xs.append(x.float())
+        finally:
+            h.remove()
+        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        return torch.cat(xs), kwargs
+
+    def train_block(self, name: str, stage: int, block_idx: int, start_step: int) -> None:
+        cfg = self.config
+        block = self.model.get_submodule(name)
+        sites = fake_quant_sites(block)
+        x_q, kw = self.block_inputs(block, quantized=True)
+        x_f, _ = self.block_inputs(block, quantized=False)
+        bs = cfg.batch_size
+        with torch.no_grad(), float_mode(self.model), self.autocast():
+            y_f = torch.cat([_first(block(x_f[i:i + bs], **kw)).float() for i in range(0, x_f.shape[0], bs)])
+        del x_f
+        self.optimizer = self.make_optimizer(sites)
+        if self._pending_optimizer is not None:
+            load_optimizer_state(self.optimizer, self._pending_optimizer)
+            self._pending_optimizer = None
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(start_step, cfg.block_steps), desc=f"stage {stage} {name}", disable=not self.progress,
+                   leave=False)
+        for step in bar:
+            idx = self.batch_index(stage, 0, block_idx, step)
+            with self.autocast():
+                out = _first(block(x_q[idx], **kw)).float()
+            target = y_f[idx]
+            loss = (out - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-30)
+            self.opt_step(loss, step, cfg.block_steps)
+            lv = float(loss.detach())
+            bar.set_postfix(loss=f"{lv:.4g}")
+            self.history.append({"stage": stage, "phase": "block", "block": block_idx, "step": step, "loss": lv})
+        bar.close()
+        self.optimizer = None
+
+    # -- end to end --------------------------------------------------------------------------------
+    def e2e_loss(self, ids: torch.Tensor) -> torch.Tensor:
+        t = self.config.temperature
+        with torch.no_grad(), float_mode(self.model), self.autocast():
+            teacher = _call_logits(self.model, ids)
+        with self.autocast():
+            student = _call_logits(self.model, ids)
+        logp_t = F.log_softmax(teacher.float() / t, -1)
+        logp_s = F.log_softmax(student.float() / t, -1)
+        kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean()
+        return kl * (t * t)
+
+    def train_e2e(self, stage: int, start_step: int) -> None:
+        cfg = self.config
+        sites = fake_quant_sites(self.model)
+        self.optimizer = self.make_optimizer(sites)
+        if self._pending_optimizer is not None:
+            load_optimizer_state(self.optimizer, self._pending_optimizer)
+            self._pending_optimizer = None
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(start_step, cfg.e2e_steps), desc=f"stage {stage} end-to-end", disable=not self.progress)
+        for step in bar:
+            ids = self.data[self.batch_index(stage, 1, 0, step)].to(self.device)
+            loss = self.e2e_loss(ids)
+            self.opt_step(loss, step, cfg.e2e_steps)
+            lv = float(loss.detach())
+            bar.set_postfix(kl=f"{lv:.4g}")
+            self.history.append({"stage": stage, "phase": "e2e", "block": 0, "step": step, "loss": lv})
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.e2e_steps:
+                self.state.update(phase="e2e", step=step + 1)
+                self._checkpoint()
+        bar.close()
+        self.optimizer = None
+
+    # -- the schedule -----------------------------------------------------------------------------------
+    def run(self, max_steps: int | None = None) -> nn.Module:
+        """Run (or continue) the stages; ``max_steps`` stops early after that many
+        optimizer steps of the whole schedule (at a checkpoint boundary), for tests."""
+        self._budget, self._steps_done = max_steps, 0
+        try:
+            self._run()
+        except _Interrupted:
+            pass
+        return self.model
+
+    def _checkpoint(self) -> None:
+        self.save_checkpoint()
+        if self._budget is not None and self._steps_done >= self._budget:
+            raise _Interrupted
+
+    def _run(self) -> None:
+        cfg = self.config
+        blocks = block_names(self.model)
+        for stage in range(self.state["stage"], len(cfg.stages)):
+            if self.state["formats_stage"] != stage:
+                w, a = stage_formats(self.recipe, cfg.stages[stage])
+                set_formats(self.model, w, a)
+                self.state.update(formats_stage=stage, phase="block", block=0, step=0)
+            self.state["stage"] = stage
+            if self.state["phase"] == "block" and cfg.block_steps:
+                for b in range(self.state["block"], len(blocks)):
+                    self.train_block(blocks[b], stage, b, self.state["step"] if b == self.state["block"] else 0)
+                    self.state.update(block=b + 1, step=0)
+                    self._checkpoint()
+            if self.state["phase"] == "block":
+                self.state.update(phase="e2e", step=0)
+            if cfg.e2e_steps and self.state["step"] < cfg.e2e_steps:
+                self.train_e2e(stage, self.state["step"])
+            self.state.update(stage=stage + 1, phase="block", block=0, step=0)
+            self._checkpoint()
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        if self.out is None:
+            return
+        from safetensors.torch import save_file
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name, m in fake_quant_sites(self.model).items():
+            for k, v in m.state_dict().items():
+                tensors[f"{name}.{k}"] = v.detach().contiguous().cpu()
+        save_file(tensors, str(self.out / "sites.safetensors"))
+        if not (self.out / "data.safetensors").exists():
+            save_file({"ids": self.data.contiguous()}, str(self.out / "data.safetensors"))
+        opt_meta = None
+        if self.optimizer is not None:
+            opt_tensors, opt_meta = optimizer_state(self.optimizer)
+            save_file(opt_tensors, str(self.out / "optimizer.safetensors"))
+        formats = {}
+        for name, m in fake_quant_sites(self.model).items():
+            formats = {"weight": m.weight_format.to_dict(), "act": m.act_format.to_dict() if m.act_format else None}
+            break
+        state = {"state": self.state, "optimizer": opt_meta, "config": self.config.to_dict(),
+                 "recipe": self.recipe.to_dict(), "formats": formats, "history": self.history,
+                 "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
+        tmp = self.out / "state.json.tmp"
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(self.out / "state.json")
+
+    def load_checkpoint(self) -> None:
+        from safetensors.torch import load_file
+
+        state = json.loads((self.out / "state.json").read_text())
+        self.state = dict(state["state"])
+        self.history = list(state["history"])
+        f = state["formats"]
+        if f:
+            set_formats(self.model, QFormat.from_dict(f["weight"]), QFormat.from_dict(f["act"]) if f["act"] else None)
+        tensors = load_file(str(self.out / "sites.safetensors"), device=str(self.device))
+        for name, m in fake_quant_sites(self.model).items():
+            m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        if state.get("optimizer") is not None:
+            self._pending_optimizer = {"meta": state["optimizer"],
+                                       "tensors": load_file(str(self.out / "optimizer.safetensors"),
+                                                            device=str(self.device))}
+
+
+def hash_key(*parts: int) -> int:
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFF)) * 1099511628211) % (1 << 61)
+    return h
+
+
+def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """An optimizer's state as (tensors for safetensors, JSON-able metadata)."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict) -> None:
+    state: dict = {}
+    for key, v in saved["tensors"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    for key, v in saved["meta"]["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": saved["meta"]["param_groups"]})
+
+
+def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, config: TrainConfig | None = None,
+          calibration=None, out: str | Path | None = None, resume: bool = False, progress: bool = True,
+          max_steps: int | None = None) -> nn.Module:
+    """Quantization-aware training of ``model`` (float, not modified) for ``recipe``.
+
+    ``data``: [S, T] token ids (see :func:`training_data`); on resume it is read from the
+    checkpoint. ``calibration``: token ids for the recipe's calibrated passes and GPTQ
+    (default: the first rows of ``data``). Returns the trained model with FakeQuantLinear
+    sites; :func:`lowbit.freeze` packs it.
+    """
+    import copy
+
+    recipe = get_recipe(recipe)
+    config = config or TrainConfig.from_recipe(recipe)
+    if stage_formats(recipe, config.stages[-1]) != (recipe.weight, recipe.activation):
+        raise ValueError(f"the last stage {config.stages[-1]!r} must be the recipe's formats ({recipe_stage(recipe)})")
+    out = Path(out) if out else None
+    if resume:
+        if out is None or not (out / "state.json").exists():
+            raise FileNotFoundError(f"no checkpoint to resume from in {out}")
+        from safetensors.torch import load_file
+
+        data = load_file(str(out / "data.safetensors"))["ids"]
+        saved = json.loads((out / "state.json").read_text())
+        config = TrainConfig(**saved["config"])
+    if data is None:
+        raise ValueError("train needs data: token ids from lowbit.train.training_data(...)")
+    if calibration is None:
+        calibration = data[: min(len(data), 8)]
+    first = stage_recipe(recipe, config.stages[0])
+    if resume:  # the structure comes from the passes; the values from the checkpoint
+        first = replace(first, weight_method="rtn")
+    student = prepare_qat(copy.deepcopy(model), first, calibration=calibration, inplace=True, progress=progress)
+    trainer = Trainer(student, recipe, config, data.to(torch.long), out=out, progress=progress)
+    if resume:
+        trainer.load_checkpoint()
+    trainer.run(max_steps=max_steps)
+    student.lowbit_recipe = recipe
+    student.lowbit_train_history = trainer.history
+    return student

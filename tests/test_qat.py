@@ -1,0 +1,224 @@
+"""Quantization-aware training: fake-quant gradients, freezing, nested stages, training, resume."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.formats import QFormat, dequantize_codes, effective_scales, quantize_codes, quantize_weight_rtn
+from lowbit.prologue import ChannelSplitPrologue, HadamardPrologue
+from lowbit.qat import FakeQuantLinear, fake_quant_sites, fake_quantize_weight, float_mode, freeze, prepare_qat
+from lowbit.quant_linear import QuantLinear
+from lowbit.train import Trainer, TrainConfig, train
+
+
+def _site(n, k, wfmt, afmt=None, prologue=None, in_features=None, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    b = torch.randn(n, generator=g) if bias else None
+    ql = QuantLinear.from_weight(w, b, wfmt, afmt, in_features=in_features, prologue=prologue)
+    return FakeQuantLinear.from_quant_linear(ql, w), ql, w
+
+
+@pytest.mark.parametrize("grid", ["int", "half"])
+def test_weight_fake_quant_values_and_ste_lsq_gradients(grid):
+    """Forward = formats' quantize/dequantize; gradients = a plain float64 STE written with
+    detach() (a different construction), for the latent weight and the group scales."""
+    fmt = QFormat(2, grid, 16, "e4m3")
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 64, generator=g, dtype=torch.float64).float()
+    qt = quantize_weight_rtn(w, fmt)
+    eff = effective_scales(qt.scales, qt.global_scale) * torch.empty(6, 4).uniform_(0.5, 1.2, generator=g)
+    upstream = torch.randn(6, 64, generator=g)
+
+    w1, s1 = w.clone().requires_grad_(), eff.clone().requires_grad_()
+    out = fake_quantize_weight(w1, s1, fmt)
+    assert torch.equal(out, dequantize_codes(quantize_codes(w, eff, fmt), eff, fmt))
+    (out * upstream).sum().backward()
+
+    w2, s2 = w.double().clone().requires_grad_(), eff.double().clone().requires_grad_()
+    r = w2.view(6, 4, 16) / s2.unsqueeze(-1)
+    rounded = torch.floor(r) + 0.5 if grid == "half" else torch.round(r)
+    levels = (r + (rounded - r).detach()).clamp(fmt.level_lo, fmt.level_hi)
+    ((levels * s2.unsqueeze(-1)).view(6, 64) * upstream.double()).sum().backward()
+    assert torch.allclose(w1.grad.double(), w2.grad, atol=1e-6)
+    assert torch.allclose(s1.grad.double(), s2.grad, rtol=1e-4, atol=1e-5)
+    # both kinds of element occur: clipped ones (no weight gradient) and inside ones
+    assert (w1.grad == 0).any() and (w1.grad != 0).any()
+
+
+def test_scale_gradient_matches_finite_differences_when_no_code_moves():
+    """With the codes fixed (a step too small to move any), W_q = q * s and dW_q/ds = q: the
+    part of LSQ's gradient a finite difference can see. The rest (-r) is the STE term."""
+    fmt = QFormat(4, "int", 16, "fp32")
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(3, 32, generator=g, dtype=torch.float64).float()
+    eff = effective_scales(quantize_weight_rtn(w, fmt).scales, torch.tensor(1.0)) * 0.93  # some clip
+    s = eff.clone().requires_grad_()
+    fake_quantize_weight(w, s, fmt).sum().backward()
+    q = quantize_codes(w, eff, fmt).float().view(3, 2, 16)
+    r = w.view(3, 2, 16) / eff.unsqueeze(-1)
+    h = 1e-4 * eff
+    fd = (dequantize_codes(quantize_codes(w, eff + h, fmt), eff + h, fmt)
+          - dequantize_codes(quantize_codes(w, eff - h, fmt), eff - h, fmt)).view(3, 2, 16).sum(-1) / (2 * h)
+    assert torch.equal(quantize_codes(w, eff + h, fmt), quantize_codes(w, eff - h, fmt))
+    assert torch.allclose(fd, q.sum(-1), rtol=1e-3, atol=1e-3)
+    inside = (r >= fmt.level_lo - 0.5) & (r < fmt.level_hi + 0.5)
+    assert torch.allclose(s.grad, q.sum(-1) - (r * inside).sum(-1), rtol=1e-4, atol=1e-4)
+
+
+def test_stored_scales_are_e4m3_values_and_log_scale_gradient():
+    fq, _, _ = _site(8, 48, QFormat(2, "int", 16, "e4m3"))
+    with torch.no_grad():
+        fq.log_scale.add_(torch.randn_like(fq.log_scale) * 0.1)
+    s = fq.stored_scales()
+    assert torch.equal(s, s.to(torch.float8_e4m3fn).float())
+    assert float(s.detach().max()) <= 224.0
+    fq.quantized_weight().sum().backward()
+    # chain rule through exp and the straight-through E4M3 rounding: dL/dt = dL/ds * g * exp(t)
+    eff = fq.eff_scales().detach().requires_grad_()
+    fake_quantize_weight(fq.weight.detach(), eff, fq.weight_format).sum().backward()
+    expect = eff.grad * fq.weight_global * torch.exp(fq.log_scale.detach()) * fq.live_groups
+    assert torch.allclose(fq.log_scale.grad, expect, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("act_bits", [0, 2])
+def test_freeze_is_exact_against_reference_qlinear(act_bits):
+    """After arbitrary training updates, the frozen QuantLinear (reference qlinear op) gives
+    the same fp32 numbers as the FakeQuantLinear; prologues (Hadamard, channel split) and
+    padding (K=40 -> 48) included."""
+    wfmt = QFormat(2, "int", 16, "e4m3")
+    afmt = QFormat(act_bits, "int", 16, "e4m3") if act_bits else None
+    split = ChannelSplitPrologue(32, 40, index=torch.cat([torch.arange(32), torch.arange(8)]),
+                                 scale=torch.cat([torch.ones(32), torch.ones(8)]))
+    fq, ql, _ = _site(24, 40, wfmt, afmt, prologue=[HadamardPrologue(32), split], in_features=32)
+    x = torch.randn(5, 7, 32)
+    assert torch.equal(fq(x), ql(x))  # the trainable twin starts at the compiled codes
+    with torch.no_grad():
+        fq.weight.add_(torch.randn_like(fq.weight) * 0.02)
+        fq.log_scale.add_(torch.randn_like(fq.log_scale) * 0.2)
+    y = fq(x)
+    frozen = fq.to_quant_linear()
+    assert torch.equal(frozen(x), y)
+    xp = x
+    for op in frozen.prologue:
+        xp = op(xp)
+    ref = torch.ops.lowbit.qlinear(xp, frozen.weight_packed, frozen.weight_scales, frozen.weight_global, frozen.bias,
+                                   2, "int", 16, "e4m3", act_bits, "int", 16, "e4m3")
+    assert torch.equal(ref, y)
+    assert frozen.weight_scales.dtype == torch.float8_e4m3fn
+
+
+def test_nested_stage_transition_carries_codes():
+    fq, _, _ = _site(16, 64, QFormat(4, "int", 16, "e4m3"), seed=3)
+    with torch.no_grad():
+        fq.weight.add_(torch.randn_like(fq.weight) * 0.01)
+    q4 = fq.codes()
+    g4, s4 = fq.weight_global.clone(), fq.stored_scales().detach()
+    fq.set_formats(QFormat(2, "int", 16, "e4m3"))
+    # independent formula: round half up of q4 / 4, clamped to the 2-bit range
+    expect = torch.floor((q4.double() + 2) / 4).clamp(-2, 1)
+    assert torch.equal(fq.codes().double(), expect)
+    factor = 4.0 if float(s4.max()) <= 224 else 8.0
+    assert torch.equal(fq.weight_global, g4 * factor)
+    assert torch.equal(fq.stored_scales().detach(), s4 * 4.0 / factor)
+
+
+def _tiny_llama(seed=0):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_prepare_qat_matches_compiled_model_and_composes_with_passes():
+    model = _tiny_llama()
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    recipe = lowbit.get_recipe("w2a2").with_passes({"name": "rotate"}, {"name": "split_outliers"})
+    ref = lowbit.compile_quantized(model, recipe, calibration=ids, progress=False)
+    qm = prepare_qat(model, recipe, calibration=ids, progress=False)
+    sites = fake_quant_sites(qm)
+    assert len(sites) == 14 and any(len(m.prologue) for m in sites.values())
+    with torch.no_grad():
+        assert torch.equal(qm(ids).logits, ref(ids).logits)
+        with float_mode(qm):  # the rotated, split float model: the original up to float rounding
+            assert torch.allclose(qm(ids).logits, model(ids).logits, atol=1e-4)
+        frozen = freeze(copy.deepcopy(qm))
+        assert not fake_quant_sites(frozen)
+        assert torch.equal(frozen(ids).logits, ref(ids).logits)
+
+
+def _stories_data():
+    from lowbit.llama2c import shared_data_dir
+
+    d = shared_data_dir()
+    if d is None or not (d / "stories260K" / "stories260K.bin").is_file():
+        pytest.skip("stories260K is not in the shared data folder (../shared/data)")
+    from lowbit.calibration import from_text
+    from lowbit.models import load_model
+
+    model, tok = load_model("stories260k")
+    data = from_text(tok, d / "text" / "tinystories_val_head.txt", samples=8, seq_len=64, seed=0)
+    return model, data
+
+
+def test_train_stories260k_w2a16_loss_drops():
+    model, data = _stories_data()
+    recipe = lowbit.get_recipe("w2a16")
+    cfg = TrainConfig(stages=["w2"], block_steps=4, e2e_steps=10, batch_size=2, seed=0)
+    student = prepare_qat(copy.deepcopy(model), recipe, calibration=data[:2], inplace=True, progress=False)
+    trainer = Trainer(student, recipe, cfg, data, progress=False)
+    probe = data[:4]
+    with torch.no_grad():
+        before = float(trainer.e2e_loss(probe))
+    trainer.run()
+    with torch.no_grad():
+        after = float(trainer.e2e_loss(probe))
+    blocks = [h for h in trainer.history if h["phase"] == "block"]
+    assert len(blocks) == 5 * 4 and len(trainer.history) == 5 * 4 + 10
+    first = [h["loss"] for h in blocks if h["step"] == 0]
+    last = [h["loss"] for h in blocks if h["step"] == 3]
+    assert sum(last) < sum(first)          # block reconstruction improves the blocks
+    assert after < 0.8 * before, (before, after)   # and the KL to the float model drops
+
+
+def test_resume_from_checkpoint_gives_the_same_state(tmp_path):
+    model = _tiny_llama(1)
+    data = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1))
+    recipe = lowbit.get_recipe("w2a16")
+    cfg = TrainConfig(stages=["w4", "w2"], block_steps=2, e2e_steps=4, batch_size=2, checkpoint_every=2)
+    full = train(model, recipe, data, copy.deepcopy(cfg), out=tmp_path / "a", progress=False)
+    # stop mid-way through the second stage's end-to-end phase, then resume
+    part = train(model, recipe, data, copy.deepcopy(cfg), out=tmp_path / "b", progress=False, max_steps=4 + 4 + 2 + 2)
+    state = __import__("json").loads((tmp_path / "b" / "state.json").read_text())["state"]
+    assert state["stage"] == 1 and state["phase"] == "e2e" and state["step"] == 2
+    assert (tmp_path / "b" / "optimizer.safetensors").is_file()
+    resumed = train(model, recipe, out=tmp_path / "b", resume=True, progress=False)
+    assert [h["loss"] for h in resumed.lowbit_train_history] == [h["loss"] for h in full.lowbit_train_history]
+    a, b = fake_quant_sites(full), fake_quant_sites(resumed)
+    for name in a:
+        assert a[name].weight_format == b[name].weight_format == recipe.weight
+        for k, v in a[name].state_dict().items():
+            assert torch.equal(v, b[name].state_dict()[k]), (name, k)
+    del part
+
+
+def test_cli_train_and_resume(tmp_path, capsys):
+    from lowbit.cli import main
+    from lowbit.llama2c import shared_data_dir
+
+    _stories_data()
+    text = str(shared_data_dir() / "text" / "tinystories_val_head.txt")
+    args = ["train", "stories260k", "--recipe", "w2a16", "--out", str(tmp_path), "--data", text, "--samples", "4",
+            "--seq-len", "32", "--e2e-steps", "4", "--batch-size", "2", "--checkpoint-every", "2", "--quiet"]
+    assert main(args + ["--max-steps", "2"]) == 0
+    assert "continue with --resume" in capsys.readouterr().out
+    assert main(args + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "e2e loss" in out and "saved to" in out
+    q = lowbit.load(str(tmp_path))
+    assert any(isinstance(m, QuantLinear) for m in q.modules())
