@@ -14,12 +14,13 @@ nothing.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from lowbit.runtime.manifest import MANIFEST_FILE, ManifestError, file_entry, load_checked
 
 from . import quant_linear  # noqa: F401  (registers QuantLinear)
 from . import codebook  # noqa: F401  (registers CodebookLinear)
@@ -28,19 +29,10 @@ from .sites import is_site_module, site_config, site_module_from_config
 FORMAT = "lowbit"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
-MANIFEST_FILE = "manifest.json"
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(ManifestError):
     """A lowbit artifact is missing, corrupted, truncated or of another format version."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def quant_sites(model: nn.Module) -> dict[str, dict]:
@@ -74,7 +66,7 @@ def save(qmodel: nn.Module, directory: str | Path, tokenizer=None, source: str |
         extra_files = [p for p in sorted(tok_dir.rglob("*")) if p.is_file()]
     files = {}
     for p in [directory / WEIGHTS_FILE, *extra_files]:
-        files[str(p.relative_to(directory))] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        files[str(p.relative_to(directory))] = file_entry(p)
     report = getattr(qmodel, "lowbit_report", None)
     recipe = getattr(qmodel, "lowbit_recipe", None)
     manifest = {
@@ -92,35 +84,9 @@ def save(qmodel: nn.Module, directory: str | Path, tokenizer=None, source: str |
 
 def read_manifest(directory: str | Path, verify: bool = True) -> dict:
     """Read and check ``manifest.json`` (format, version, and file sizes and checksums)."""
-    directory = Path(directory)
-    path = directory / MANIFEST_FILE
-    if not path.is_file():
-        raise ArtifactError(f"{directory} is not a lowbit artifact: {MANIFEST_FILE} is missing")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path} is corrupted: not valid JSON ({e})") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path} is not a lowbit manifest (format={manifest.get('format') if isinstance(manifest, dict) else None!r})")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ArtifactError(f"{directory} has artifact format version {version!r}; this lowbit reads version "
-                            f"{FORMAT_VERSION}. Re-export it with a matching lowbit version.")
-    for key in ("model", "sites", "files"):
-        if key not in manifest:
-            raise ArtifactError(f"{path} lacks the '{key}' entry")
-    if verify:
-        for name, meta in manifest["files"].items():
-            p = directory / name
-            if not p.is_file():
-                raise ArtifactError(f"{directory}: file {name} listed in the manifest is missing")
-            size = p.stat().st_size
-            if size != meta["bytes"]:
-                raise ArtifactError(f"{directory}: {name} has {size} bytes, the manifest says {meta['bytes']} "
-                                    "(truncated or replaced)")
-            if sha256_file(p) != meta["sha256"]:
-                raise ArtifactError(f"{directory}: {name} fails its sha256 check (corrupted)")
-    return manifest
+    return load_checked(directory, FORMAT, FORMAT_VERSION, ("model", "sites", "files"), verify=verify,
+                        error=ArtifactError, what="lowbit artifact",
+                        hints={"lowbit-onnx": " (an ONNX export: run it with lowbit run or lowbit.runtime.Session)"})
 
 
 def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
