@@ -10,6 +10,9 @@ Configs (comma-separated; a "rotate+" prefix runs lowbit's rotation passes first
   (``lowbit.passes.codebook.BTC_OPTIONS``);
 * ``btc-v{v}c{c}g{G}`` with an optional suffix ``-ham`` / ``-act``: vector length v,
   index bits c, scale group G (0: per row), k-means weighting (default magnitude);
+* a suffix ``-ls`` learns the channel scaling of ``CodebookPass(scaling=True)`` (folded
+  into the norms, prologues elsewhere), ``-lsn`` only where a norm takes it, ``-nols``
+  turns it off;
 * ``bin-g{G}``: plain binarization ``sign(W) * a`` with the least-squares group scale
   ``a = mean |w|`` over groups of G, on the 1-bit half grid (``QFormat(1, "half", G,
   "e4m3")``) through ``QuantizePass`` with ``lowbit.codebook.binarize_weight`` as its
@@ -65,14 +68,20 @@ def build_passes(config: str, context: CompileContext) -> list:
     if config.startswith("rotate+"):
         passes.append(registry.make({"name": "rotate"}, context))
         config = config[len("rotate+"):]
+    scaling = {}
+    m = re.fullmatch(r"(.*?)(-ls|-lsn|-nols)", config)
+    if m:
+        config = m.group(1)
+        scaling = {"-ls": {"scaling": True}, "-lsn": {"scaling": True, "scaling_prologue": False},
+                   "-nols": {"scaling": False}}[m.group(2)]
     if config == "btc":
-        passes.append(CodebookPass(context=context, ignore=DEFAULT_IGNORE, **BTC_OPTIONS))
+        passes.append(CodebookPass(context=context, ignore=DEFAULT_IGNORE, **{**BTC_OPTIONS, **scaling}))
         return passes
     m = re.fullmatch(r"btc-v(\d+)c(\d+)g(\d+)(-ham|-act)?", config)
     if m:
         weighting = {None: "magnitude", "-ham": "hamming", "-act": "activation"}[m.group(4)]
         passes.append(CodebookPass(int(m.group(1)), int(m.group(2)), int(m.group(3)), "e4m3", weighting,
-                                   ignore=DEFAULT_IGNORE, context=context))
+                                   ignore=DEFAULT_IGNORE, context=context, **scaling))
         return passes
     m = re.fullmatch(r"bin-g(\d+)(-rtn)?", config)
     if m:

@@ -450,6 +450,13 @@ class CodebookWeight:
     fmt: CodebookFormat
     kmeans: KMeansResult | None = None
 
+    def dequantize(self) -> torch.Tensor:
+        """fp32 weight [N, Kp] (padding columns included): the values a CodebookLinear stores."""
+        n, m = self.indices.shape
+        kp = m * self.fmt.vector_size
+        codes = signs_to_codes(self.codebook[self.indices].reshape(n, kp))
+        return dequantize_codes(codes, effective_scales(self.scales, self.global_scale), self.fmt.scale_format(kp))
+
 
 WEIGHTINGS = ("hamming", "magnitude", "activation")
 
@@ -551,9 +558,16 @@ class CodebookLinear(nn.Module):
         """Quantize a float weight [N, K'] (``quantize_options`` go to :func:`quantize_codebook`).
         The k-means record is kept as ``self.kmeans`` (not saved)."""
         n, k = weight.shape
-        m = cls(in_features or k, n, fmt, bias is not None, weight_in_features=k, prologue=prologue,
-                device=weight.device)
-        cw = quantize_codebook(weight, fmt, **quantize_options)
+        return cls.from_codebook_weight(quantize_codebook(weight, fmt, **quantize_options), k, bias,
+                                        in_features, prologue)
+
+    @classmethod
+    def from_codebook_weight(cls, cw: "CodebookWeight", weight_in_features: int, bias: torch.Tensor | None = None,
+                             in_features: int | None = None,
+                             prologue: list[nn.Module] | None = None) -> "CodebookLinear":
+        """A site holding an already quantized weight (of ``weight_in_features`` real columns)."""
+        m = cls(in_features or weight_in_features, cw.indices.shape[0], cw.fmt, bias is not None,
+                weight_in_features=weight_in_features, prologue=prologue, device=cw.indices.device)
         m.set_weight(cw, bias)
         m.kmeans = cw.kmeans
         return m

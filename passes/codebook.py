@@ -26,8 +26,46 @@ Math, per site:
    site) and the scales: ``bits_per_weight = c/v + scale_bits/G + C v / (N K)
    (+ 32 / (N K))`` plus byte-padding of each row's index stream, reported exactly.
 
+Learned channel scaling (optional, ``scaling=True``; BTC-LLM's learnable transformation)
+-------------------------------------------------------------------------------------------
+A linear site computes ``x W^T``. For any positive ``s [K]``,
+``x W^T = (x / s) (W diag(s))^T``, so the site may be quantized as ``W' = W diag(s)``
+reading ``x' = x / s``, with the float function unchanged. ``1 / s`` is folded into the
+op that produces x: the scale ``gamma`` of the RMSNorm whose output the site reads
+(``gamma' = gamma / s``; every reader of that norm, quantized or not, gets
+``W diag(s)``, so the readers of one norm share one ``s``), or, where no such norm exists
+(attention output and MLP down projections, sites that already have a prologue), a
+``channel_split`` prologue ``x[..., k] * (1 / s_k)`` (identity index) in front of the
+site. Signs are unchanged by a positive scaling, but the codebook sees ``W diag(s)``:
+the magnitude weights of the k-means and the least-squares row scales change, and in
+the original space the site holds ``diag(a) B diag(1/s)``, a rank-one magnitude model
+(per-row ``a`` times per-column ``1/s``) instead of a per-row one.
+
+``s`` minimises the calibration output error of the quantized group,
+``L(s) = mean_r tr(E_r H E_r^T) / tr(W_r H W_r^T)`` with ``E_r = W_r - Q(W_r diag(s)) diag(1/s)``
+over the group's sites r and ``H = X^T X / rows`` (the identity without calibration
+data), by alternating minimisation:
+
+1. quantize every ``W_r diag(s)`` (k-means and row scales, as above) giving the codes
+   times row scales ``C_r = diag(a_r) B_r``;
+2. with ``C_r`` fixed, ``L`` is a quadratic in ``t = 1/s``: ``E_r = W_r - C_r diag(t)``,
+   and ``dL/dt = 0`` is the linear system ``M t = r`` with
+   ``M = sum_r w_r (C_r^T C_r) * H`` (elementwise) and ``r_k = sum_r w_r (C_r^T W_r H)_kk``,
+   ``w_r = 1 / tr(W_r H W_r^T)``; it is solved with a small damping towards the
+   current ``t`` (``M + lambda diag(M)``), non-positive entries keep their current value,
+   and ``s = 1 / t`` is normalised to geometric mean 1 (a common factor moves into the
+   row scales).
+
+Step 2 is an exact minimisation for the codes of step 1; step 1 re-runs the k-means,
+which minimises its weighted Hamming proxy, not ``L``, so the pass evaluates ``L`` at
+every iterate (``s = 1`` first) and keeps the best: ``L`` never ends above the unscaled
+quantization's. ``s`` is learned on the calibration data (``auto``/``activation``
+weighting) before the float graph is changed.
+
 Invariants:
 
+* with ``scaling=True`` the float function of the graph is unchanged up to fp32
+  rounding before any site is replaced (:func:`apply_channel_scaling`);
 * the graph's signature and every other node are unchanged; each chosen site node
   (and the weight ``get_attr`` nodes it alone used) is replaced by a ``call_module`` to a
   CodebookLinear installed at the site's own name, so materialization moves it into the
@@ -52,15 +90,160 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 from tqdm.auto import tqdm
 
+from dataclasses import dataclass, field
+
 from lowbit.capture import find_linear_sites
-from lowbit.codebook import WEIGHTINGS, CodebookFormat, CodebookLinear
+from lowbit.codebook import WEIGHTINGS, CodebookFormat, CodebookLinear, CodebookWeight, quantize_codebook
 from lowbit.pass_manager import CompileContext, LowbitPass
-from lowbit.prologue import PrologueLinear
-from lowbit.passes.weights import get_attr_path, install_module
+from lowbit.prologue import ChannelSplitPrologue, PrologueLinear
+from lowbit.passes.structure import StructureError, find_residual_stream
+from lowbit.passes.weights import get_attr_path, install_module, set_param
 
 #: options of the ``btc`` preset (about 0.76 bits per weight on SmolLM2-135M)
 BTC_OPTIONS = {"vector_size": 16, "index_bits": 11, "group_size": 0, "scale_dtype": "e4m3",
                "weighting": "auto"}
+
+
+# -- learned channel scaling ------------------------------------------------------------------
+
+@dataclass
+class ScalingGroup:
+    """Sites that share one channel scaling: the readers of one RMSNorm (``norm_weight``:
+    its gamma's path; ``others``: its readers this pass does not replace) or one site
+    (``norm_weight=None``: the scaling becomes a prologue of the site)."""
+
+    sites: list[str]
+    norm_weight: str | None = None
+    others: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ScalingResult:
+    scale: torch.Tensor                 # s [K], float64: x' = x / s, W' = W diag(s)
+    weights: list[CodebookWeight]       # each site's quantized W diag(s) at the best s
+    history: list[float]                # L(s) per iterate, s = 1 first
+    best: int                           # index of the kept iterate in history
+
+
+def _rel_output_error(w: torch.Tensor, wq: torch.Tensor, hmat: torch.Tensor) -> float:
+    """``tr(E H E^T) / tr(W H W^T)`` with E = W - Wq (float64)."""
+    e = w - wq
+    return float((e @ hmat * e).sum() / (w @ hmat * w).sum().clamp_min(1e-300))
+
+
+def learn_channel_scaling(
+    weights: list[torch.Tensor],
+    x: torch.Tensor | None,
+    fmt: CodebookFormat,
+    weighting: str = "magnitude",
+    steps: int = 3,
+    damping: float = 0.01,
+    **quantize_options,
+) -> ScalingResult:
+    """Learn ``s`` for sites with weights ``weights`` ([N_r, K] each) reading ``x`` [rows, K]
+    (None: ``H = I``) by ``steps`` alternating minimisation steps of the calibration output
+    error (see the module docstring); ``quantize_options`` go to
+    :func:`lowbit.codebook.quantize_codebook` (k-means iterations, seed, init). ``weighting``: the k-means weighting (with "activation" the
+    importance is ``mean (x / s)^2`` per channel). Returns the best iterate."""
+    w64 = [w.detach().double() for w in weights]
+    k = w64[0].shape[1]
+    if x is not None:
+        x64 = x.detach().double()
+        hmat = x64.T @ x64 / max(1, x64.shape[0])
+    else:
+        hmat = torch.eye(k, dtype=torch.float64, device=w64[0].device)
+    h = torch.diagonal(hmat).clone()
+    rw = [1.0 / float((w @ hmat * w).sum().clamp_min(1e-300)) for w in w64]
+    s = torch.ones(k, dtype=torch.float64, device=w64[0].device)
+    history, best, kept = [], None, None
+    for it in range(steps + 1):
+        cws, cs = [], []
+        for w in w64:
+            imp = h / s ** 2 if weighting == "activation" else None
+            cw = quantize_codebook((w * s).float(), fmt, weighting=weighting, importance=imp, **quantize_options)
+            cws.append(cw)
+            cs.append(cw.dequantize()[:, :k].double())
+        loss = sum(_rel_output_error(w, c / s, hmat) for w, c in zip(w64, cs)) / len(w64)
+        history.append(loss)
+        if best is None or loss < history[best]:
+            best, kept = it, (s.clone(), cws)
+        if it == steps:
+            break
+        # the quadratic step: minimise sum_r w_r tr((W_r - C_r T) H (W_r - C_r T)^T) over T = diag(t)
+        t_cur = 1.0 / s
+        m = sum(r * (c.T @ c) for r, c in zip(rw, cs)) * hmat
+        rhs = sum(r * (c * (w @ hmat)).sum(0) for r, c, w in zip(rw, cs, w64))
+        d = torch.diagonal(m).clamp_min(1e-300)
+        t = torch.linalg.solve(m + damping * torch.diag(d), rhs + damping * d * t_cur)
+        t = torch.where(torch.isfinite(t) & (t > 0), t, t_cur)
+        s = 1.0 / t
+        s = s / s.log().mean().exp()
+    return ScalingResult(kept[0], kept[1], history, best)
+
+
+def scaling_groups(gm: torch.fx.GraphModule, chosen: set[str], prologue: bool = True) -> list[ScalingGroup]:
+    """The sites of ``chosen`` grouped by where their scaling folds: the readers of an
+    RMSNorm with a scale parameter (none of them with a prologue) share one group; every
+    other chosen site is a group of its own when ``prologue`` (else it is left unscaled).
+    Graphs without a recognisable residual stream get per-site prologue groups."""
+    groups, covered = [], set()
+    try:
+        stream = find_residual_stream(gm)
+    except StructureError:
+        stream = None
+    if stream is not None:
+        modules = dict(gm.named_modules())
+        for norm in stream.norms:
+            names = [r.name for r in norm.readers]
+            if norm.weight is None or not any(n in chosen for n in names) \
+                    or any(isinstance(modules.get(n), PrologueLinear) for n in names):
+                continue
+            groups.append(ScalingGroup([n for n in names if n in chosen], norm.weight,
+                                       [n for n in names if n not in chosen]))
+            covered |= set(names)
+    if prologue:
+        sites = find_linear_sites(gm)
+        groups += [ScalingGroup([n]) for n in sites if n in chosen and n not in covered]
+    return groups
+
+
+def apply_channel_scaling(gm: torch.fx.GraphModule, group: ScalingGroup, s: torch.Tensor) -> None:
+    """Rewrite ``gm`` so its group's sites read ``x / s`` and hold ``W diag(s)`` (float identity):
+    fold ``1 / s`` into the norm's gamma, or wrap the site in a PrologueLinear with a
+    ``channel_split`` prologue scaling by ``1 / s`` (after any prologue it had)."""
+    s = s.detach().double()
+    sites = find_linear_sites(gm)
+    if group.norm_weight is not None:
+        gamma = get_attr_path(gm, group.norm_weight).detach()
+        set_param(gm, group.norm_weight, gamma.double() / s)
+        for name in group.sites + group.others:
+            w = get_attr_path(gm, sites[name].weight).detach()
+            set_param(gm, sites[name].weight, w.double() * s)
+        return
+    (name,) = group.sites
+    site = sites[name]
+    nodes = {n.name: n for n in gm.graph.nodes}
+    node = nodes[site.node]
+    existing = get_attr_path(gm, name) if node.op == "call_module" else None
+    w = get_attr_path(gm, site.weight).detach()
+    bias = get_attr_path(gm, site.bias).detach() if site.bias else None
+    kw = w.shape[1]
+    prologue = list(existing.prologue) if isinstance(existing, PrologueLinear) else []
+    prologue.append(ChannelSplitPrologue(kw, kw, torch.arange(kw), (1.0 / s).float()))
+    module = PrologueLinear.wrap((w.double() * s).to(w.dtype), bias, prologue)
+    module.site_in_features = existing.site_in_features if isinstance(existing, PrologueLinear) else kw
+    install_module(gm, name, module)
+    if node.op != "call_module":
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (node.args[0],))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    for n in list(gm.graph.nodes):
+        if n.op == "get_attr" and not n.users:
+            gm.graph.erase_node(n)
+    gm.graph.lint()
+    gm.recompile()
 
 
 def _ignore_fn(ignore, context: CompileContext):
@@ -94,6 +277,9 @@ class CodebookPass(LowbitPass):
         seed: int = 0,
         ignore=None,
         only=None,
+        scaling: bool = False,
+        scaling_iterations: int = 3,
+        scaling_prologue: bool = True,
         context: CompileContext | None = None,
     ):
         """``group_size=0``: one scale per row. ``ignore``: callable(site name) -> bool or
@@ -101,7 +287,10 @@ class CodebookPass(LowbitPass):
         else ``lowbit.recipes.DEFAULT_IGNORE``). ``only``: fnmatch patterns; when given, only
         matching sites are replaced (the rest is left to later passes). ``weighting``: one of
         ``lowbit.codebook.WEIGHTINGS`` or "auto" (activation with calibration data, else
-        magnitude)."""
+        magnitude). ``scaling``: learn a per-input-channel scaling for each site group
+        (``scaling_iterations`` alternating steps) and fold it into the preceding RMSNorm or,
+        when ``scaling_prologue``, into a prologue where no norm precedes the site (see the
+        module docstring)."""
         super().__init__(context)
         if weighting not in WEIGHTINGS + ("auto",):
             raise ValueError(f"weighting must be one of {WEIGHTINGS + ('auto',)}, got {weighting!r}")
@@ -112,6 +301,9 @@ class CodebookPass(LowbitPass):
         self.seed = seed
         self.ignore = _ignore_fn(ignore, self.context)
         self.only = list(only) if only else None
+        self.scaling = scaling
+        self.scaling_iterations = scaling_iterations
+        self.scaling_prologue = scaling_prologue
         self.details: dict = {}
 
     def _chosen(self, name: str) -> bool:
@@ -119,7 +311,47 @@ class CodebookPass(LowbitPass):
             return False
         return self.only is None or any(fnmatch.fnmatchcase(name, p) for p in self.only)
 
+    def _prologue_of(self, gm, site) -> list:
+        node = next(n for n in gm.graph.nodes if n.name == site.node)
+        existing = get_attr_path(gm, site.name) if node.op == "call_module" else None
+        return list(existing.prologue) if isinstance(existing, PrologueLinear) else []
+
+    def _learn_scalings(self, gm, groups, chosen, x_by_name, weighting) -> dict:
+        """Learn and apply each group's scaling; returns the quantized weights by site name."""
+        learned, before, after = {}, [], []
+        for group in tqdm(groups, desc="channel scaling", disable=not self.context.progress, unit="group"):
+            sites = find_linear_sites(gm)
+            first = sites[group.sites[0]]
+            x = x_by_name.get(first.name)
+            with torch.no_grad():
+                for op in self._prologue_of(gm, first):
+                    x = op(x) if x is not None else None
+                ws = [get_attr_path(gm, sites[n].weight).detach() for n in group.sites]
+                res = learn_channel_scaling(ws, x, self.format, weighting, self.scaling_iterations,
+                                            iterations=self.iterations, seed=self.seed, init=self.init)
+                apply_channel_scaling(gm, group, res.scale)
+            s = res.scale
+            for name, cw in zip(group.sites, res.weights):
+                learned[name] = cw
+                if group.norm_weight is not None and x_by_name.get(name) is not None:
+                    x_by_name[name] = (x_by_name[name].double() / s).float()
+                self.report.site(name).update(
+                    channel_scaling="norm" if group.norm_weight is not None else "prologue",
+                    scaling_objective=[res.history[0], res.history[res.best]], scaling_best_iterate=res.best,
+                    scaling_range=[float(s.min()), float(s.max())])
+            before.append(res.history[0])
+            after.append(res.history[res.best])
+        self.details_scaling = {
+            "scaling_groups": len(groups),
+            "scaling_norm_groups": sum(g.norm_weight is not None for g in groups),
+            "scaling_objective": [sum(before) / len(before), sum(after) / len(after)] if groups else None}
+        return learned
+
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        groups = []
+        if self.scaling:   # before the sites are listed: finding the norms may separate tied weights
+            groups = scaling_groups(gm, {n for n in find_linear_sites(gm) if self._chosen(n)},
+                                    self.scaling_prologue)
         sites = find_linear_sites(gm)
         chosen = {name: s for name, s in sites.items() if self._chosen(name)}
         skipped = [name for name in sites if name not in chosen]
@@ -129,13 +361,19 @@ class CodebookPass(LowbitPass):
             weighting = "activation" if chosen and len(inputs) == len(chosen) else "magnitude"
         if weighting == "activation" and len(inputs) < len(chosen):
             raise ValueError("CodebookPass(weighting='activation') needs calibration data for every site")
+        x_by_name = {name: inputs.get(s.node) for name, s in chosen.items()}
+        self.details_scaling = {}
+        learned = self._learn_scalings(gm, groups, chosen, x_by_name, weighting) if groups else {}
+        if learned:
+            sites = find_linear_sites(gm)
+            chosen = {name: sites[name] for name in chosen}
         nodes = {n.name: n for n in gm.graph.nodes}
         errors = []
         for name, site in tqdm(chosen.items(), desc="codebook", disable=not self.context.progress, unit="site"):
             node = nodes[site.node]
             weight = get_attr_path(gm, site.weight).detach()
             bias = get_attr_path(gm, site.bias).detach() if site.bias else None
-            x = inputs.get(site.node)
+            x = x_by_name.get(name)
             existing = get_attr_path(gm, name) if node.op == "call_module" else None
             prologue = list(existing.prologue) if isinstance(existing, PrologueLinear) else []
             with torch.no_grad():
@@ -144,11 +382,15 @@ class CodebookPass(LowbitPass):
                     x_weight = op(x_weight) if x_weight is not None else None
                 importance = x_weight.pow(2).mean(0) if (x_weight is not None and weighting == "activation") \
                     else None
-                cl = CodebookLinear.from_weight(
-                    weight, bias, self.format,
-                    in_features=existing.site_in_features if prologue else weight.shape[1], prologue=prologue,
-                    weighting=weighting, importance=importance, iterations=self.iterations,
-                    seed=self.seed, init=self.init)
+                in_features = existing.site_in_features if prologue else weight.shape[1]
+                if name in learned:
+                    cl = CodebookLinear.from_codebook_weight(learned[name], weight.shape[1], bias, in_features,
+                                                             prologue)
+                else:
+                    cl = CodebookLinear.from_weight(
+                        weight, bias, self.format, in_features=in_features, prologue=prologue,
+                        weighting=weighting, importance=importance, iterations=self.iterations,
+                        seed=self.seed, init=self.init)
             km = cl.kmeans
             rec = self.report.site(name)
             signs_kept = (cl.dequantized_weight().sign() * weight.float().sign() > 0).float().mean().item()
@@ -177,7 +419,7 @@ class CodebookPass(LowbitPass):
         gm.recompile()
         self.details = {"sites": len(chosen), "ignored": len(skipped), "ignored_sites": skipped,
                         "format": self.format.name, "weighting": weighting,
-                        "mean_rel_error": sum(errors) / len(errors) if errors else None}
+                        "mean_rel_error": sum(errors) / len(errors) if errors else None, **self.details_scaling}
         return PassResult(gm, bool(chosen))
 
 

@@ -23,6 +23,7 @@ from lowbit.codebook import (
 from lowbit.formats import QFormat
 from lowbit.pass_manager import CompileContext, CompileReport, run_passes
 from lowbit.passes.codebook import BTC_OPTIONS, CodebookPass, make_codebook_pass
+from lowbit.passes.weights import get_attr_path
 
 
 def _random_module(n=24, k=96, fmt=None, bias=True, seed=0):
@@ -361,3 +362,125 @@ def test_complete_codebook_is_plain_binarization():
     qt = binarize_weight(w, QFormat(1, "half", 16, "e4m3"))
     assert torch.equal(m.dequantized_weight(), qt.dequantize())
     assert torch.equal(m.weight_scales.float(), qt.scales.float()) and torch.equal(m.weight_global, qt.global_scale)
+
+
+# -- the btc preset ----------------------------------------------------------------------------
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_btc_preset_compile_save_load(tmp_path):
+    import lowbit
+    from lowbit.recipes import Recipe, get_recipe
+
+    recipe = get_recipe("btc")
+    assert Recipe.from_json(recipe.to_json()) == recipe
+    entry = dict(recipe.passes[0])
+    assert entry.pop("name") == "codebook" and entry == BTC_OPTIONS
+    # small codebooks keep the tiny model quick; everything else is the preset
+    recipe.passes[0].update(index_bits=4, scaling_iterations=1)
+    model = _tiny_llama()
+    calib = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    q = lowbit.compile_quantized(model, recipe=recipe, calibration=calib, progress=False)
+    sites = {n: m for n, m in q.named_modules() if isinstance(m, CodebookLinear)}
+    linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert set(sites) == linear - {"lm_head"}
+    fmt = CodebookFormat(**{k: BTC_OPTIONS[k] for k in ("vector_size", "group_size", "scale_dtype")}, index_bits=4)
+    rep = q.lowbit_report.sites
+    for name, m in sites.items():   # exact bits: the format's count, the stored buffers' count
+        n, k = m.out_features, m.in_features
+        assert rep[name]["bits_per_weight"] == pytest.approx(fmt.bits_per_weight(n, k), rel=1e-12)
+        assert rep[name]["bits_per_weight"] == pytest.approx(m.storage_bits() / (n * k), rel=1e-12)
+    lowbit.save(q, tmp_path / "art")
+    manifest = (tmp_path / "art" / "manifest.json").read_text()
+    assert '"CodebookLinear"' in manifest
+    loaded = lowbit.load(tmp_path / "art")
+    assert isinstance(loaded.model.layers[1].self_attn.o_proj, CodebookLinear)
+    assert loaded.lowbit_recipe == recipe
+    ids = torch.randint(0, 256, (1, 11))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, q(ids).logits)
+        assert torch.equal(loaded.generate(ids, max_new_tokens=3, do_sample=False),
+                           q.generate(ids, max_new_tokens=3, do_sample=False))
+
+
+# -- learned channel scaling ---------------------------------------------------------------------
+
+def test_channel_scaling_is_a_float_identity(captured_llama):
+    from lowbit.capture import find_linear_sites
+    from lowbit.passes.codebook import apply_channel_scaling, scaling_groups
+    from lowbit.prologue import PrologueLinear
+
+    model, gm, _ = captured_llama
+    gm = copy.deepcopy(gm)
+    chosen = {n for n in find_linear_sites(gm) if n != "lm_head"}
+    groups = scaling_groups(gm, chosen)
+    norm_groups = [g for g in groups if g.norm_weight]
+    # q/k/v share the attention norm, gate/up the MLP norm; o_proj and down_proj get prologues
+    assert sorted(len(g.sites) for g in norm_groups) == [2, 2, 3, 3]
+    assert {g.sites[0].rsplit(".", 1)[1] for g in groups if not g.norm_weight} == {"o_proj", "down_proj"}
+    assert {n for g in groups for n in g.sites} == chosen
+    g = torch.Generator().manual_seed(5)
+    for group in groups:
+        k = get_attr_path(gm, find_linear_sites(gm)[group.sites[0]].weight).shape[1]
+        apply_channel_scaling(gm, group, torch.exp(torch.randn(k, generator=g, dtype=torch.float64)))
+    assert isinstance(gm.get_submodule("model.layers.0.mlp.down_proj"), PrologueLinear)
+    assert not torch.all(get_attr_path(gm, norm_groups[0].norm_weight) == model.model.layers[0].input_layernorm.weight)
+    ids = torch.randint(0, 256, (2, 13), generator=g)
+    with torch.no_grad():
+        out = gm(ids)
+        want = model(ids, use_cache=False).logits
+    got = out.logits if hasattr(out, "logits") else out[0]
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_learned_scaling_lowers_the_output_error():
+    from lowbit.passes.codebook import learn_channel_scaling
+
+    # columns of very different magnitudes: per-row scales alone fit them badly
+    g = torch.Generator().manual_seed(0)
+    n, k = 48, 64
+    col = torch.exp(1.5 * torch.randn(k, generator=g))
+    w = torch.randn(n, k, generator=g) * col
+    x = torch.randn(512, k, generator=g) * torch.exp(0.5 * torch.randn(k, generator=g))
+    fmt = CodebookFormat(8, 5, 0, "fp32")
+    res = learn_channel_scaling([w, 0.5 * w[:24]], x, fmt, "activation", steps=3)
+    assert res.history[0] == max(res.history) and res.history[res.best] < 0.7 * res.history[0]
+
+    def rel_output_error(s, cws, ws):   # on the data itself, in float64
+        errs = []
+        for cw, wr in zip(cws, ws):
+            wq = cw.dequantize()[:, :k].double() / s
+            errs.append(((x.double() @ (wr.double() - wq).T).norm() / (x.double() @ wr.double().T).norm()) ** 2)
+        return float(sum(errs) / len(errs))
+
+    assert rel_output_error(res.scale, res.weights, [w, 0.5 * w[:24]]) == pytest.approx(res.history[res.best], rel=1e-6)
+    one = learn_channel_scaling([w, 0.5 * w[:24]], x, fmt, "activation", steps=0)
+    assert rel_output_error(torch.ones(k, dtype=torch.float64), one.weights, [w, 0.5 * w[:24]]) \
+        == pytest.approx(res.history[0], rel=1e-6)
+    assert torch.all(res.scale > 0)
+
+
+def test_codebook_pass_with_scaling(captured_llama):
+    from lowbit.api import materialize
+
+    _, _, plain = _run(captured_llama, lambda ctx: [CodebookPass(16, 4, 0, context=ctx)])
+    model, gm, report = _run(captured_llama, lambda ctx: [CodebookPass(16, 4, 0, scaling=True, scaling_iterations=2,
+                                                                       context=ctx)])
+    d = report.passes[0].details
+    assert d["scaling_groups"] == 8 and d["scaling_norm_groups"] == 4
+    assert d["scaling_objective"][1] < d["scaling_objective"][0]
+    assert d["mean_rel_error"] < plain.passes[0].details["mean_rel_error"]
+    down = gm.get_submodule("model.layers.1.mlp.down_proj")
+    assert isinstance(down, CodebookLinear) and len(down.prologue) == 1
+    # the sites' reported errors are those of the installed modules on the (scaled) inputs
+    q = materialize(model, gm)
+    with torch.no_grad():
+        out = q.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6)
