@@ -1,6 +1,8 @@
-"""Kernel benchmark: Triton W2A16 kernels against cuBLAS bf16 (``F.linear``) in the same run.
+"""Kernel benchmark: Triton W2A16, W2A2 and codebook kernels against cuBLAS bf16 (``F.linear``)
+(and, for W2A2, cuBLAS FP8 ``torch._scaled_mm``) in the same run.
 
-    python bench/kernels.py                 # default configurations, all shapes
+    python bench/kernels.py                 # default configurations, all shapes, all suites
+    python bench/kernels.py --suites w2a2   # w2a16, w2a2, codebook (comma-separated)
     python bench/kernels.py --variants      # also the tile-size variants (slower: more compiles)
     python bench/kernels.py --json out.json # full numbers
 
@@ -102,9 +104,6 @@ def run(shapes, with_variants, dtype=torch.bfloat16):
     from lowbit.ops import dequantize_weight
 
     dev = "cuda"
-    props = torch.cuda.get_device_properties(0)
-    print(f"# {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}",
-          flush=True)
     rows = []
     for m, k, n, label in shapes:
         t0 = time.time()
@@ -173,9 +172,166 @@ def run(shapes, with_variants, dtype=torch.bfloat16):
     return rows
 
 
+W2A2_SHAPES = [  # (M, K, N, label)
+    (4096, 8192, 8192, "W2A2 GEMM 4096x8192x8192"),
+    (2048, 4096, 4096, "W2A2 GEMM 2048x4096x4096"),
+    (16, 8192, 8192, "W2A2 M=16 8192x8192"),
+    (1, 8192, 8192, "W2A2 decode 8192x8192"),
+]
+W2A2_VARIANTS = {
+    4096: [dict(PAIRS=True, BLOCK_M=128, BLOCK_N=128, BLOCK_G=16),
+           dict(BLOCK_M=256, BLOCK_N=128, BLOCK_G=8),
+           dict(BLOCK_M=128, BLOCK_N=256, BLOCK_G=8),
+           dict(BLOCK_M=128, BLOCK_N=128, BLOCK_G=8, IMPRECISE=128),
+           dict(BLOCK_M=128, BLOCK_N=128, BLOCK_G=16, num_stages=2),
+           dict(path="scaled_mm")],
+    2048: [dict(path="scaled_mm")],
+    16: [dict(SPLIT_K=1), dict(SPLIT_K=8), dict(PAIRS=False, BLOCK_G=8)],
+    1: [dict(SPLIT_K=1), dict(SPLIT_K=8), dict(PAIRS=False, BLOCK_G=8)],
+}
+
+
+def _rel(y, ref):
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def _row(rows, label, m, k, n, name, t, base, err=float("nan"), extra=""):
+    rows.append(dict(shape=label, m=m, k=k, n=n, variant=name, us=t, ratio=base / t, err=err))
+    print(f"{label:28s} {name:52s} {t:9.1f} us  x{base / t:5.2f}  err {err:.1e} {extra}", flush=True)
+
+
+def run_w2a2(with_variants, shapes=W2A2_SHAPES, dtype=torch.bfloat16):
+    """W2A2: prologue against a plain copy of x; GEMMs against cuBLAS bf16 and cuBLAS FP8."""
+    import lowbit.codegen.triton as lt
+    from lowbit import ops as lowbit_ops
+    from lowbit.codegen.triton import w2a2 as k2
+    from lowbit.formats import QFormat
+
+    dev = "cuda"
+    rows = []
+    for m, k, n, label in shapes:
+        t0 = time.time()
+        packed, stored, gscale = make_weight(n, k, dev, seed=n + k + 1)
+        x = torch.randn(m, k, device=dev, dtype=dtype) * torch.rand(k, device=dev, dtype=dtype) * 4
+        big = m >= 1024
+        calls, replays = (4, 5) if big else (50, 20)
+        # the exact operands: quantized activations and dequantized weights
+        a8, a_sc, a_g = k2.act_quant(x, fp8_values=True)
+        codes, sc_ref, g_ref = lowbit_ops.quantize_act._init_fn(x, 2, "int", 16, "e4m3")
+        exact = torch.equal(a8.float(), (codes.float().view(m, -1, 16) * sc_ref.float().unsqueeze(-1)).view(m, k)) \
+            and torch.equal(a_sc.view(torch.uint8), sc_ref.view(torch.uint8)) and torch.equal(a_g, g_ref)
+        w8 = k2.weight_e4m3(packed, stored)
+        mr = min(m, 256)
+        ref = (a8[:mr].double() * a_g[:mr].double()) @ (w8.double() * gscale.double()).T
+        wb = (w8.float() * gscale).to(dtype)
+        nb = 1 if big else max(1, math.ceil(STREAM_BYTES / wb.nbytes))
+        wbs = [wb] + [wb.clone() for _ in range(nb - 1)]
+        t_bf16 = time_graph(lambda i: F.linear(x, wbs[i]), nb, calls, replays)
+        _row(rows, label, m, k, n, "cuBLAS bf16 (F.linear)", t_bf16, t_bf16, _rel(F.linear(x[:mr], wb), ref))
+        del wbs
+        w8s = [w8] + ([w8.clone() for _ in range(max(1, math.ceil(STREAM_BYTES / w8.nbytes)) - 1)] if not big else [])
+        sa, sb = a_g.reshape(m, 1), gscale.reshape(1, 1).expand(1, n).contiguous()
+        try:
+            t_fp8 = time_graph(lambda i: torch._scaled_mm(a8, w8s[i].t(), scale_a=sa, scale_b=sb,
+                                                          out_dtype=dtype), len(w8s), calls, replays)
+            y = torch._scaled_mm(a8[:mr].contiguous(), w8.t(), scale_a=sa[:mr].contiguous(), scale_b=sb,
+                                 out_dtype=torch.float32)
+            _row(rows, label, m, k, n, "cuBLAS FP8 (_scaled_mm, E4M3 operands given)", t_fp8, t_bf16, _rel(y, ref))
+        except Exception as e:
+            print(f"{label:28s} _scaled_mm FAILED {type(e).__name__}: {str(e)[:150]}", flush=True)
+        del w8s
+        # prologue against a copy of x
+        buf = torch.empty_like(x)
+        t_copy = time_graph(lambda i: buf.copy_(x), 1, calls * 4, replays)
+        t_pro = time_graph(lambda i: k2.act_quant(x, fp8_values=True), 1, calls * 4, replays)
+        print(f"{label:28s} {'plain copy of x (bf16)':52s} {t_copy:9.1f} us", flush=True)
+        print(f"{label:28s} {'prologue act_quant (E4M3 values), exact=' + str(exact):52s} {t_pro:9.1f} us  "
+              f"{t_pro / t_copy:5.2f}x the copy", flush=True)
+        rows.append(dict(shape=label, m=m, k=k, n=n, variant="prologue / copy", us=t_pro, ratio=t_pro / t_copy,
+                         err=0.0 if exact else 1.0))
+        wbytes = packed.nbytes + stored.nbytes
+        npk = 1 if big else max(1, math.ceil(STREAM_BYTES / wbytes))
+        sets = [(packed, stored)] + [(packed.clone(), stored.clone()) for _ in range(npk - 1)]
+        variants = [{}] + ([dict(v) for v in W2A2_VARIANTS.get(m, [])] if with_variants else [])
+        for v in variants:
+            name = "GEMM " + (" ".join(f"{a}={b}" for a, b in v.items()) if v else "default " +
+                              str({a: b for a, b in k2.default_config(m, n, k).items() if a != "IMPRECISE"}))
+            try:
+                y = k2.w2a2_gemm(a8[:mr].contiguous(), a_g[:mr], packed, stored, gscale, None, torch.float32, **v)
+                err = _rel(y, ref)
+                t = time_graph(lambda i, v=v: k2.w2a2_gemm(a8, a_g, sets[i][0], sets[i][1], gscale, None, dtype, **v),
+                               npk, calls, replays)
+                _row(rows, label, m, k, n, name, t, t_bf16, err)
+            except Exception as e:
+                rows.append(dict(shape=label, m=m, k=k, n=n, variant=name, error=str(e)[:200]))
+                print(f"{label:28s} {name:52s} FAILED {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                      flush=True)
+        t = time_graph(lambda i: torch.ops.lowbit.qlinear(x, sets[i][0], sets[i][1], gscale, None, 2, "int", 16, "e4m3",
+                                                          2, "int", 16, "e4m3"), npk, calls, replays)
+        y = torch.ops.lowbit.qlinear(x[:mr], packed, stored, gscale, None, 2, "int", 16, "e4m3", 2, "int", 16, "e4m3")
+        _row(rows, label, m, k, n, "prologue + GEMM: torch.ops.lowbit.qlinear", t, t_bf16, _rel(y, ref))
+        del sets
+        torch.cuda.empty_cache()
+        print(f"#   ({time.time() - t0:.0f} s)", flush=True)
+    return rows
+
+
+CODEBOOK_SHAPES = [(1, 8192, 8192, "codebook decode 8192x8192"), (1, 4096, 4096, "codebook decode 4096x4096"),
+                   (1, 8192, 28672, "codebook decode 8192->28672")]
+CODEBOOK_VARIANTS = [dict(R=8, BLOCK_N=512), dict(R=16, BLOCK_N=512), dict(R=16, BLOCK_N=1024),
+                     dict(R=32, BLOCK_N=1024, num_warps=8), dict(R=8, BLOCK_N=2048), dict(R=4, BLOCK_N=1024)]
+
+
+def run_codebook(with_variants, shapes=CODEBOOK_SHAPES, dtype=torch.bfloat16, index_bits=11):
+    """Codebook GEMV (v=16, c=11, per-row E4M3 scales: the btc preset) against cuBLAS bf16."""
+    from lowbit.codebook import dequantize_codebook_weight
+    from lowbit.codegen.triton import codebook as kc
+
+    dev = "cuda"
+    rows = []
+    for m, k, n, label in shapes:
+        t0 = time.time()
+        g = torch.Generator(device=dev).manual_seed(k + n)
+        nbytes = -(-(k // 16) * index_bits // 8)
+        idx = torch.randint(0, 256, (n, nbytes), generator=g, device=dev, dtype=torch.uint8)
+        cb = torch.randint(0, 256, ((1 << index_bits) * 2,), generator=g, device=dev, dtype=torch.uint8)
+        sc = (torch.rand(n, 1, generator=g, device=dev) * 200 + 1).to(torch.float8_e4m3fn)
+        gs = torch.tensor(1e-3, device=dev)
+        w = dequantize_codebook_weight(idx, cb, sc, gs, 16, index_bits, k, "e4m3")
+        x = torch.randn(m, k, device=dev, dtype=dtype)
+        ref = x.double() @ w.double().T
+        wb = w.to(dtype)
+        nb = max(1, math.ceil(STREAM_BYTES / wb.nbytes))
+        wbs = [wb] + [wb.clone() for _ in range(nb - 1)]
+        t_bf16 = time_graph(lambda i: F.linear(x, wbs[i]), nb, 50, 20)
+        _row(rows, label, m, k, n, "cuBLAS bf16 (F.linear)", t_bf16, t_bf16, _rel(F.linear(x, wb), ref))
+        del wbs, wb
+        nset = max(1, math.ceil(STREAM_BYTES / idx.nbytes))
+        sets = [idx] + [idx.clone() for _ in range(nset - 1)]
+        variants = [{}] + ([dict(v) for v in CODEBOOK_VARIANTS] if with_variants else [])
+        for v in variants:
+            name = "codebook GEMV " + (" ".join(f"{a}={b}" for a, b in v.items()) if v else f"default {kc._DEFAULTS}")
+            try:
+                y = kc.codebook_gemv(x, idx, cb, sc, gs, None, index_bits, k, out_dtype=torch.float32, **v)
+                err = _rel(y, ref)
+                t = time_graph(lambda i, v=v: kc.codebook_gemv(x, sets[i], cb, sc, gs, None, index_bits, k, **v),
+                               nset, 50, 20)
+                _row(rows, label, m, k, n, name, t, t_bf16, err)
+            except Exception as e:
+                rows.append(dict(shape=label, m=m, k=k, n=n, variant=name, error=str(e)[:200]))
+                print(f"{label:28s} {name:52s} FAILED {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
+                      flush=True)
+        t = time_graph(lambda i: torch.ops.lowbit.codebook_linear(x, sets[i], cb, sc, gs, None, 16, index_bits, k,
+                                                                  "e4m3"), nset, 50, 20)
+        _row(rows, label, m, k, n, "torch.ops.lowbit.codebook_linear", t, t_bf16)
+        del sets
+        print(f"#   ({time.time() - t0:.0f} s)", flush=True)
+    return rows
+
+
 def table(rows):
     """Markdown table: best Triton time per shape and the defaults, as ratios to cuBLAS."""
-    out = ["| shape (M, K, N) | variant | time (us) | speed-up vs cuBLAS bf16 | rel. error (bf16 out) |",
+    out = ["| shape (M, K, N) | variant | time (us) | speed-up vs cuBLAS bf16 | rel. error |",
            "|---|---|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
@@ -189,7 +345,8 @@ def table(rows):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", action="store_true", help="also time tile-size variants")
-    ap.add_argument("--shapes", default="all", help="comma-separated indices into SHAPES, or 'all'")
+    ap.add_argument("--shapes", default="all", help="comma-separated indices into SHAPES (w2a16), or 'all'")
+    ap.add_argument("--suites", default="w2a16,w2a2,codebook", help="comma-separated: w2a16, w2a2, codebook")
     ap.add_argument("--json", default=None, help="write all rows to this file")
     ap.add_argument("--once", action="store_true",
                     help="run the default kernel of each shape twice and exit (for ncu / nsys)")
@@ -208,7 +365,19 @@ def main(argv=None):
                 lt.w2a16_linear(x, packed, stored, gscale)
         torch.cuda.synchronize()
         return 0
-    rows = run(shapes, args.variants)
+    suites = args.suites.split(",")
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    print(f"# {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}",
+          flush=True)
+    rows = []
+    if "w2a16" in suites:
+        rows += run(shapes, args.variants)
+    if "w2a2" in suites:
+        rows += run_w2a2(args.variants)
+    if "codebook" in suites:
+        rows += run_codebook(args.variants)
     print()
     print(table(rows))
     if args.json:

@@ -1,10 +1,19 @@
-"""The CUDA implementation of ``torch.ops.lowbit.qlinear``: Triton kernels where they apply,
-the op's reference implementation everywhere else.
+"""The CUDA implementations of ``torch.ops.lowbit.qlinear``, ``quantize_act`` and
+``codebook_linear``: Triton kernels where they apply, the ops' reference implementations
+everywhere else.
 
-A custom op has one CUDA kernel, so :func:`qlinear_triton` dispatches itself: the W2A16 case
-(2-bit ``int``/``half`` weights, groups of 16, E4M3 scales, bf16/fp16 activations, no
-activation quantization) goes to :func:`lowbit.codegen.triton.w2a16.w2a16_linear`; any other
-format or dtype runs the reference math of :mod:`lowbit.ops` unchanged.
+A custom op has one CUDA kernel, so each function here dispatches itself:
+
+* ``qlinear``: the W2A16 case (2-bit ``int``/``half`` weights, groups of 16, E4M3 scales,
+  bf16/fp16 activations, no activation quantization) goes to
+  :func:`lowbit.codegen.triton.w2a16.w2a16_linear`; the W2A2 case (2-bit ``int`` weights and
+  activations, groups of 16, E4M3 scales) to :func:`lowbit.codegen.triton.w2a2.w2a2_linear`
+  (prologue + FP8 GEMM);
+* ``quantize_act`` with E4M3 scales and groups of 16: :func:`lowbit.codegen.triton.w2a2.act_quant`
+  (bit-identical codes and scales);
+* ``codebook_linear`` with per-row E4M3 scales: :func:`lowbit.codegen.triton.codebook.codebook_linear_triton`;
+
+any other format or dtype runs the reference math unchanged.
 """
 from __future__ import annotations
 
@@ -14,6 +23,8 @@ import torch
 
 from lowbit import ops as _ops
 
+from .codebook import codebook_gemv, codebook_unsupported
+from .w2a2 import act_quant, w2a2_linear
 from .w2a16 import _interpreting, w2a16_linear
 
 _MIN_CAPABILITY = (8, 0)  # bf16x2 FMA in the dequantization
@@ -55,6 +66,27 @@ def w2a16_unsupported(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, gro
     return None
 
 
+def w2a2_unsupported(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, group_size, w_scale_dtype,
+                     a_bits, a_grid, a_group_size, a_scale_dtype) -> str | None:
+    """Why the W2A2 kernels do not cover these arguments, or None when they do."""
+    if (w_bits, w_grid, group_size, w_scale_dtype) != (2, "int", 16, "e4m3") \
+            or (a_bits, a_grid, a_group_size, a_scale_dtype) != (2, "int", 16, "e4m3"):
+        return "W2A2 kernel: int2 weights and activations, groups of 16, E4M3 scales"
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"activation dtype {x.dtype}"
+    if w_packed.dtype != torch.uint8 or w_scales.dtype != torch.float8_e4m3fn or w_packed.dim() != 2 \
+            or w_scales.dim() != 2 or w_packed.shape[1] != 4 * w_scales.shape[1] \
+            or w_packed.shape[0] != w_scales.shape[0] or x.shape[-1] > 16 * w_scales.shape[1] \
+            or w_global.numel() != 1:
+        return "tensor shapes or dtypes outside the packed layout"
+    if bias is not None and bias.shape != (w_packed.shape[0],):
+        return "bias shape"
+    devices = {t.device for t in (x, w_packed, w_scales, w_global) + ((bias,) if bias is not None else ())}
+    if len(devices) != 1 or x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) < (8, 9):
+        return f"device {x.device} (FP8 tensor cores: compute capability 8.9 or above)"
+    return None
+
+
 def qlinear_triton(
     x: torch.Tensor,
     w_packed: torch.Tensor,
@@ -74,10 +106,41 @@ def qlinear_triton(
     if w2a16_unsupported(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, group_size, w_scale_dtype,
                          a_bits) is None:
         return w2a16_linear(x, w_packed, w_scales, w_global, bias, grid=w_grid)
+    if a_bits and w2a2_unsupported(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, group_size,
+                                   w_scale_dtype, a_bits, a_grid, a_group_size, a_scale_dtype) is None:
+        return w2a2_linear(x, w_packed, w_scales, w_global, bias)
     return _reference_qlinear(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, group_size, w_scale_dtype,
                               a_bits, a_grid, a_group_size, a_scale_dtype)
 
 
+def quantize_act_triton(x: torch.Tensor, bits: int, grid: str, group_size: int, scale_dtype: str):
+    """``lowbit::quantize_act`` on CUDA: the Triton prologue (E4M3 scales, groups of 16) or the
+    reference implementation."""
+    if group_size == 16 and scale_dtype == "e4m3" and x.shape[-1] % 16 == 0 and x.is_floating_point() \
+            and x.dtype != torch.float64 and _device_ok(x.device):
+        return act_quant(x, bits, grid)
+    return _ops.quantize_act._init_fn(x, bits, grid, group_size, scale_dtype)
+
+
+def codebook_linear_triton(x, indices_packed, codebook_packed, scales, global_scale, bias, vector_size: int,
+                           index_bits: int, group_size: int, scale_dtype: str) -> torch.Tensor:
+    """``lowbit::codebook_linear`` on CUDA: the Triton GEMV (v = 16, per-row E4M3 scales) for
+    up to 16 rows of x, the reference implementation otherwise."""
+    args = (x, indices_packed, codebook_packed, scales, global_scale, bias, vector_size, index_bits, group_size,
+            scale_dtype)
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows <= 16 and codebook_unsupported(*args) is None and _device_ok(x.device):
+        return codebook_gemv(x, indices_packed, codebook_packed, scales, global_scale, bias, index_bits,
+                             group_size * scales.shape[1])
+    from lowbit import codebook as _cb
+
+    return _cb.codebook_linear._init_fn(*args)
+
+
 def register() -> None:
-    """Make :func:`qlinear_triton` the CUDA kernel of ``torch.ops.lowbit.qlinear`` (idempotent)."""
+    """Make the functions above the CUDA kernels of their ops (idempotent)."""
     torch.library.register_kernel("lowbit::qlinear", "cuda", qlinear_triton)
+    torch.library.register_kernel("lowbit::quantize_act", "cuda", quantize_act_triton)
+    from lowbit import codebook as _cb  # noqa: F401  (defines lowbit::codebook_linear)
+
+    torch.library.register_kernel("lowbit::codebook_linear", "cuda", codebook_linear_triton)

@@ -80,9 +80,11 @@ def test_registered_op_dispatches_to_triton_and_falls_back():
     assert torch.equal(y, lt.w2a16_linear(x, packed, wq.scales, wq.global_scale))
     ref = x.double() @ wq.dequantize().double().T
     assert _rel(y, ref) < 1e-2
-    # W2A2 is not a Triton kernel yet: the reference implementation answers
-    y2 = torch.ops.lowbit.qlinear(x, *args, 2, "int", 16, "e4m3")
-    assert torch.equal(y2, lt.dispatch._reference_qlinear(x, *args, 2, "int", 16, "e4m3"))
+    # a format without a kernel (4-bit weights) runs the reference implementation
+    wq4 = quantize_weight_rtn(torch.randn(n, k, device=DEV), QFormat(4))
+    args4 = (pack_codes(wq4.codes, 4), wq4.scales, wq4.global_scale, None, 4, "int", 16, "e4m3")
+    y4 = torch.ops.lowbit.qlinear(x, *args4, 0, "int", 16, "e4m3")
+    assert torch.equal(y4, lt.dispatch._reference_qlinear(x, *args4, 0, "int", 16, "e4m3"))
 
 
 def test_cuda_graph_capture():
@@ -98,3 +100,82 @@ def test_cuda_graph_capture():
     torch.cuda.synchronize()
     assert torch.equal(y, lt.w2a16_linear(x, packed, stored, gscale))
     assert not torch.equal(y, y0)
+
+
+# -- W2A2 --------------------------------------------------------------------------------------
+
+from lowbit import ops as lowbit_ops  # noqa: E402
+from lowbit.codegen.triton import w2a2 as k2  # noqa: E402
+
+
+def _activation(m, k, dtype, seed):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn(m, k, generator=g, device=DEV) * torch.logspace(-4, 2, k, device=DEV)[torch.randperm(k, generator=g, device=DEV)]
+    x[: m // 3, :48] = 0  # all-zero groups
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("bits,grid,dtype", [(2, "int", torch.bfloat16), (2, "half", torch.float16),
+                                             (4, "int", torch.bfloat16), (2, "int", torch.float32)])
+def test_prologue_bit_exact(bits, grid, dtype):
+    x = _activation(1024, 8192, dtype, seed=bits)
+    ref = lowbit_ops.quantize_act._init_fn(x, bits, grid, 16, "e4m3")
+    got = k2.act_quant(x, bits, grid)
+    assert torch.equal(got[0], ref[0])
+    assert torch.equal(got[1].view(torch.uint8) & 0x7F, ref[1].view(torch.uint8) & 0x7F)  # +-0: see CPU test
+    assert torch.equal(got[2], ref[2])
+    reg = torch.ops.lowbit.quantize_act(x, bits, grid, 16, "e4m3")  # the registered CUDA kernel
+    assert torch.equal(reg[0], ref[0]) and torch.equal(reg[2], ref[2])
+
+
+def test_prologue_split_gather_and_e4m3_values():
+    x = _activation(64, 1000, torch.bfloat16, seed=5)
+    index = torch.cat([torch.arange(1000), torch.randint(0, 1000, (24,))]).to(DEV)
+    scale = torch.where(torch.arange(1024) % 7 == 0, 0.5, 1.0).to(DEV)
+    xs = torch.ops.lowbit.channel_split(x, index, scale)
+    codes, sc, gs = lowbit_ops.quantize_act._init_fn(torch.nn.functional.pad(xs, (0, 32)), 2, "int", 16, "e4m3")
+    a8, sc2, gs2 = k2.act_quant(x, 2, "int", 1056, index, scale, fp8_values=True)
+    assert torch.equal(sc2.view(torch.uint8) & 0x7F, sc.view(torch.uint8) & 0x7F) and torch.equal(gs2, gs)
+    assert torch.equal(a8.float(), (codes.float().view(64, -1, 16) * sc.float().unsqueeze(-1)).view(64, -1))
+
+
+@pytest.mark.parametrize("m,config", [(4096, {}), (300, dict(PAIRS=True, BLOCK_G=16)), (1, {}), (16, dict(SPLIT_K=1)),
+                                      (5, dict(PAIRS=False, BLOCK_G=8)), (200, dict(path="scaled_mm"))])
+def test_w2a2_gemm_against_float64(m, config):
+    n, k = 4096 + 48, 4096
+    packed, stored, gscale, w = _random_weight(n, k, "int", seed=m)
+    x = _activation(m, k - 8, torch.bfloat16, seed=m)
+    bias = torch.randn(n, device=DEV)
+    a8, _, ga = k2.act_quant(x, 2, "int", k, fp8_values=True)
+    r = min(m, 512)
+    ref = (a8[:r].double() * ga[:r].double()) @ w.double().T + bias.double()
+    y = k2.w2a2_linear(x, packed, stored, gscale, bias, out_dtype=torch.float32, **config)
+    assert _rel(y[:r], ref) < 1e-3
+    # the registered op: same numbers as the reference op (bf16 output)
+    args = (packed, stored, gscale, bias, 2, "int", 16, "e4m3", 2, "int", 16, "e4m3")
+    yo = torch.ops.lowbit.qlinear(x, *args)
+    yr = lt.dispatch._reference_qlinear(x, *args)
+    assert _rel(yo.float(), yr.double()) < 1e-2
+
+
+# -- codebook -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m,c,config", [(1, 11, {}), (3, 11, dict(R=16, BLOCK_N=512)), (1, 8, dict(R=4, BLOCK_N=256))])
+def test_codebook_gemv_against_float64(m, c, config):
+    from lowbit.codebook import dequantize_codebook_weight
+    from lowbit.codegen.triton import codebook as kc
+
+    n, k = 4096 + 40, 4096
+    g = torch.Generator(device=DEV).manual_seed(c)
+    idx = torch.randint(0, 256, (n, k // 16 * c // 8), generator=g, device=DEV, dtype=torch.uint8)
+    cb = torch.randint(0, 256, ((1 << c) * 2,), generator=g, device=DEV, dtype=torch.uint8)
+    sc = (torch.rand(n, 1, generator=g, device=DEV) * 200).to(torch.float8_e4m3fn)
+    gs = torch.tensor(1e-3, device=DEV)
+    bias = torch.randn(n, device=DEV)
+    w = dequantize_codebook_weight(idx, cb, sc, gs, 16, c, k, "e4m3")
+    x = torch.randn(m, k - 16, device=DEV, dtype=torch.bfloat16)
+    ref = x.double() @ w[:, : k - 16].double().T + bias.double()
+    y = kc.codebook_gemv(x, idx, cb, sc, gs, bias, c, k, out_dtype=torch.float32, **config)
+    assert _rel(y, ref) < 1e-5
+    yo = torch.ops.lowbit.codebook_linear(x, idx, cb, sc, gs, bias, 16, c, k, "e4m3")
+    assert _rel(yo.float(), ref) < 1e-2

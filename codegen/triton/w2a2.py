@@ -1,0 +1,426 @@
+"""Triton kernels for W2A2 linears: a fused activation prologue and an FP8 tensor-core GEMM.
+
+``y = Qa(x) @ dequant(W)^T (+ bias)`` with 2-bit ``int``-grid weights and activations in
+groups of 16 along K, E4M3 group scales, an fp32 global scale per tensor (W) and per row (x):
+the arithmetic of :mod:`lowbit.formats` and ``torch.ops.lowbit.qlinear``.
+
+Prologue (``_act_quant_kernel``)
+--------------------------------
+One pass over the activation: each program holds whole rows in registers (the row's global
+scale needs every group scale of the row), optionally gathers split channels on the way in
+(``x[..., index] * scale``, ``torch.ops.lowbit.channel_split``), and computes, exactly as
+``lowbit.formats.quantize(x, fmt, per_row=True)``:
+
+* group scale ``s = max(max(x) / hi, min(x) / lo, 0)``;
+* row global ``g = max_groups(s) / scale_max`` (1 where it is 0); these three divisions by
+  constants follow PyTorch's own arithmetic on the device (``_fmt_constants``);
+* stored scale ``e4m3(min(fp32(s / g) * 1.0625, scale_max))``: the rounding to E4M3 (nearest,
+  ties to even) is done on the fp32 bits (``_e4m3_code``), identically on the GPU and in
+  Triton's CPU interpreter (whose own float-to-fp8 cast is not exact);
+* codes ``clamp(round_half_even(x / (stored * g)))`` (IEEE divisions: ``div_rn``) (``floor`` on the ``half`` grid), 0 in a
+  group whose effective scale is 0.
+
+It writes either the int8 codes (``torch.ops.lowbit.quantize_act``'s output; any bits and
+grid with E4M3 scales) or, for the GEMM, the E4M3 bytes of ``q * stored``: for the ``int``
+grid at 2 bits that product is exact in E4M3 (formats caps 2-bit scales at 224), so the
+activation becomes a plain FP8 operand whose codes are recoverable bit for bit.
+
+GEMM (``_w2a2_kernel``)
+-----------------------
+Swap-AB like the W2A16 kernel (:mod:`.w2a16`): the tile of W is dequantized in registers to
+E4M3 values ``q * stored`` (exact, as above), is the A operand of an FP8 ``tl.dot`` and the
+activation tile (E4M3 bytes from the prologue) the B operand; the accumulator ``acc[n, m]``
+is fp32 and the epilogue multiplies by ``global_w * global_x[m]`` and adds the bias. Two
+dequantizations: ``PAIRS`` (codes i and i+8 of a group at once through one f16x2 FMA, the
+inline PTX of :mod:`.w2a16`, then one f16x2 -> e4m3x2 conversion; eight dots per K tile
+against register permutations of the activation tile) or the natural column order built with
+``tl.join`` (one dot). Every product is exact; only the fp32 accumulation rounds (with
+``max_num_imprecise_acc`` the Hopper FP8 accumulator is promoted to fp32 every that many K).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .w2a16 import (_XOR_HIGH_BITS, _decode_e4m3, _dequant_field, _dequant_pair, _interpreting, _tile_counters,
+                    _words, _x_pairs)
+
+_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (r + M) - M rounds |r| < 2^22 to nearest even
+_SUB_MAGIC = tl.constexpr(8388608.0)   # 2^23
+
+
+@triton.jit
+def _e4m3_code(v):
+    """E4M3 bits (int32, 0..126; the sign of -0.0 kept as 0x80) of fp32 ``0 <= v <= 448``,
+    rounded to nearest, ties to even. Normal range: the fp32 bits rounded at bit 20 (the carry
+    runs into the exponent); subnormals (v < 2^-6): ``round(v * 2^9)`` (8 gives 2^-6, 0x08)."""
+    bits = v.to(tl.int32, bitcast=True)
+    mag = bits & 0x7FFFFFFF
+    normal = ((mag + 0x7FFFF + ((mag >> 20) & 1)) >> 20) - 960
+    sub = ((tl.abs(v) * 512.0 + _SUB_MAGIC) - _SUB_MAGIC).to(tl.int32)
+    code = tl.where(tl.abs(v) < 0.015625, sub, normal)
+    return code | ((bits >> 24) & 0x80)
+
+
+@triton.jit
+def _act_quant_kernel(
+    x_ptr, idx_ptr, sc_ptr, out_ptr, s_ptr, g_ptr,
+    M, K, KP, stride_xm, stride_om, stride_sm,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, SCALE_MAX: tl.constexpr,
+    HALF: tl.constexpr, SPLIT: tl.constexpr, FP8_OUT: tl.constexpr, RECIP: tl.constexpr,
+    INV_LO: tl.constexpr, INV_HI: tl.constexpr, INV_SCALE_MAX: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """Rows [pid*ROWS, +ROWS): BLOCK_G (a power of two >= KP/16) groups of 16 per row."""
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_G * 16)
+    rmask = rows < M
+    cmask = cols < K
+    mask = rmask[:, None] & cmask[None, :]
+    if SPLIT:
+        src = tl.load(idx_ptr + cols, mask=cmask, other=0)
+        xv = tl.load(x_ptr + rows[:, None] * stride_xm + src[None, :], mask=mask, other=0.0)
+        # x * scale rounded to x's dtype, as the op computes it (a product in fp32, then rounded)
+        xv = (xv.to(tl.float32) * tl.load(sc_ptr + cols, mask=cmask, other=0.0)[None, :]).to(xv.dtype)
+    else:
+        xv = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+    xg = tl.reshape(xv.to(tl.float32), [ROWS, BLOCK_G, 16])
+    if RECIP:  # PyTorch on CUDA divides by a Python scalar as a product with its fp32 reciprocal
+        pos = tl.maximum(tl.max(xg, axis=2), 0.0) * INV_HI
+        neg = tl.minimum(tl.min(xg, axis=2), 0.0) * INV_LO
+    else:
+        lo = tl.full([ROWS, BLOCK_G], LO, tl.float32)
+        hi = tl.full([ROWS, BLOCK_G], HI, tl.float32)
+        pos = tl.math.div_rn(tl.maximum(tl.max(xg, axis=2), 0.0), hi)
+        neg = tl.math.div_rn(tl.minimum(tl.min(xg, axis=2), 0.0), lo)
+    s = tl.maximum(pos, neg)
+    smax = tl.max(s, axis=1)
+    if RECIP:
+        gscale = smax * INV_SCALE_MAX
+    else:
+        gscale = tl.math.div_rn(smax, tl.full([ROWS], SCALE_MAX, tl.float32))
+    gscale = tl.where(gscale > 0.0, gscale, 1.0)
+    ratio = tl.minimum(tl.math.div_rn(s, gscale[:, None] + tl.zeros_like(s)) * 1.0625, SCALE_MAX)
+    code_s = _e4m3_code(ratio)
+    eff = _decode_e4m3(code_s) * gscale[:, None]
+    safe = tl.where(eff == 0.0, 1.0, eff)
+    r = tl.math.div_rn(xg, safe[:, :, None] + tl.zeros_like(xg))
+    r = tl.minimum(tl.maximum(r, -4194304.0), 4194304.0)
+    if HALF:
+        r = tl.floor(r)
+    else:
+        r = (r + _RNE_MAGIC) - _RNE_MAGIC
+    q = tl.minimum(tl.maximum(r, QMIN), QMAX)
+    q = tl.where(eff[:, :, None] == 0.0, 0.0, q)
+    gmask = rmask[:, None] & (tl.arange(0, BLOCK_G) < KP // 16)[None, :]
+    tl.store(s_ptr + rows[:, None] * stride_sm + tl.arange(0, BLOCK_G)[None, :], code_s.to(tl.uint8), mask=gmask)
+    tl.store(g_ptr + rows, gscale, mask=rmask)
+    omask = rmask[:, None] & (cols < KP)[None, :]
+    if FP8_OUT:
+        v = q * _decode_e4m3(code_s)[:, :, None]  # exact: |q| <= 2, stored <= 224
+        out = _e4m3_code(v)
+        out = tl.where(q == 0.0, 0, out)
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :],
+                 tl.reshape(out, [ROWS, BLOCK_G * 16]).to(tl.uint8), mask=omask)
+    else:
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :],
+                 tl.reshape(q, [ROWS, BLOCK_G * 16]).to(tl.int8), mask=omask)
+
+
+@triton.jit
+def _natural_tile(w, s, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """fp32 [BLOCK_N, 16*BLOCK_G] values q*s of the XOR'd words w, in natural column order."""
+    a0 = tl.join(_dequant_field(w, s, 0, 1, 0), _dequant_field(w, s, 8, 1, 0))
+    a1 = tl.join(_dequant_field(w, s, 1, 1, 0), _dequant_field(w, s, 9, 1, 0))
+    a2 = tl.join(_dequant_field(w, s, 2, 1, 0), _dequant_field(w, s, 10, 1, 0))
+    a3 = tl.join(_dequant_field(w, s, 3, 1, 0), _dequant_field(w, s, 11, 1, 0))
+    a4 = tl.join(_dequant_field(w, s, 4, 1, 0), _dequant_field(w, s, 12, 1, 0))
+    a5 = tl.join(_dequant_field(w, s, 5, 1, 0), _dequant_field(w, s, 13, 1, 0))
+    a6 = tl.join(_dequant_field(w, s, 6, 1, 0), _dequant_field(w, s, 14, 1, 0))
+    a7 = tl.join(_dequant_field(w, s, 7, 1, 0), _dequant_field(w, s, 15, 1, 0))
+    b0 = tl.join(a0, a4)
+    b1 = tl.join(a1, a5)
+    b2 = tl.join(a2, a6)
+    b3 = tl.join(a3, a7)
+    c0 = tl.join(b0, b2)
+    c1 = tl.join(b1, b3)
+    d = tl.join(c0, c1)  # [BN, BG, j, l, m, n] holds code n + 2m + 4l + 8j
+    return tl.reshape(d, [BLOCK_N, 16 * BLOCK_G])
+
+
+@triton.jit
+def _fp8_pair_dot(acc, w, s, s1, soff, ai, i: tl.constexpr, UPCAST: tl.constexpr, IMPRECISE: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    if UPCAST:
+        p = _dequant_pair(w, s, s1, soff, i, 0, tl.float32, False, BLOCK_N, BLOCK_G)
+        return tl.dot(p, tl.trans(_decode_e4m3(ai.to(tl.int32))), acc, input_precision="ieee")
+    p = _dequant_pair(w, s, s1, soff, i, 0, tl.float16, True, BLOCK_N, BLOCK_G).to(tl.float8e4nv)
+    return tl.dot(p, tl.trans(ai.to(tl.float8e4nv, bitcast=True)), acc, max_num_imprecise_acc=IMPRECISE)
+
+
+@triton.jit
+def _w2a2_kernel(
+    a_ptr, ga_ptr, w_ptr, s_ptr, gw_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, GX,
+    stride_am, stride_wn, stride_sn, stride_ym,
+    HAS_BIAS: tl.constexpr, PAIRS: tl.constexpr, UPCAST: tl.constexpr, IMPRECISE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, GROUP_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """acc[n, m] = sum_k (q_w s_w)[n, k] (q_a s_a)[m, k] over GX groups of 16; y[m, n] =
+    acc * global_w * global_a[m] + bias[n]. a: E4M3 bytes [M, 16*GX]. ``UPCAST``: fp32 dot on
+    exactly decoded operands (the interpreter). SPLIT_K > 1: serial split-K as in .w2a16."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_N * num_m
+    first_n = (pid // width) * GROUP_N
+    rows = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % width) % rows
+    pid_m = (pid % width) // rows
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_k = tl.arange(0, 16 * BLOCK_G)
+    tiles = tl.cdiv(GX, BLOCK_G)
+    per_split = tl.cdiv(tiles, SPLIT_K)
+    t_lo = pid_k * per_split
+    t_hi = tl.minimum(t_lo + per_split, tiles)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for t in range(t_lo, t_hi):
+        g = t * BLOCK_G + offs_g
+        wmask = n_mask[:, None] & (g < GX)[None, :]
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + g[None, :], mask=wmask, other=0)
+        sb = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=wmask, other=0)
+        s = _decode_e4m3(sb.to(tl.int32))
+        w = w ^ _XOR_HIGH_BITS
+        k = t * 16 * BLOCK_G + offs_k
+        at = tl.load(a_ptr + offs_m[:, None] * stride_am + k[None, :],
+                     mask=m_mask[:, None] & (k < 16 * GX)[None, :], other=0)
+        if PAIRS:
+            s1 = s.to(tl.float16)
+            soff = (s * -6.0).to(tl.float16)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _x_pairs(at, BLOCK_M, BLOCK_G)
+            acc = _fp8_pair_dot(acc, w, s, s1, soff, a0, 0, UPCAST, IMPRECISE, BLOCK_N, BLOCK_G)
+            acc = _fp8_pair_dot(acc, w, s, s1, soff, a1, 1, UPCAST, IMPRECISE, BLOCK_N, BLOCK_G)
+            acc = _fp8_pair_dot(acc, w, s, s1, soff, a2, 2, UPCAST, IMPRECISE, BLOCK_N, BLOCK_G)
+            acc = _fp8_pair_dot(acc, w, s, s1, soff, a3, 3, UPCAST, IMPRECISE, BLOCK_N, BLOCK_G)
+            acc = _fp8_pair_dot(acc, w, s, s1, soff, a4, 4, UPCAST, IMPRECISE, BLOCK_N, BLOCK_G)
+            acc = _fp8_pair_dot(acc, w, s, s1, soff, a5, 5, UPCAST, IMPRECISE, BLOCK_N, BLOCK_G)
+            acc = _fp8_pair_dot(acc, w, s, s1, soff, a6, 6, UPCAST, IMPRECISE, BLOCK_N, BLOCK_G)
+            acc = _fp8_pair_dot(acc, w, s, s1, soff, a7, 7, UPCAST, IMPRECISE, BLOCK_N, BLOCK_G)
+        else:
+            wt = _natural_tile(w, s, BLOCK_N, BLOCK_G)
+            if UPCAST:
+                acc = tl.dot(wt, tl.trans(_decode_e4m3(at.to(tl.int32))), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(wt.to(tl.float8e4nv), tl.trans(at.to(tl.float8e4nv, bitcast=True)), acc,
+                             max_num_imprecise_acc=IMPRECISE)
+    acc = acc * tl.load(gw_ptr) * tl.load(ga_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
+    ymask = n_mask[:, None] & m_mask[None, :]
+    if SPLIT_K > 1:
+        tile = pid_n * num_m + pid_m
+        tile_mn = (offs_m[None, :] * N + offs_n[:, None])
+        tl.store(ws_ptr + pid_k * M * N + tile_mn, acc, mask=ymask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for kk in tl.static_range(SPLIT_K):
+                acc += tl.load(ws_ptr + kk * M * N + tile_mn, mask=ymask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
+                     mask=ymask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+@triton.jit
+def _w_to_e4m3_kernel(w_ptr, s_ptr, out_ptr, N, GP, stride_wn, stride_sn, stride_on,
+                      BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """E4M3 bytes of the W values ``q * stored`` [N, 16*GP] (exact), natural order."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    mask = (offs_n < N)[:, None] & (g < GP)[None, :]
+    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + g[None, :], mask=mask, other=0) ^ _XOR_HIGH_BITS
+    s = _decode_e4m3(tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=mask, other=0).to(tl.int32))
+    v = _natural_tile(w, s, BLOCK_N, BLOCK_G)
+    code = _e4m3_code(v)
+    code = tl.where(v == 0.0, 0, code)
+    k = tl.program_id(1) * 16 * BLOCK_G + tl.arange(0, 16 * BLOCK_G)
+    tl.store(out_ptr + offs_n[:, None] * stride_on + k[None, :], code.to(tl.uint8),
+             mask=(offs_n < N)[:, None] & (k < 16 * GP)[None, :])
+
+
+# ----------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------
+
+def _f32_reciprocal(c: float) -> float:
+    return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(c, dtype=torch.float32))
+
+
+def _fmt_constants(bits: int, grid: str, cuda: bool):
+    """Format constants of the prologue. ``RECIP``: the reference op divides by the Python scalars
+    ``level_hi``, ``level_lo`` and ``scale_max``; on CUDA PyTorch computes such a division as a
+    product with the scalar's fp32 reciprocal, on the CPU as an IEEE division. The kernel follows
+    the reference of the device it runs on (the interpreter runs CPU tensors)."""
+    from lowbit.formats import QFormat
+
+    f = QFormat(bits, grid, 16, "e4m3")
+    return dict(QMIN=f.qmin, QMAX=f.qmax, LO=f.level_lo, HI=f.level_hi, SCALE_MAX=f.scale_max, HALF=grid == "half",
+                RECIP=cuda, INV_LO=_f32_reciprocal(f.level_lo), INV_HI=_f32_reciprocal(f.level_hi),
+                INV_SCALE_MAX=_f32_reciprocal(f.scale_max))
+
+
+def act_quant(x: torch.Tensor, bits: int = 2, grid: str = "int", padded_width: int | None = None,
+              split_index: torch.Tensor | None = None, split_scale: torch.Tensor | None = None,
+              fp8_values: bool = False, rows_per_program: int | None = None):
+    """Dynamic per-row activation quantization in groups of 16 with E4M3 scales, in one pass.
+
+    ``x`` [..., K_in] (any float dtype); with ``split_index``/``split_scale`` ([K]) the
+    quantized activation is ``x[..., index] * scale`` (``torch.ops.lowbit.channel_split``),
+    else x itself (K = K_in). Columns K..padded_width are zeros. Returns ``(out, scales,
+    global)``: ``out`` int8 codes [..., Kp] (``fp8_values=False``: equal to
+    ``torch.ops.lowbit.quantize_act``) or the ``float8_e4m3fn`` values ``q * stored``
+    (2-bit ``int`` grid only); scales ``float8_e4m3fn`` [..., Kp/16]; global fp32 [..., 1].
+    """
+    if fp8_values and (bits != 2 or grid != "int"):
+        raise ValueError("E4M3 activation values need the 2-bit int grid (exact products)")
+    k = x.shape[-1] if split_index is None else split_index.shape[0]
+    kp = padded_width or -(-k // 16) * 16
+    if kp % 16 or kp < k:
+        raise ValueError(f"padded width {kp} must be a multiple of 16 and >= {k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, kp), device=x.device, dtype=torch.uint8 if fp8_values else torch.int8)
+    scales = torch.empty((m, kp // 16), device=x.device, dtype=torch.uint8)
+    gscale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
+    if m:
+        block_g = triton.next_power_of_2(kp // 16)
+        rows = rows_per_program or max(1, min(16, 4096 // (16 * block_g)))
+        split = split_index is not None
+        idx = split_index.to(torch.int32).contiguous() if split else gscale
+        sc = split_scale.to(torch.float32).contiguous() if split else gscale
+        nw = 4 if block_g * 16 * rows <= 4096 else 8
+        _act_quant_kernel[(triton.cdiv(m, rows),)](
+            x2, idx, sc, out, scales, gscale, m, k, kp, x2.stride(0), out.stride(0), scales.stride(0),
+            **_fmt_constants(bits, grid, x.is_cuda), SPLIT=split, FP8_OUT=fp8_values, ROWS=rows, BLOCK_G=block_g,
+            num_warps=nw)
+    out = out.view(torch.float8_e4m3fn) if fp8_values else out
+    return (out.reshape(*lead, kp), scales.view(torch.float8_e4m3fn).reshape(*lead, kp // 16),
+            gscale.reshape(*lead, 1))
+
+
+def weight_e4m3(w_packed: torch.Tensor, w_scales: torch.Tensor) -> torch.Tensor:
+    """The values ``q * stored`` of a 2-bit int-grid weight as ``float8_e4m3fn`` [N, Kp] (exact)."""
+    n, gp = w_scales.shape
+    words = _words(w_packed)
+    out = torch.empty((n, gp * 16), device=w_packed.device, dtype=torch.uint8)
+    bn, bg = 64, 8
+    _w_to_e4m3_kernel[(triton.cdiv(n, bn), triton.cdiv(gp, bg))](
+        words, w_scales.view(torch.uint8), out, n, gp, words.stride(0), w_scales.stride(0), out.stride(0),
+        BLOCK_N=bn, BLOCK_G=bg, num_warps=4)
+    return out.view(torch.float8_e4m3fn)
+
+
+PATHS = ("fused", "scaled_mm")
+_DEFAULTS = {
+    "skinny": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_G=16, GROUP_N=1, SPLIT_K=0, PAIRS=True, IMPRECISE=None,
+                   num_warps=8, num_stages=3),
+    "gemm": dict(BLOCK_M=256, BLOCK_N=128, BLOCK_G=8, GROUP_N=8, SPLIT_K=1, PAIRS=False, IMPRECISE=None,
+                 num_warps=8, num_stages=3),
+}
+SKINNY_MAX_M = 16
+
+
+def default_config(m: int, n: int, k: int) -> dict:
+    cfg = dict(_DEFAULTS["skinny" if m <= SKINNY_MAX_M else "gemm"])
+    if cfg["SPLIT_K"] == 0:
+        tiles = triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"])
+        max_split = max(1, triton.cdiv(triton.cdiv(k, 16), cfg["BLOCK_G"]))
+        cfg["SPLIT_K"] = max(1, min(8, max_split, round(256 / tiles)))
+    return cfg
+
+
+def w2a2_gemm(a8: torch.Tensor, a_global: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor,
+              w_global: torch.Tensor, bias: torch.Tensor | None = None, out_dtype=torch.bfloat16,
+              path: str = "fused", **config) -> torch.Tensor:
+    """``y = (a8 * a_global) @ (W values * w_global)^T + bias`` for E4M3 activation values
+    ``a8`` [M, Kp] (from :func:`act_quant` with ``fp8_values=True``) and a packed 2-bit weight.
+
+    ``path``: "fused" (the Triton kernel, W dequantized in registers) or "scaled_mm" (W
+    dequantized to an E4M3 buffer, then ``torch._scaled_mm`` with row-wise scales; GPU only).
+    """
+    n, gp = w_scales.shape
+    m, kp = a8.shape
+    if kp != gp * 16:
+        raise ValueError(f"activation width {kp} != weight width {gp * 16}")
+    ga = a_global.reshape(m).float().contiguous()
+    gw = w_global.reshape(1).float()
+    if path == "scaled_mm":
+        w8 = weight_e4m3(w_packed, w_scales)
+        y = torch._scaled_mm(a8, w8.t(), scale_a=ga.reshape(m, 1), scale_b=gw.expand(1, n).contiguous(),
+                             out_dtype=out_dtype)
+        return y if bias is None else (y.float() + bias.float()).to(out_dtype)
+    cfg = default_config(m, n, kp)
+    cfg.update(config)
+    words = _words(w_packed)
+    sbytes = w_scales.view(torch.uint8)
+    a = a8.view(torch.uint8)
+    y = torch.empty((m, n), device=a8.device, dtype=out_dtype)
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    split = cfg["SPLIT_K"]
+    if split > 1:
+        ws = torch.empty((split, m, n), device=a8.device, dtype=torch.float32)
+        cnt = _tile_counters(a8.device, tiles)
+    else:
+        ws, cnt = y, gw
+    interp = _interpreting()
+    _w2a2_kernel[(tiles, split)](
+        a, ga, words, sbytes, gw, bias if bias is not None else gw, y, ws, cnt, m, n, gp,
+        a.stride(0), words.stride(0), sbytes.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, PAIRS=cfg["PAIRS"], UPCAST=interp, IMPRECISE=cfg["IMPRECISE"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_G"], GROUP_N=cfg["GROUP_N"],
+        SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y
+
+
+def w2a2_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, w_global: torch.Tensor,
+                bias: torch.Tensor | None = None, split_index: torch.Tensor | None = None,
+                split_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                path: str | None = None, **config) -> torch.Tensor:
+    """``torch.ops.lowbit.qlinear`` for 2-bit int-grid weights and activations (groups of 16,
+    E4M3 scales): the prologue (:func:`act_quant`, optionally gathering split channels) then
+    the FP8 GEMM (:func:`w2a2_gemm`). ``x`` [..., K]; output [..., N] in x's dtype (or
+    ``out_dtype``)."""
+    n, gp = w_scales.shape
+    lead = x.shape[:-1]
+    a8, _, ga = act_quant(x, 2, "int", gp * 16, split_index, split_scale, fp8_values=True)
+    a8 = a8.reshape(-1, gp * 16)
+    out_dtype = out_dtype or x.dtype
+    if a8.shape[0] == 0:
+        return x.new_empty((*lead, n), dtype=out_dtype)
+    y = w2a2_gemm(a8, ga, w_packed, w_scales, w_global, bias, out_dtype, path or default_path(a8), **config)
+    return y.reshape(*lead, n)
+
+
+def default_path(a8: torch.Tensor) -> str:
+    """"fused" up to 16 rows; above, "scaled_mm" where row-wise ``torch._scaled_mm`` runs (compute
+    capability 9.0), which measured 1.54x cuBLAS bf16 at M=4096, K=N=8192 on an H200 against
+    0.74x for the best fused tile (docs/benchmarks.md)."""
+    if a8.shape[0] <= SKINNY_MAX_M or not a8.is_cuda or torch.cuda.get_device_capability(a8.device) < (9, 0):
+        return "fused"
+    return "scaled_mm"
