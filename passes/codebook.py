@@ -33,10 +33,16 @@ A linear site computes ``x W^T``. For any positive ``s [K]``,
 reading ``x' = x / s``, with the float function unchanged. ``1 / s`` is folded into the
 op that produces x: the scale ``gamma`` of the RMSNorm whose output the site reads
 (``gamma' = gamma / s``; every reader of that norm, quantized or not, gets
-``W diag(s)``, so the readers of one norm share one ``s``), or, where no such norm exists
-(attention output and MLP down projections, sites that already have a prologue), a
-``channel_split`` prologue ``x[..., k] * (1 / s_k)`` (identity index) in front of the
-site. Signs are unchanged by a positive scaling, but the codebook sees ``W diag(s)``:
+``W diag(s)``, so the readers of one norm share one ``s``), or the rows of the linear
+site whose output the input channel is, through an op homogeneous in it: the attention
+output projection reads ``softmax(q k^T) v`` per head, so ``1 / s`` divides the value
+projection's rows (under grouped-query attention the query heads that read one value
+head share its scales); the gated MLP's down projection reads ``act(g) * u``, so
+``1 / s`` divides the up projection's rows. Where none of these applies (a site that
+already has a prologue, a non-transformer graph), ``1 / s`` becomes a ``channel_split``
+prologue ``x[..., k] * (1 / s_k)`` (identity index) in front of the site. A producer's
+rows are scaled before the producer itself is quantized; with per-row (or per-group)
+scales a row factor is absorbed by the row's own scale. Signs are unchanged by a positive scaling, but the codebook sees ``W diag(s)``:
 the magnitude weights of the k-means and the least-squares row scales change, and in
 the original space the site holds ``diag(a) B diag(1/s)``, a rank-one magnitude model
 (per-row ``a`` times per-column ``1/s``) instead of a per-row one.
@@ -65,7 +71,8 @@ weighting) before the float graph is changed.
 Invariants:
 
 * with ``scaling=True`` the float function of the graph is unchanged up to fp32
-  rounding before any site is replaced (:func:`apply_channel_scaling`);
+  rounding before any site is replaced (:func:`apply_channel_scaling`); no op is added
+  to a Llama-style decoder (norms, value and up projections take the scales);
 * the graph's signature and every other node are unchanged; each chosen site node
   (and the weight ``get_attr`` nodes it alone used) is replaced by a ``call_module`` to a
   CodebookLinear installed at the site's own name, so materialization moves it into the
@@ -109,12 +116,16 @@ BTC_OPTIONS = {"vector_size": 16, "index_bits": 11, "group_size": 0, "scale_dtyp
 @dataclass
 class ScalingGroup:
     """Sites that share one channel scaling: the readers of one RMSNorm (``norm_weight``:
-    its gamma's path; ``others``: its readers this pass does not replace) or one site
-    (``norm_weight=None``: the scaling becomes a prologue of the site)."""
+    its gamma's path; ``others``: its readers this pass does not replace), or one site
+    whose input channels are rows of a ``producer`` site's output (``tie``: which row
+    feeds each channel; channels fed by one row share one scale), or one site alone
+    (the scaling becomes a prologue of the site)."""
 
     sites: list[str]
     norm_weight: str | None = None
     others: list[str] = field(default_factory=list)
+    producer: str | None = None          # a linear site whose output rows the scaling divides
+    tie: torch.Tensor | None = None      # [K] producer output row feeding each input channel
 
 
 @dataclass
@@ -138,13 +149,16 @@ def learn_channel_scaling(
     weighting: str = "magnitude",
     steps: int = 3,
     damping: float = 0.01,
+    tie: torch.Tensor | None = None,
     **quantize_options,
 ) -> ScalingResult:
     """Learn ``s`` for sites with weights ``weights`` ([N_r, K] each) reading ``x`` [rows, K]
     (None: ``H = I``) by ``steps`` alternating minimisation steps of the calibration output
     error (see the module docstring); ``quantize_options`` go to
     :func:`lowbit.codebook.quantize_codebook` (k-means iterations, seed, init). ``weighting``: the k-means weighting (with "activation" the
-    importance is ``mean (x / s)^2`` per channel). Returns the best iterate."""
+    importance is ``mean (x / s)^2`` per channel). ``tie`` [K] (int): channels with equal
+    ``tie`` share one scale (``t = P t'`` with P the one-hot [K, R] matrix of ``tie``: the
+    quadratic step solves ``P^T M P t' = P^T r``). Returns the best iterate."""
     w64 = [w.detach().double() for w in weights]
     k = w64[0].shape[1]
     if x is not None:
@@ -173,26 +187,79 @@ def learn_channel_scaling(
         t_cur = 1.0 / s
         m = sum(r * (c.T @ c) for r, c in zip(rw, cs)) * hmat
         rhs = sum(r * (c * (w @ hmat)).sum(0) for r, c, w in zip(rw, cs, w64))
+        if tie is not None:
+            onehot = torch.nn.functional.one_hot(tie.to(m.device), int(tie.max()) + 1).double()
+            m, rhs = onehot.T @ m @ onehot, onehot.T @ rhs
+            t_cur = (onehot.T @ t_cur) / onehot.sum(0).clamp_min(1)
         d = torch.diagonal(m).clamp_min(1e-300)
         t = torch.linalg.solve(m + damping * torch.diag(d), rhs + damping * d * t_cur)
         t = torch.where(torch.isfinite(t) & (t > 0), t, t_cur)
+        if tie is not None:
+            t = t[tie.to(t.device)]
         s = 1.0 / t
         s = s / s.log().mean().exp()
     return ScalingResult(kept[0], kept[1], history, best)
 
 
+def _producers(gm: torch.fx.GraphModule, sites: dict, modules: dict) -> dict[str, tuple[str, torch.Tensor]]:
+    """Sites whose input is, channel for channel, a positive-homogeneous function of one
+    row of another linear site's output: consumer name -> (producer name, tie).
+
+    * attention output projections: their input is ``softmax(q k^T) v`` per head, linear in
+      the value projection's rows; under grouped-query attention query head h reads value
+      head ``h // (H / H_kv)``, so channel ``(h, d)`` is fed by value row ``(h // rep, d)``;
+    * gated MLP down projections reading ``a * u`` where u is a linear site's output used
+      nowhere else: channel k is fed by row k of u.
+    Sites with prologues (either side) are left out."""
+    from lowbit.passes.structure import find_attention_pairs
+
+    aten = torch.ops.aten
+    by_node = {s.node: s for s in sites.values()}
+    plain = {n for n, s in sites.items() if not isinstance(modules.get(n), PrologueLinear)}
+    found = {}
+    try:
+        pairs = find_attention_pairs(gm, sites)
+    except StructureError:
+        pairs = []
+    for p in pairs:
+        k, rows = p.output.in_features, get_attr_path(gm, p.value.weight).shape[0]
+        if p.output.name in plain and p.value.name in plain and k % rows == 0 and rows % p.head_dim == 0:
+            rep, c = k // rows, torch.arange(k)
+            found[p.output.name] = (p.value.name, (c // p.head_dim // rep) * p.head_dim + c % p.head_dim)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, site in sites.items():
+        mul = nodes[site.node].args[0] if site.node in nodes else None
+        if name in found or name not in plain or not isinstance(mul, torch.fx.Node) \
+                or mul.target is not aten.mul.Tensor or len(mul.users) != 1:
+            continue
+        ups = [a for a in mul.args if isinstance(a, torch.fx.Node) and a.name in by_node
+               and len(a.users) == 1 and by_node[a.name].name in plain]
+        if len(ups) == 1 and all(isinstance(a, torch.fx.Node) for a in mul.args):
+            up = by_node[ups[0].name]
+            if get_attr_path(gm, up.weight).shape[0] == site.in_features:
+                found[name] = (up.name, torch.arange(site.in_features))
+    return found
+
+
 def scaling_groups(gm: torch.fx.GraphModule, chosen: set[str], prologue: bool = True) -> list[ScalingGroup]:
-    """The sites of ``chosen`` grouped by where their scaling folds: the readers of an
-    RMSNorm with a scale parameter (none of them with a prologue) share one group; every
-    other chosen site is a group of its own when ``prologue`` (else it is left unscaled).
-    Graphs without a recognisable residual stream get per-site prologue groups."""
-    groups, covered = [], set()
+    """The sites of ``chosen`` grouped by where their scaling folds: first the sites fed by
+    a producer site's rows (attention output and gated-MLP down projections, see
+    :func:`_producers`), then the readers of each RMSNorm with a scale parameter (none of
+    them with a prologue: one group per norm), then, when ``prologue``, every other chosen
+    site alone (a prologue group; else it is left unscaled). Graphs without a
+    recognisable residual stream get producer and prologue groups only."""
+    first, groups, covered = [], [], set()
     try:
         stream = find_residual_stream(gm)
     except StructureError:
         stream = None
+    sites = find_linear_sites(gm)
+    modules = dict(gm.named_modules())
+    for name, (producer, tie) in _producers(gm, sites, modules).items():
+        if name in chosen:
+            first.append(ScalingGroup([name], producer=producer, tie=tie))
+            covered.add(name)
     if stream is not None:
-        modules = dict(gm.named_modules())
         for norm in stream.norms:
             names = [r.name for r in norm.readers]
             if norm.weight is None or not any(n in chosen for n in names) \
@@ -202,9 +269,8 @@ def scaling_groups(gm: torch.fx.GraphModule, chosen: set[str], prologue: bool = 
                                        [n for n in names if n not in chosen]))
             covered |= set(names)
     if prologue:
-        sites = find_linear_sites(gm)
         groups += [ScalingGroup([n]) for n in sites if n in chosen and n not in covered]
-    return groups
+    return first + groups
 
 
 def apply_channel_scaling(gm: torch.fx.GraphModule, group: ScalingGroup, s: torch.Tensor) -> None:
@@ -222,6 +288,17 @@ def apply_channel_scaling(gm: torch.fx.GraphModule, group: ScalingGroup, s: torc
         return
     (name,) = group.sites
     site = sites[name]
+    if group.producer is not None:
+        prod = sites[group.producer]
+        rows = get_attr_path(gm, prod.weight).shape[0]
+        s_rows = torch.ones(rows, dtype=torch.float64, device=s.device).index_copy(0, group.tie.to(s.device), s)
+        wp = get_attr_path(gm, prod.weight).detach()
+        set_param(gm, prod.weight, wp.double() / s_rows[:, None])
+        if prod.bias:
+            set_param(gm, prod.bias, get_attr_path(gm, prod.bias).detach().double() / s_rows)
+        w = get_attr_path(gm, site.weight).detach()
+        set_param(gm, site.weight, w.double() * s)
+        return
     nodes = {n.name: n for n in gm.graph.nodes}
     node = nodes[site.node]
     existing = get_attr_path(gm, name) if node.op == "call_module" else None
@@ -328,15 +405,18 @@ class CodebookPass(LowbitPass):
                     x = op(x) if x is not None else None
                 ws = [get_attr_path(gm, sites[n].weight).detach() for n in group.sites]
                 res = learn_channel_scaling(ws, x, self.format, weighting, self.scaling_iterations,
-                                            iterations=self.iterations, seed=self.seed, init=self.init)
+                                            tie=group.tie, iterations=self.iterations, seed=self.seed,
+                                            init=self.init)
                 apply_channel_scaling(gm, group, res.scale)
+            learned.pop(group.producer, None)   # its rows changed: quantized later, from the new weight
             s = res.scale
+            kind = "norm" if group.norm_weight is not None else "producer" if group.producer else "prologue"
             for name, cw in zip(group.sites, res.weights):
                 learned[name] = cw
-                if group.norm_weight is not None and x_by_name.get(name) is not None:
+                if kind != "prologue" and x_by_name.get(name) is not None:
                     x_by_name[name] = (x_by_name[name].double() / s).float()
                 self.report.site(name).update(
-                    channel_scaling="norm" if group.norm_weight is not None else "prologue",
+                    channel_scaling=kind if kind != "producer" else f"producer {group.producer}",
                     scaling_objective=[res.history[0], res.history[res.best]], scaling_best_iterate=res.best,
                     scaling_range=[float(s.min()), float(s.max())])
             before.append(res.history[0])
@@ -344,6 +424,7 @@ class CodebookPass(LowbitPass):
         self.details_scaling = {
             "scaling_groups": len(groups),
             "scaling_norm_groups": sum(g.norm_weight is not None for g in groups),
+            "scaling_producer_groups": sum(g.producer is not None for g in groups),
             "scaling_objective": [sum(before) / len(before), sum(after) / len(after)] if groups else None}
         return learned
 

@@ -422,15 +422,24 @@ def test_channel_scaling_is_a_float_identity(captured_llama):
     chosen = {n for n in find_linear_sites(gm) if n != "lm_head"}
     groups = scaling_groups(gm, chosen)
     norm_groups = [g for g in groups if g.norm_weight]
-    # q/k/v share the attention norm, gate/up the MLP norm; o_proj and down_proj get prologues
+    # q/k/v share the attention norm, gate/up the MLP norm; o_proj's scales go to v_proj's rows
+    # (2 query heads per value head: tied in pairs), down_proj's to up_proj's rows
     assert sorted(len(g.sites) for g in norm_groups) == [2, 2, 3, 3]
-    assert {g.sites[0].rsplit(".", 1)[1] for g in groups if not g.norm_weight} == {"o_proj", "down_proj"}
+    producers = {g.sites[0]: g for g in groups if g.producer}
+    assert {g.sites[0] for g in groups if not g.norm_weight} == set(producers) and len(producers) == 4
+    for layer in (0, 1):
+        o, down = producers[f"model.layers.{layer}.self_attn.o_proj"], producers[f"model.layers.{layer}.mlp.down_proj"]
+        assert o.producer == f"model.layers.{layer}.self_attn.v_proj"
+        assert down.producer == f"model.layers.{layer}.mlp.up_proj" and torch.equal(down.tie, torch.arange(128))
+        assert o.tie.tolist() == list(range(16)) * 2 + list(range(16, 32)) * 2
     assert {n for g in groups for n in g.sites} == chosen
     g = torch.Generator().manual_seed(5)
     for group in groups:
         k = get_attr_path(gm, find_linear_sites(gm)[group.sites[0]].weight).shape[1]
-        apply_channel_scaling(gm, group, torch.exp(torch.randn(k, generator=g, dtype=torch.float64)))
-    assert isinstance(gm.get_submodule("model.layers.0.mlp.down_proj"), PrologueLinear)
+        s = torch.exp(torch.randn(k, generator=g, dtype=torch.float64))
+        if group.tie is not None:   # tied channels share a scale
+            s = s[group.tie]
+        apply_channel_scaling(gm, group, s)
     assert not torch.all(get_attr_path(gm, norm_groups[0].norm_weight) == model.model.layers[0].input_layernorm.weight)
     ids = torch.randint(0, 256, (2, 13), generator=g)
     with torch.no_grad():
@@ -438,6 +447,27 @@ def test_channel_scaling_is_a_float_identity(captured_llama):
         want = model(ids, use_cache=False).logits
     got = out.logits if hasattr(out, "logits") else out[0]
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+    # no norm and no producer (a ReLU in between): a prologue; after an existing prologue
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(12, 24), nn.Linear(24, 8)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    net = Net()
+    gm = torch.fx.symbolic_trace(net)
+    groups = scaling_groups(gm, {"a", "b"})
+    assert [(gr.sites, gr.norm_weight, gr.producer) for gr in groups] == [(["a"], None, None), (["b"], None, None)]
+    for gr in groups:
+        apply_channel_scaling(gm, gr, torch.rand(gm.get_submodule(gr.sites[0]).in_features, generator=g,
+                                                 dtype=torch.float64) + 0.1)
+    apply_channel_scaling(gm, groups[1], torch.rand(24, generator=g, dtype=torch.float64) + 0.1)
+    assert isinstance(gm.b, PrologueLinear) and len(gm.b.prologue) == 2
+    x = torch.randn(5, 12)
+    assert torch.allclose(gm(x), net(x), rtol=1e-5, atol=1e-6)
 
 
 def test_learned_scaling_lowers_the_output_error():
@@ -474,11 +504,11 @@ def test_codebook_pass_with_scaling(captured_llama):
     model, gm, report = _run(captured_llama, lambda ctx: [CodebookPass(16, 4, 0, scaling=True, scaling_iterations=2,
                                                                        context=ctx)])
     d = report.passes[0].details
-    assert d["scaling_groups"] == 8 and d["scaling_norm_groups"] == 4
+    assert d["scaling_groups"] == 8 and d["scaling_norm_groups"] == 4 and d["scaling_producer_groups"] == 4
     assert d["scaling_objective"][1] < d["scaling_objective"][0]
     assert d["mean_rel_error"] < plain.passes[0].details["mean_rel_error"]
     down = gm.get_submodule("model.layers.1.mlp.down_proj")
-    assert isinstance(down, CodebookLinear) and len(down.prologue) == 1
+    assert isinstance(down, CodebookLinear) and len(down.prologue) == 0   # folded: no op added
     # the sites' reported errors are those of the installed modules on the (scaled) inputs
     q = materialize(model, gm)
     with torch.no_grad():
