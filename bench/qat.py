@@ -96,6 +96,7 @@ def main(argv=None):
     p.add_argument("--e2e-steps", type=int, default=200)
     p.add_argument("--seconds", type=float, default=0.0, help="training seconds per run (sets the steps)")
     p.add_argument("--block-fraction", type=float, default=0.4)
+    p.add_argument("--block-samples", type=int, default=64, help="sequences used for block reconstruction")
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--scale-lr", type=float, default=2e-3)
     p.add_argument("--text", default=None)
@@ -144,7 +145,8 @@ def main(argv=None):
             stages = [s for s in args.stages.split(",") if s] + [f"w{base.weight.bits}"
                                                                  + (f"a{base.activation.bits}" if base.activation else "")]
             cfg = TrainConfig(stages=stages, block_steps=args.block_steps, e2e_steps=args.e2e_steps,
-                              batch_size=args.batch_size, lr=args.lr, scale_lr=args.scale_lr, seed=args.seed)
+                              batch_size=args.batch_size, lr=args.lr, scale_lr=args.scale_lr, seed=args.seed,
+                              block_samples=args.block_samples)
             label = name + ("" if variant == "none" else f" {variant}") + f" ({args.init}"
             label += (", " + "->".join(stages) + ")") if len(stages) > 1 else ")"
             sync()
@@ -176,8 +178,11 @@ def main(argv=None):
             nblocks = len(block_names(student))
             tokens = len(stages) * (cfg.e2e_steps + cfg.block_steps * nblocks) * cfg.batch_size * data.shape[1]
             frozen = freeze(student)
+            qls = [m for m in frozen.modules() if isinstance(m, lowbit.QuantLinear)]
+            bpw = sum(m.bits_per_weight() * m.in_features * m.out_features for m in qls) / \
+                sum(m.in_features * m.out_features for m in qls)
             emit({"config": label, "init_perplexity": init_ppl, "qat_perplexity": qat_ppl,
-                  "perplexity": ppl(frozen), "bits_per_weight": student.lowbit_report.mean_bits_per_weight(),
+                  "perplexity": ppl(frozen), "bits_per_weight": bpw,
                   "block_steps": cfg.block_steps, "e2e_steps": cfg.e2e_steps, "batch": cfg.batch_size,
                   "train_tokens": tokens, "prepare_s": round(prep_s, 1), "train_s": round(train_s, 1),
                   "block_loss_first_last": [blk[0], blk[-1]] if blk else None,

@@ -120,6 +120,31 @@ class _FakeQuantAct(torch.autograd.Function):
         return g, None
 
 
+# -- gradients of the prologue ops (straight through their linear maps) -----------------------------
+
+def _hadamard_backward(ctx, g):
+    from .hadamard import hadamard_transform
+
+    # y = x H^T / sqrt(n)  =>  dx = g H / sqrt(n)
+    return hadamard_transform(g, transpose=True).to(g.dtype)
+
+
+def _split_setup(ctx, inputs, output):
+    x, index, scale = inputs
+    ctx.save_for_backward(index, scale)
+    ctx.width = x.shape[-1]
+
+
+def _split_backward(ctx, g):
+    index, scale = ctx.saved_tensors
+    gx = g.new_zeros(*g.shape[:-1], ctx.width).index_add_(-1, index, g * scale.to(g.dtype))
+    return gx, None, None
+
+
+torch.library.register_autograd("lowbit::hadamard", _hadamard_backward, setup_context=lambda ctx, inputs, output: None)
+torch.library.register_autograd("lowbit::channel_split", _split_backward, setup_context=_split_setup)
+
+
 def fake_quantize_weight(w: torch.Tensor, eff_scales: torch.Tensor, fmt: QFormat) -> torch.Tensor:
     """Differentiable weight fake-quant (values exactly those of :mod:`lowbit.formats`)."""
     return _FakeQuantWeight.apply(w, eff_scales, fmt)

@@ -68,6 +68,7 @@ class TrainConfig:
 
     stages: list[str] = field(default_factory=list)
     block_steps: int = 0           # per block, per stage
+    block_samples: int = 0         # sequences used for block reconstruction (0: all)
     e2e_steps: int = 100           # per stage
     batch_size: int = 4
     lr: float = 5e-3               # latent weights: Adam step relative to each site's weight RMS
@@ -223,9 +224,12 @@ class Trainer:
         h = block.register_forward_pre_hook(hook, with_kwargs=True)
         xs = []
         ctx = contextlib.nullcontext() if quantized else float_mode(self.model)
+        n = self.data.shape[0]
+        if self.config.block_samples:
+            n = min(n, max(self.config.batch_size, self.config.block_samples))
         try:
             with torch.no_grad(), ctx, self.autocast():
-                for i in range(0, self.data.shape[0], self.config.batch_size):
+                for i in range(0, n, self.config.batch_size):
                     try:
                         _call_logits(self.model, self.data[i:i + self.config.batch_size].to(self.device))
                     except _Stop:
@@ -257,7 +261,7 @@ class Trainer:
         bar = tqdm(range(start_step, cfg.block_steps), desc=f"stage {stage} {name}", disable=not self.progress,
                    leave=False)
         for step in bar:
-            idx = self.batch_index(stage, 0, block_idx, step)
+            idx = self.batch_index(stage, 0, block_idx, step) % x_q.shape[0]
             with self.autocast():
                 out = _first(block(x_q[idx], **kw)).float()
             target = y_f[idx]

@@ -222,3 +222,15 @@ def test_cli_train_and_resume(tmp_path, capsys):
     assert "e2e loss" in out and "saved to" in out
     q = lowbit.load(str(tmp_path))
     assert any(isinstance(m, QuantLinear) for m in q.modules())
+
+
+def test_prologue_ops_have_gradients():
+    """Training through rotated/split sites needs the prologue ops' gradients (finite differences)."""
+    import lowbit.qat  # noqa: F401  (registers them)
+
+    for n in (16, 12, 20):  # Sylvester and the non-symmetric Paley I bases
+        x = torch.randn(3, n, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(torch.ops.lowbit.hadamard, (x,))
+    index, scale = torch.tensor([0, 1, 2, 0, 1]), torch.tensor([0.5, 1, 1, 0.5, 1], dtype=torch.float64)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: torch.ops.lowbit.channel_split(t, index, scale), (x,))
