@@ -21,8 +21,9 @@ Configs (comma-separated; a "rotate+" prefix runs lowbit's rotation passes first
 
 Protocols: SmolLM2-135M-Instruct on the first 200,000 characters of WikiText-2 raw test,
 8 windows x 512; stories260K on ``tinystories_val_head.txt`` with blank lines squeezed,
-40 windows x 512. Calibration (per-site errors, activation weighting): 4 x 256 seeded
-random tokens, never the evaluation text. The classifier head stays in float (the
+40 windows x 512. Calibration (per-site errors, activation weighting, learned scaling): 4 x 256
+seeded random tokens (``--calib generate``: 4 x 256 tokens sampled from the model
+itself), never the evaluation text. The classifier head stays in float (the
 recipes' default ``ignore``); bits per weight are over the replaced sites.
 """
 from __future__ import annotations
@@ -104,21 +105,26 @@ def compile_config(model, config: str, calib: list[tuple]):
     return q
 
 
-def run_model(name: str, configs: list[str], no_float: bool) -> list[dict]:
+def run_model(name: str, configs: list[str], no_float: bool, calib_kind: str = "random") -> list[dict]:
     proto = PROTOCOLS[name]
     model, tok = load(name)
     text = (shared_data_dir() / proto["text"]).read_text()
     if proto["chars"]:
         text = text[: proto["chars"]]
-    calib = normalize_calibration(
-        torch.randint(0, model.config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0)))
+    if calib_kind == "random":
+        calib = torch.randint(0, model.config.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
+    else:   # data-free: sequences sampled from the model itself
+        from lowbit.calibration import from_generations
+
+        calib = from_generations(model, 4, 256, seed=0, progress=False)
+    calib = normalize_calibration(calib)
     rows = []
 
     def record(label, m, extra):
         t0 = time.perf_counter()
         res = perplexity(m, tok, text, windows=proto["windows"], window_len=512, progress=False,
                          squeeze_blank_lines=proto["squeeze"])
-        row = {"model": name, "config": label, "perplexity": res["perplexity"], "eval_s": time.perf_counter() - t0,
+        row = {"model": name, "config": label, "calib": calib_kind, "perplexity": res["perplexity"], "eval_s": time.perf_counter() - t0,
                **extra}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -142,6 +148,8 @@ def main(argv=None):
     p.add_argument("--model", default="smollm2,stories260k", help="comma-separated: smollm2, stories260k")
     p.add_argument("--configs", default=DEFAULT_CONFIGS)
     p.add_argument("--no-float", action="store_true")
+    p.add_argument("--calib", default="random", choices=["random", "generate"],
+                   help="calibration: 4 x 256 seeded random tokens, or 4 x 256 tokens sampled from the model")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -150,12 +158,12 @@ def main(argv=None):
     torch.manual_seed(0)
     rows = []
     for name in args.model.split(","):
-        rows += run_model(name, [c for c in args.configs.split(",") if c], args.no_float)
+        rows += run_model(name, [c for c in args.configs.split(",") if c], args.no_float, args.calib)
     print()
-    print("| model | config | format | bits/weight (replaced sites) | mean site rel. error | perplexity |")
-    print("|---|---|---|---|---|---|")
+    print("| model | config | calibration | format | bits/weight (replaced sites) | mean site rel. error | perplexity |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['config']} | {r.get('format', 'fp32')} | {r['bits_per_weight']:.3f} | "
+        print(f"| {r['model']} | {r['config']} | {r['calib']} | {r.get('format', 'fp32')} | {r['bits_per_weight']:.3f} | "
               f"{r['mean_rel_error']:.3f} | {r['perplexity']:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
