@@ -13,6 +13,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
 import lowbit  # noqa: E402
+import tiny_exports  # noqa: E402
 from lowbit.codegen.onnx import export_module, export_onnx  # noqa: E402
 from lowbit.formats import QFormat  # noqa: E402
 from lowbit.prologue import ChannelSplitPrologue, HadamardPrologue  # noqa: E402
@@ -179,23 +180,9 @@ def test_hadamard_butterfly_is_bitwise_reference():
 
 # -- whole models ---------------------------------------------------------------------------
 
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def _calib():
-    return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
-
-
 @pytest.fixture(scope="module")
-def w2a16(tmp_path_factory):
-    q = lowbit.compile_quantized(_tiny_llama(), "w2a16", calibration=_calib(), progress=False)
-    return q, export_onnx(q, tmp_path_factory.mktemp("w2a16"))
+def w2a16():
+    return tiny_exports.w2a16()
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +190,8 @@ def w2a2_rotated(tmp_path_factory):
     """W2A2 with rotations (online Hadamard before down_proj) and outlier channel splits,
     exported with external data."""
     recipe = lowbit.get_recipe("w2a2").with_passes({"name": "rotate"}, {"name": "split_outliers"})
-    q = lowbit.compile_quantized(_tiny_llama(), recipe, calibration=_calib(), progress=False)
+    q = lowbit.compile_quantized(tiny_exports.tiny_llama(), recipe, calibration=tiny_exports.calibration(),
+                                 progress=False)
     assert any(isinstance(m, QuantLinear) and len(m.prologue) == 2 for m in q.modules())
     return q, export_onnx(q, tmp_path_factory.mktemp("w2a2"), external_data=True)
 
@@ -248,7 +236,7 @@ def test_exported_file_is_valid_and_packed(w2a16):
                                          "past_key_values.0.key", "past_key_values.0.value"]
     assert man["onnx"]["outputs"][:3] == ["logits", "present.0.key", "present.0.value"]
     assert man["model"]["config"]["hidden_size"] == 64
-    assert set(man["files"]) == {"model.onnx"}
+    assert set(man["files"]) == {"model.onnx", "tokenizer.json"}
     assert man["session_options"]["session.qdq_matmulnbits_accuracy_level"] == "0"
     bpw = man["bits_per_weight"]["quantized_sites_bits_per_weight"]
     assert bpw == pytest.approx(np.mean([s["bits_per_weight"] for s in q.lowbit_report.sites.values()]), rel=0.05)
@@ -325,8 +313,11 @@ def test_stories260k_w2a16_logits_and_greedy_text(tmp_path):
     with torch.no_grad():
         ref = q(ids, use_cache=False).logits.numpy()
         ref_ids = q.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:].tolist()
-    logits, _ = s.forward(ids.numpy())
-    assert _rel(logits, ref) < 1e-4
+    logits, past = s.forward(ids[:, :4].numpy())  # prefill, then decode steps with the KV cache
+    assert _rel(logits, ref[:, :4]) < 1e-4
+    for t in range(4, ids.shape[1]):
+        logits, past = s.forward(ids[:, t:t + 1].numpy(), past)
+        assert _rel(logits[:, -1], ref[:, t]) < 1e-4
     g = s.generate("Once upon a time, there was a little", max_new_tokens=16)
     assert g.token_ids == ref_ids[:len(g.token_ids)] and len(g.token_ids) >= min(16, len(ref_ids))
     assert g.text == tok.decode(g.token_ids).lstrip(" ") or g.text == tok.decode(g.token_ids)

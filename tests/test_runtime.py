@@ -14,36 +14,15 @@ ort = pytest.importorskip("onnxruntime")
 tokenizers = pytest.importorskip("tokenizers")
 pytest.importorskip("onnxscript")
 
-import lowbit  # noqa: E402
-from lowbit.codegen.onnx import export_onnx  # noqa: E402
+import tiny_exports  # noqa: E402
 from lowbit.runtime import ManifestError, Session, select_token  # noqa: E402
 from lowbit.runtime.cli import main as run_main  # noqa: E402
 
 
-def _byte_tokenizer():
-    """Byte-level tokenizer with exactly 256 tokens (one per byte, no merges)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return tok
-
-
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      eos_token_id=10)
-    model = LlamaForCausalLM(cfg).eval()
-    calib = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
-    q = lowbit.compile_quantized(model, "w4a16", calibration=calib, progress=False)
-    d = export_onnx(q, tmp_path_factory.mktemp("w4a16"), tokenizer=_byte_tokenizer())
-    return q, d
+def artifact():
+    """(compiled model, export folder): tiny Llama, W2A16, byte-level tokenizer, EOS id 10."""
+    return tiny_exports.w2a16()
 
 
 def _torch_greedy(q, ids, n, eos=None):
@@ -60,7 +39,7 @@ def test_session_loads_manifest_and_tokenizer(artifact):
     assert s.num_layers == 2 and s.num_kv_heads == 2 and s.head_dim == 16
     assert s.eos_token_ids == {10}
     ids = s.encode("Hi é")
-    assert ids == list(_byte_tokenizer().encode("Hi é").ids) and len(ids) == 5  # é is two bytes
+    assert ids == list(tiny_exports.byte_tokenizer().encode("Hi é").ids) and len(ids) == 5  # é is two bytes
     assert s.decode(s.encode("Hi é")) == "Hi é"
 
 
@@ -177,17 +156,17 @@ class BlockTorch:
 sys.meta_path.insert(0, BlockTorch())
 import lowbit.runtime
 from lowbit.runtime import Session
-from lowbit.runtime.cli import main
+from lowbit.cli import main  # the `lowbit` console script
 s = Session(DIRECTORY, threads=1)
 pieces = list(s.stream("The quick", max_new_tokens=6, stop_at_eos=False))
-main([DIRECTORY, "--prompt", "The quick", "--max-new-tokens", "3", "--quiet"])
+main(["run", DIRECTORY, "--prompt", "The quick", "--max-new-tokens", "3", "--quiet"])
 assert "torch" not in sys.modules, "torch was imported"
 print("NO_TORCH_OK", "".join(pieces) == s.generate("The quick", max_new_tokens=6, stop_at_eos=False).text)
 """
 
 
 def test_runtime_runs_without_torch(artifact):
-    """``import lowbit.runtime``, a Session, streaming and the CLI in a fresh interpreter
+    """``import lowbit.runtime``, a Session, streaming and ``lowbit run`` in a fresh interpreter
     where importing torch fails: the runtime imports onnxruntime, numpy and tokenizers only."""
     _, d = artifact
     code = f"DIRECTORY = {str(d)!r}\n" + _NO_TORCH
