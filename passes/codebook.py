@@ -42,10 +42,13 @@ head share its scales); the gated MLP's down projection reads ``act(g) * u``, so
 already has a prologue, a non-transformer graph), ``1 / s`` becomes a ``channel_split``
 prologue ``x[..., k] * (1 / s_k)`` (identity index) in front of the site. A producer's
 rows are scaled before the producer itself is quantized; with per-row (or per-group)
-scales a row factor is absorbed by the row's own scale. Signs are unchanged by a positive scaling, but the codebook sees ``W diag(s)``:
-the magnitude weights of the k-means and the least-squares row scales change, and in
-the original space the site holds ``diag(a) B diag(1/s)``, a rank-one magnitude model
-(per-row ``a`` times per-column ``1/s``) instead of a per-row one.
+scales a row factor is absorbed by the row's own scale.
+
+A positive scaling leaves every sign, hence every sign pattern, as it was: what it
+changes is what the codebook sees, ``W diag(s)``: the k-means' magnitude weights and
+the least-squares row scales. In the original space the site holds
+``diag(a) B diag(1/s)``, a rank-one magnitude model (per-row ``a`` times per-column
+``1/s``) instead of a per-row one, at no storage cost.
 
 ``s`` minimises the calibration output error of the quantized group,
 ``L(s) = mean_r tr(E_r H E_r^T) / tr(W_r H W_r^T)`` with ``E_r = W_r - Q(W_r diag(s)) diag(1/s)``
@@ -62,7 +65,7 @@ data), by alternating minimisation:
    and ``s = 1 / t`` is normalised to geometric mean 1 (a common factor moves into the
    row scales).
 
-Step 2 is an exact minimisation for the codes of step 1; step 1 re-runs the k-means,
+Step 2 is an exact minimisation for the codes and row scales of step 1; step 1 re-runs the k-means,
 which minimises its weighted Hamming proxy, not ``L``, so the pass evaluates ``L`` at
 every iterate (``s = 1`` first) and keeps the best: ``L`` never ends above the unscaled
 quantization's. ``s`` is learned on the calibration data (``auto``/``activation``
@@ -85,19 +88,19 @@ Invariants:
 * per site the report records: format name, bits_per_weight (exact storage over the
   site's original ``out x in`` weights), numel, shape, method, k-means statistics
   (objective before/after, iterations, codebook entries used, fraction of weight signs
-  kept) and, with calibration data, ``rel_error = ||y_q - y|| / ||y||`` on the site's
-  real inputs.
+  kept), with calibration data ``rel_error = ||y_q - y|| / ||y||`` on the site's
+  real inputs and, with ``scaling``, where its scaling went (``channel_scaling``), its
+  group's ``L`` unscaled and kept (``scaling_objective``) and the range of ``s``.
 """
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 from tqdm.auto import tqdm
-
-from dataclasses import dataclass, field
 
 from lowbit.capture import find_linear_sites
 from lowbit.codebook import WEIGHTINGS, CodebookFormat, CodebookLinear, CodebookWeight, quantize_codebook
@@ -155,8 +158,9 @@ def learn_channel_scaling(
     """Learn ``s`` for sites with weights ``weights`` ([N_r, K] each) reading ``x`` [rows, K]
     (None: ``H = I``) by ``steps`` alternating minimisation steps of the calibration output
     error (see the module docstring); ``quantize_options`` go to
-    :func:`lowbit.codebook.quantize_codebook` (k-means iterations, seed, init). ``weighting``: the k-means weighting (with "activation" the
-    importance is ``mean (x / s)^2`` per channel). ``tie`` [K] (int): channels with equal
+    :func:`lowbit.codebook.quantize_codebook` (k-means iterations, seed, init).
+    ``weighting``: the k-means weighting (with "activation" the importance is
+    ``mean (x / s)^2`` per channel). ``tie`` [K] (int): channels with equal
     ``tie`` share one scale (``t = P t'`` with P the one-hot [K, R] matrix of ``tie``: the
     quadratic step solves ``P^T M P t' = P^T r``). Returns the best iterate."""
     w64 = [w.detach().double() for w in weights]
