@@ -22,6 +22,7 @@ as soon as they are measured (and appended to ``--json``), then as a markdown ta
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -134,6 +135,7 @@ def main(argv=None):
     emit({"config": "float", "perplexity": ppl(model), "data": args.data, "data_tokens": data.numel(),
           "data_seconds": round(gen_s, 1)})
     calib = data[: args.calib_samples]
+    cpu_model = copy.deepcopy(model).cpu()  # the passes' calibration runs on the CPU
     steps = None
     for name in [r for r in args.recipes.split(",") if r]:
         base = lowbit.get_recipe(name)
@@ -151,7 +153,8 @@ def main(argv=None):
             label += (", " + "->".join(stages) + ")") if len(stages) > 1 else ")"
             sync()
             t0 = time.perf_counter()
-            student = prepare_qat(model, stage_recipe(recipe, stages[0]), calibration=calib, progress=False)
+            student = prepare_qat(cpu_model, stage_recipe(recipe, stages[0]), calibration=calib,
+                                  progress=False).to(dev)
             sync()
             prep_s = time.perf_counter() - t0
             init_ppl = ppl(student) if len(stages) == 1 else None

@@ -456,7 +456,10 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
     first = stage_recipe(recipe, config.stages[0])
     if resume:  # the structure comes from the passes; the values from the checkpoint
         first = replace(first, weight_method="rtn")
-    student = prepare_qat(copy.deepcopy(model), first, calibration=calibration, inplace=True, progress=progress)
+    # compiled on the CPU (the passes' calibration runs there), then moved to the model's device
+    device = next(model.parameters()).device
+    student = prepare_qat(copy.deepcopy(model).cpu(), first, calibration=calibration.cpu(), inplace=True,
+                          progress=progress).to(device)
     trainer = Trainer(student, recipe, config, data.to(torch.long), out=out, progress=progress)
     if resume:
         trainer.load_checkpoint()

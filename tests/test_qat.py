@@ -162,26 +162,26 @@ def _stories_data():
     from lowbit.models import load_model
 
     model, tok = load_model("stories260k")
-    data = from_text(tok, d / "text" / "tinystories_val_head.txt", samples=8, seq_len=64, seed=0)
+    data = from_text(tok, d / "text" / "tinystories_val_head.txt", samples=4, seq_len=32, seed=0)
     return model, data
 
 
 def test_train_stories260k_w2a16_loss_drops():
     model, data = _stories_data()
     recipe = lowbit.get_recipe("w2a16")
-    cfg = TrainConfig(stages=["w2"], block_steps=4, e2e_steps=10, batch_size=2, seed=0)
+    cfg = TrainConfig(stages=["w2"], block_steps=3, e2e_steps=6, batch_size=2, seed=0)
     student = prepare_qat(copy.deepcopy(model), recipe, calibration=data[:2], inplace=True, progress=False)
     trainer = Trainer(student, recipe, cfg, data, progress=False)
-    probe = data[:4]
+    probe = data[:2]
     with torch.no_grad():
         before = float(trainer.e2e_loss(probe))
     trainer.run()
     with torch.no_grad():
         after = float(trainer.e2e_loss(probe))
     blocks = [h for h in trainer.history if h["phase"] == "block"]
-    assert len(blocks) == 5 * 4 and len(trainer.history) == 5 * 4 + 10
+    assert len(blocks) == 5 * 3 and len(trainer.history) == 5 * 3 + 6
     first = [h["loss"] for h in blocks if h["step"] == 0]
-    last = [h["loss"] for h in blocks if h["step"] == 3]
+    last = [h["loss"] for h in blocks if h["step"] == 2]
     assert sum(last) < sum(first)          # block reconstruction improves the blocks
     assert after < 0.8 * before, (before, after)   # and the KL to the float model drops
 
@@ -193,7 +193,7 @@ def test_resume_from_checkpoint_gives_the_same_state(tmp_path):
     cfg = TrainConfig(stages=["w4", "w2"], block_steps=2, e2e_steps=4, batch_size=2, checkpoint_every=2)
     full = train(model, recipe, data, copy.deepcopy(cfg), out=tmp_path / "a", progress=False)
     # stop mid-way through the second stage's end-to-end phase, then resume
-    part = train(model, recipe, data, copy.deepcopy(cfg), out=tmp_path / "b", progress=False, max_steps=4 + 4 + 2 + 2)
+    part = train(model, recipe, data, copy.deepcopy(cfg), out=tmp_path / "b", progress=False, max_steps=4 + 4 + 4 + 2)
     state = __import__("json").loads((tmp_path / "b" / "state.json").read_text())["state"]
     assert state["stage"] == 1 and state["phase"] == "e2e" and state["step"] == 2
     assert (tmp_path / "b" / "optimizer.safetensors").is_file()
@@ -213,9 +213,9 @@ def test_cli_train_and_resume(tmp_path, capsys):
 
     _stories_data()
     text = str(shared_data_dir() / "text" / "tinystories_val_head.txt")
-    args = ["train", "stories260k", "--recipe", "w2a16", "--out", str(tmp_path), "--data", text, "--samples", "4",
-            "--seq-len", "32", "--e2e-steps", "4", "--batch-size", "2", "--checkpoint-every", "2", "--quiet"]
-    assert main(args + ["--max-steps", "2"]) == 0
+    args = ["train", "stories260k", "--recipe", "w2a16", "--out", str(tmp_path), "--data", text, "--samples", "2",
+            "--seq-len", "16", "--e2e-steps", "2", "--batch-size", "2", "--checkpoint-every", "1", "--quiet"]
+    assert main(args + ["--max-steps", "1"]) == 0
     assert "continue with --resume" in capsys.readouterr().out
     assert main(args + ["--resume"]) == 0
     out = capsys.readouterr().out
