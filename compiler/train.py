@@ -171,6 +171,7 @@ class Trainer:
         self.history: list[dict] = []
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending_optimizer: dict | None = None
+        self._carry = None  # ((stage, next block), its quantized-model inputs, its float-model inputs)
         for p in student.parameters():
             p.requires_grad_(False)
         for m in fake_quant_sites(student).values():
@@ -212,9 +213,10 @@ class Trainer:
         self._steps_done += 1
 
     # -- block reconstruction ------------------------------------------------------------------
-    def block_inputs(self, block: nn.Module, quantized: bool):
-        """Inputs of ``block`` over the whole data set (hidden states [S, T, D]) and the
-        keyword arguments of its call, from the quantized or the float model."""
+    def block_inputs(self, block: nn.Module, quantized: bool, samples: int | None = None):
+        """Inputs of ``block`` over the block-reconstruction data (hidden states [S, T, D],
+        or the first ``samples`` sequences) and the keyword arguments of its call, from the
+        quantized or the float model."""
         captured = {}
 
         def hook(mod, args, kwargs):
@@ -227,6 +229,8 @@ class Trainer:
         n = self.data.shape[0]
         if self.config.block_samples:
             n = min(n, max(self.config.batch_size, self.config.block_samples))
+        if samples is not None:
+            n = min(n, samples)
         try:
             with torch.no_grad(), ctx, self.autocast():
                 for i in range(0, n, self.config.batch_size):
@@ -246,9 +250,16 @@ class Trainer:
         cfg = self.config
         block = self.model.get_submodule(name)
         sites = fake_quant_sites(block)
-        x_q, kw = self.block_inputs(block, quantized=True)
-        x_f, _ = self.block_inputs(block, quantized=False)
         bs = cfg.batch_size
+        if self._carry is not None and self._carry[0] == (stage, block_idx):
+            # the previous block's outputs (quantized model, float model) are this block's inputs;
+            # only the keyword arguments (masks, position embeddings) are captured anew
+            _, x_q, x_f = self._carry
+            kw = self.block_inputs(block, quantized=True, samples=bs)[1]
+        else:
+            x_q, kw = self.block_inputs(block, quantized=True)
+            x_f, _ = self.block_inputs(block, quantized=False)
+        self._carry = None
         with torch.no_grad(), float_mode(self.model), self.autocast():
             y_f = torch.cat([_first(block(x_f[i:i + bs], **kw)).float() for i in range(0, x_f.shape[0], bs)])
         del x_f
@@ -272,6 +283,9 @@ class Trainer:
             self.history.append({"stage": stage, "phase": "block", "block": block_idx, "step": step, "loss": lv})
         bar.close()
         self.optimizer = None
+        with torch.no_grad(), self.autocast():
+            x_next = torch.cat([_first(block(x_q[i:i + bs], **kw)).float() for i in range(0, x_q.shape[0], bs)])
+        self._carry = ((stage, block_idx + 1), x_next, y_f)
 
     # -- end to end --------------------------------------------------------------------------------
     def e2e_loss(self, ids: torch.Tensor) -> torch.Tensor:
@@ -338,6 +352,7 @@ class Trainer:
                     self.train_block(blocks[b], stage, b, self.state["step"] if b == self.state["block"] else 0)
                     self.state.update(block=b + 1, step=0)
                     self._checkpoint()
+            self._carry = None
             if self.state["phase"] == "block":
                 self.state.update(phase="e2e", step=0)
             if cfg.e2e_steps and self.state["step"] < cfg.e2e_steps:

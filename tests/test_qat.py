@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -192,9 +193,13 @@ def test_resume_from_checkpoint_gives_the_same_state(tmp_path):
     recipe = lowbit.get_recipe("w2a16")
     cfg = TrainConfig(stages=["w4", "w2"], block_steps=2, e2e_steps=4, batch_size=2, checkpoint_every=2)
     full = train(model, recipe, data, copy.deepcopy(cfg), out=tmp_path / "a", progress=False)
-    # stop mid-way through the second stage's end-to-end phase, then resume
-    part = train(model, recipe, data, copy.deepcopy(cfg), out=tmp_path / "b", progress=False, max_steps=4 + 4 + 4 + 2)
-    state = __import__("json").loads((tmp_path / "b" / "state.json").read_text())["state"]
+    # stop after the first block of the second stage, resume; stop mid-way through its
+    # end-to-end phase (optimizer state saved), resume to the end
+    train(model, recipe, data, copy.deepcopy(cfg), out=tmp_path / "b", progress=False, max_steps=4 + 4 + 2)
+    state = json.loads((tmp_path / "b" / "state.json").read_text())["state"]
+    assert state["stage"] == 1 and state["phase"] == "block" and state["block"] == 1
+    train(model, recipe, out=tmp_path / "b", resume=True, progress=False, max_steps=2 + 2)
+    state = json.loads((tmp_path / "b" / "state.json").read_text())["state"]
     assert state["stage"] == 1 and state["phase"] == "e2e" and state["step"] == 2
     assert (tmp_path / "b" / "optimizer.safetensors").is_file()
     resumed = train(model, recipe, out=tmp_path / "b", resume=True, progress=False)
@@ -204,7 +209,6 @@ def test_resume_from_checkpoint_gives_the_same_state(tmp_path):
         assert a[name].weight_format == b[name].weight_format == recipe.weight
         for k, v in a[name].state_dict().items():
             assert torch.equal(v, b[name].state_dict()[k]), (name, k)
-    del part
 
 
 def test_cli_train_and_resume(tmp_path, capsys):
