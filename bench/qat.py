@@ -36,7 +36,7 @@ import lowbit  # noqa: E402
 from lowbit.eval import perplexity  # noqa: E402
 from lowbit.llama2c import shared_data_dir  # noqa: E402
 from lowbit.models import load_model  # noqa: E402
-from lowbit.qat import fake_quant_sites, freeze, prepare_qat  # noqa: E402
+from lowbit.qat import freeze, prepare_qat  # noqa: E402
 from lowbit.train import Trainer, TrainConfig, block_names, stage_recipe, training_data  # noqa: E402
 from perplexity import VARIANT_PASSES  # noqa: E402
 

@@ -238,3 +238,18 @@ def test_prologue_ops_have_gradients():
     index, scale = torch.tensor([0, 1, 2, 0, 1]), torch.tensor([0.5, 1, 1, 0.5, 1], dtype=torch.float64)
     x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: torch.ops.lowbit.channel_split(t, index, scale), (x,))
+
+
+def test_train_config_comes_from_the_recipe():
+    recipe = lowbit.Recipe.from_yaml(lowbit.get_recipe("w2a2").to_yaml())
+    recipe.weight_options["qat"] = {"stages": ["w4a4", "w3a4", "w2a2"], "e2e_steps": 3}
+    recipe = lowbit.Recipe.from_yaml(recipe.to_yaml())  # survives the YAML round trip
+    cfg = TrainConfig.from_recipe(recipe, batch_size=2)
+    assert cfg.stages == ["w4a4", "w3a4", "w2a2"] and cfg.e2e_steps == 3 and cfg.batch_size == 2
+    from lowbit.train import stage_formats
+
+    w, a = stage_formats(recipe, "w3a4")
+    assert (w.bits, a.bits, w.group_size, a.scale_dtype) == (3, 4, 16, "e4m3")
+    assert TrainConfig.from_recipe(lowbit.get_recipe("w2a16")).stages == ["w2"]
+    with pytest.raises(ValueError, match="last stage"):
+        train(_tiny_llama(), "w2a16", torch.zeros(2, 4, dtype=torch.long), TrainConfig(stages=["w4"]))
