@@ -53,8 +53,14 @@ def main(argv=None):
                    help="random (seeded random tokens), generate (the model's own seeded samples), or a text file")
     p.add_argument("--calib-samples", type=int, default=4)
     p.add_argument("--calib-len", type=int, default=256)
+    p.add_argument("--calib-cache", default=None,
+                   help="safetensors file: load the calibration ids from it if it exists, else save them there")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (1 is much faster when other processes share the cores)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     text_path = args.text or str(shared_data_dir() / "text" / "wikitext2_raw_test.txt")
     text = Path(text_path).read_text()[: args.chars]
@@ -63,7 +69,12 @@ def main(argv=None):
     # report's per-site errors, the rotation check and activation-split statistics; GPTQ
     # wants real data: --calib generate (data-free) or a text file
     n, length = args.calib_samples, args.calib_len
-    if args.calib == "random":
+    if args.calib_cache and Path(args.calib_cache).exists():
+        from safetensors.torch import load_file
+
+        calib = load_file(args.calib_cache)["input_ids"]
+        print(f"calibration ids {tuple(calib.shape)} from {args.calib_cache}", flush=True)
+    elif args.calib == "random":
         calib = torch.randint(0, model.config.vocab_size, (n, length), generator=torch.Generator().manual_seed(0))
     elif args.calib == "generate":
         from lowbit.calibration import from_generations
@@ -75,6 +86,10 @@ def main(argv=None):
         from lowbit.calibration import from_text
 
         calib = from_text(tok, Path(args.calib), n, length, seed=0)
+    if args.calib_cache and not Path(args.calib_cache).exists():
+        from safetensors.torch import save_file
+
+        save_file({"input_ids": calib.contiguous()}, args.calib_cache)
     rows = []
 
     def record(label, m, extra=None):

@@ -97,8 +97,13 @@ def gptq_quantize(
             q = torch.where(scale > 0, (code + off) * scale, torch.zeros_like(scale))
             q_all[:, col] = q
             e = (w1[:, i] - q) / hinv1[i, i]
-            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            # lazy updates: the error reaches the rest of its chunk of g columns at once, and the
+            # rest of the block when the chunk is done (the same sum, in fewer, larger products)
+            c_start, c_end = (i // g) * g, min((i // g + 1) * g, i2 - i1)
+            w1[:, i:c_end] -= e[:, None] * hinv1[i, i:c_end][None, :]
             err1[:, i] = e
+            if i + 1 == c_end and c_end < i2 - i1:
+                w1[:, c_end:] -= err1[:, c_start:c_end] @ hinv1[c_start:c_end, c_end:]
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     q_all = q_all[:, inv]
     eff_scales = effective_scales(stored, gscale)
