@@ -188,9 +188,9 @@ def w2a16():
 @pytest.fixture(scope="module")
 def w2a2_rotated(tmp_path_factory):
     """W2A2 with rotations (online Hadamard before down_proj) and outlier channel splits,
-    exported with external data."""
+    exported with external data (one layer: the W2A16 export covers several)."""
     recipe = lowbit.get_recipe("w2a2").with_passes({"name": "rotate"}, {"name": "split_outliers"})
-    q = lowbit.compile_quantized(tiny_exports.tiny_llama(), recipe, calibration=tiny_exports.calibration(),
+    q = lowbit.compile_quantized(tiny_exports.tiny_llama(layers=1), recipe, calibration=tiny_exports.calibration(),
                                  progress=False)
     assert any(isinstance(m, QuantLinear) and len(m.prologue) == 2 for m in q.modules())
     return q, export_onnx(q, tmp_path_factory.mktemp("w2a2"), external_data=True)
@@ -292,7 +292,7 @@ def test_external_data(w2a2_rotated):
     assert set(man["files"]) == {"model.onnx", "model.onnx.data"} and man["onnx"]["external_data"]
     assert (d / "model.onnx").stat().st_size < (d / "model.onnx.data").stat().st_size
     ops = [n.op_type for n in onnx.load(str(d / "model.onnx"), load_external_data=False).graph.node]
-    assert ops.count("MatMulNBits") == 14 and "Gather" in ops
+    assert ops.count("MatMulNBits") == 7 and "Gather" in ops
 
 
 @pytest.mark.slow
