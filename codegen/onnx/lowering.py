@@ -36,10 +36,15 @@ kernels are available (:data:`WEIGHT_KERNELS`):
   its fast 4-bit kernel. Exact: ``(u - 8) * scale == q * eff``.
 * ``"nbits"``: MatMulNBits at the format's own width (2-bit codes ``q + 2``, obtained
   from two's complement by flipping the high bit of each field: ``byte ^ 0xAA``).
-  Smallest in memory; onnxruntime 1.31 has no fast 2-bit CPU kernel (slow).
+  Smallest in memory; onnxruntime 1.32 has no fast 2-bit CPU kernel (15-20x slower than
+  4-bit at M=1 on SmolLM2's shapes: docs/benchmarks.md, "ONNX on CPU").
 * ``"dq"``: standard ops only (unpack, sign-extend, multiply by scales, MatMul); used for
   formats MatMulNBits cannot express (the ``half`` grid, group sizes that are not a
   power of two >= 16). onnxruntime folds the dequantized weight into fp32 at load.
+
+Not used: INT2 initializers for the opset-25 ``DequantizeLinear`` (then ``MatMul``).
+onnxruntime fuses that pair into the same 2-bit MatMulNBits kernel as ``"nbits"``, so it
+runs as slowly, and it needs opset 25 / IR version 13 (``bench/onnx_cpu.py --kernels``).
 
 ``hadamard`` lowers to the same butterfly stages as :func:`lowbit.hadamard.hadamard_transform`
 (bitwise identical for powers of two) followed by the small ``H_m`` MatMul for
