@@ -97,6 +97,7 @@ def main(argv=None):
     p.add_argument("--e2e-steps", type=int, default=200)
     p.add_argument("--seconds", type=float, default=0.0, help="training seconds per run (sets the steps)")
     p.add_argument("--block-fraction", type=float, default=0.4)
+    p.add_argument("--transition", default="nested", choices=["nested", "refit"], help="between stages")
     p.add_argument("--block-samples", type=int, default=64, help="sequences used for block reconstruction")
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--scale-lr", type=float, default=2e-3)
@@ -148,7 +149,7 @@ def main(argv=None):
                                                                  + (f"a{base.activation.bits}" if base.activation else "")]
             cfg = TrainConfig(stages=stages, block_steps=args.block_steps, e2e_steps=args.e2e_steps,
                               batch_size=args.batch_size, lr=args.lr, scale_lr=args.scale_lr, seed=args.seed,
-                              block_samples=args.block_samples)
+                              block_samples=args.block_samples, transition=args.transition)
             label = name + ("" if variant == "none" else f" {variant}") + f" ({args.init}"
             label += (", " + "->".join(stages) + ")") if len(stages) > 1 else ")"
             sync()

@@ -135,7 +135,8 @@ def cmd_train(args) -> int:
             recipe, stages=stages + [f"w{recipe.weight.bits}" + (f"a{recipe.activation.bits}" if recipe.activation
                                                                  else "")],
             block_steps=args.block_steps, e2e_steps=args.e2e_steps, batch_size=args.batch_size, lr=args.lr,
-            scale_lr=args.scale_lr, seed=args.seed, checkpoint_every=args.checkpoint_every)
+            scale_lr=args.scale_lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
+            transition=args.transition)
         print(f"training data: {args.samples} x {args.seq_len} tokens from "
               f"{'the model itself' if args.data == 'generate' else args.data}", file=sys.stderr)
         data = training_data(model, tokenizer, args.data, args.samples, args.seq_len, seed=args.seed,
@@ -224,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="folder: checkpoint/ while training, the frozen artifact at the end")
     t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
     t.add_argument("--stages", help="formats before the recipe's, e.g. w4,w3 (nested grids carry the codes)")
+    t.add_argument("--transition", default="nested", choices=["nested", "refit"],
+                   help="between stages: nested codes, or group scales searched anew for the latent weights")
     t.add_argument("--passes", help="passes before quantization, e.g. rotate,split_outliers")
     t.add_argument("--gptq", action="store_true", help="start from GPTQ weights instead of RTN")
     t.add_argument("--data", default="generate", help="'generate' (the model's own seeded samples) or a text file")

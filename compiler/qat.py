@@ -54,6 +54,7 @@ from .formats import (
     effective_scales,
     nest_codes,
     quantize_codes,
+    quantize_weight_rtn,
     round_e4m3,
     unpack_codes,
 )
@@ -259,7 +260,7 @@ class FakeQuantLinear(nn.Module):
         return F.linear(xa, w, None if bias is None else bias.float()).to(x.dtype)
 
     # -- precision changes -------------------------------------------------------------------------
-    def set_formats(self, weight_format: QFormat, act_format: QFormat | None = "keep") -> None:
+    def set_formats(self, weight_format: QFormat, act_format: QFormat | None = "keep", refit: bool = False) -> None:
         """Move to another weight precision along the nested grids (``lowbit.formats``).
 
         Going from b to b' < b bits on the same grid, the new codes are the nested ones,
@@ -269,6 +270,11 @@ class FakeQuantLinear(nn.Module):
         E4M3). The latent weight is moved onto the new codes only where it does not already
         round to them. Going up in precision (or to another grid) keeps the latent weight
         and rescales by ``2^(b - b')`` likewise.
+
+        ``refit=True`` instead keeps the latent weight as it is and searches new group scales
+        for it in the new format (RTN with clipping search, ``lowbit.formats``): on the
+        asymmetric ``int`` grid the nested 2-bit codes of a 3- or 4-bit model clip the
+        positive half of each group, a much worse start than a fresh search.
         """
         old = self.weight_format
         if weight_format.group_size != old.group_size:
@@ -284,6 +290,12 @@ class FakeQuantLinear(nn.Module):
                 self.act_format = act_format
             self.weight_global.copy_(g)
             self.log_scale.copy_(torch.log(stored.clamp_min(MIN_SCALE)))
+            if refit:
+                qt = quantize_weight_rtn(self.weight, weight_format)
+                self.weight_global.copy_(qt.global_scale.reshape(()))
+                self.live_groups.copy_(qt.scales.float() > 0)
+                self.log_scale.copy_(torch.log(qt.scales.float().clamp_min(MIN_SCALE)))
+                return
             eff = self.eff_scales()
             if weight_format.bits < old.bits and weight_format.grid == old.grid:
                 nested = nest_codes((codes.to(torch.int32) << (8 - old.bits)).to(torch.int8), weight_format)
@@ -339,10 +351,11 @@ def float_mode(model: nn.Module):
             m.float_mode = False
 
 
-def set_formats(model: nn.Module, weight_format: QFormat, act_format: QFormat | None = "keep") -> None:
+def set_formats(model: nn.Module, weight_format: QFormat, act_format: QFormat | None = "keep",
+                refit: bool = False) -> None:
     """Change every site's formats (nested grids, see :meth:`FakeQuantLinear.set_formats`)."""
     for m in fake_quant_sites(model).values():
-        m.set_formats(weight_format, act_format)
+        m.set_formats(weight_format, act_format, refit)
 
 
 def trainable_parameters(model: nn.Module, scales: bool = True, weights: bool = True) -> list[nn.Parameter]:

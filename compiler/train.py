@@ -78,6 +78,7 @@ class TrainConfig:
     amp: str = "auto"              # "bf16": autocast on CUDA; "none"; "auto": bf16 on CUDA only
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0      # end-to-end steps between checkpoints (0: at phase ends only)
+    transition: str = "nested"     # between stages: "nested" codes, or "refit" scales to the latent weights
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, **overrides) -> "TrainConfig":
@@ -344,7 +345,7 @@ class Trainer:
         for stage in range(self.state["stage"], len(cfg.stages)):
             if self.state["formats_stage"] != stage:
                 w, a = stage_formats(self.recipe, cfg.stages[stage])
-                set_formats(self.model, w, a)
+                set_formats(self.model, w, a, refit=cfg.transition == "refit")
                 self.state.update(formats_stage=stage, phase="block", block=0, step=0)
             self.state["stage"] = stage
             if self.state["phase"] == "block" and cfg.block_steps:

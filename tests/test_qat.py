@@ -125,6 +125,11 @@ def test_nested_stage_transition_carries_codes():
     factor = 4.0 if float(s4.max()) <= 224 else 8.0
     assert torch.equal(fq.weight_global, g4 * factor)
     assert torch.equal(fq.stored_scales().detach(), s4 * 4.0 / factor)
+    # refit: the latent weight stays, the scales are searched anew (RTN with clipping search)
+    latent = fq.weight.detach().clone()
+    fq.set_formats(QFormat(3, "int", 16, "e4m3"), refit=True)
+    assert torch.equal(fq.weight.detach(), latent)
+    assert torch.equal(fq.codes(), quantize_weight_rtn(latent, QFormat(3, "int", 16, "e4m3")).codes)
 
 
 def _tiny_llama(seed=0):
