@@ -7,7 +7,7 @@
 Configs (comma-separated; a "rotate+" prefix runs lowbit's rotation passes first):
 
 * ``btc``: ``CodebookPass`` with the ``btc`` preset options
-  (``lowbit.passes.codebook.BTC_OPTIONS``);
+  (``lowbit.passes.codebook.BTC_OPTIONS``, learned channel scaling on; ``btc-nols``: off);
 * ``btc-v{v}c{c}g{G}`` with an optional suffix ``-ham`` / ``-act``: vector length v,
   index bits c, scale group G (0: per row), k-means weighting (default magnitude);
 * a suffix ``-ls`` learns the channel scaling of ``CodebookPass(scaling=True)`` (folded

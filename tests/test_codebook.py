@@ -393,6 +393,9 @@ def test_btc_preset_compile_save_load(tmp_path):
     assert set(sites) == linear - {"lm_head"}
     fmt = CodebookFormat(**{k: BTC_OPTIONS[k] for k in ("vector_size", "group_size", "scale_dtype")}, index_bits=4)
     rep = q.lowbit_report.sites
+    assert BTC_OPTIONS["scaling"] and {rep[n]["channel_scaling"] for n in sites} == {
+        "norm", "producer model.layers.0.self_attn.v_proj", "producer model.layers.0.mlp.up_proj",
+        "producer model.layers.1.self_attn.v_proj", "producer model.layers.1.mlp.up_proj"}
     for name, m in sites.items():   # exact bits: the format's count, the stored buffers' count
         n, k = m.out_features, m.in_features
         assert rep[name]["bits_per_weight"] == pytest.approx(fmt.bits_per_weight(n, k), rel=1e-12)
