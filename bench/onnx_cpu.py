@@ -8,12 +8,15 @@ Variants (all run by ``lowbit.runtime.Session``, the same decoding loop and sess
 * ``ort4``:   ``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer`` with
               its defaults (4 bits, block 128, asymmetric) applied to the fp32 export;
 * ``w4a16``:  ``lowbit.compile_quantized(model, "w4a16")`` exported (MatMulNBits 4-bit);
-* ``w2a16``:  ``lowbit.compile_quantized(model, "w2a16")`` exported: 2-bit codes in the
-              file, widened to 4-bit MatMulNBits operands when onnxruntime loads it
-              (weight kernel "nbits4"); ``w2a16-nbits`` keeps MatMulNBits at 2 bits;
-              ``w2a16-int8`` is w2a16 with MatMulNBits ``accuracy_level=4`` (onnxruntime
-              quantizes activations to int8 inside the product: faster, not exact), made
-              by editing that attribute in the w2a16 file, which is what
+* ``w2a16``:  ``lowbit.compile_quantized(model, "w2a16")`` exported: 2-bit codes and E4M3
+              scales in the file, widened to 4-bit MatMulNBits operands with fp32 scales
+              when onnxruntime loads it (weight kernel "nbits4", the default);
+* ``w2a16-fp16s``: the same with fp16 weight scales instead of E4M3;
+* ``w2a16-h4``: w2a16 plus the classifier (which the presets leave in float) at W4A16;
+* ``w2a16-nbits`` / ``w2a16-dq``: w2a16 with MatMulNBits at 2 bits / standard ops (not in
+              the default set: the single-product comparison ``--kernels`` covers them);
+* ``*-int8``: a copy with MatMulNBits ``accuracy_level=4`` (onnxruntime quantizes
+              activations to int8 inside the product: faster, not exact), which is what
               ``export_onnx(..., accuracy_level=4)`` writes.
 
 Each variant is measured in a fresh process (``--measure DIR``): file size, session load
@@ -34,7 +37,11 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = ("fp32", "ort4", "w4a16", "w2a16", "w2a16-nbits", "w2a16-int8")
+VARIANTS = ("fp32", "ort4", "w4a16", "w2a16", "w2a16-fp16s", "w2a16-h4", "w2a16-nbits", "w2a16-dq",
+            "w2a16-int8", "w2a16-h4-int8", "ort4-int8")
+#: measured by default (the 2-bit kernels "nbits" and "dq" are compared on single products: --kernels;
+#: "w2a16-fp16s" differs from w2a16 in file size only: both give MatMulNBits fp32 scales at load)
+DEFAULT_VARIANTS = ("fp32", "ort4", "w4a16", "w2a16", "w2a16-h4", "w2a16-int8", "w2a16-h4-int8", "ort4-int8")
 
 
 # -- measuring (child process: no torch) -----------------------------------------------
@@ -94,6 +101,7 @@ def measure(directory: str, threads: int, prompt_len: int, decode: int, repeats:
     return {
         "perplexity": ppl,
         "file_bytes": files,
+        "bits_per_weight": (s.manifest.get("bits_per_weight") or {}).get("quantized_sites_bits_per_weight"),
         "load_seconds": load,
         "rss_mb": (rss_loaded - rss0) / 2**20,
         "rss_after_mb": proc.memory_info().rss / 2**20,
@@ -144,7 +152,8 @@ def _kernel_models(k: int, n: int, rng):
                [qt, numpy_helper.from_array(np.ascontiguousarray(s.T), "S")], opset=25)
     fp32 = model([helper.make_node("MatMul", ["A", "W"], ["Y"])], [numpy_helper.from_array(np.ascontiguousarray(w.T), "W")])
     return w, {"fp32 MatMul": fp32, "MatMulNBits 4-bit": nbits(4), "MatMulNBits 2-bit": nbits(2),
-               "INT2 DequantizeLinear + MatMul": dq, "MatMulNBits 4-bit, accuracy_level 4": nbits(4, 4)}
+               "INT2 DequantizeLinear + MatMul": dq, "MatMulNBits 4-bit, accuracy_level 4": nbits(4, 4),
+               "MatMulNBits 2-bit, accuracy_level 4": nbits(2, 4)}
 
 
 def kernel_bench(threads: int, iters: int = 200) -> list[dict]:
@@ -202,13 +211,15 @@ def _with_accuracy_level(src: Path, dst: Path, level: int) -> None:
     model = onnx.load(str(src / "model.onnx"), load_external_data=False)
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
-            for a in node.attribute:
-                if a.name == "accuracy_level":
-                    a.i = level
+            attrs = {a.name: a for a in node.attribute}
+            if "accuracy_level" in attrs:
+                attrs["accuracy_level"].i = level
+            else:
+                node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
     onnx.save(model, str(dst / "model.onnx"))
-    for name in ("model.onnx.data", "tokenizer.json"):
-        if (src / name).is_file():
-            shutil.copy(src / name, dst / name)
+    for p in src.iterdir():
+        if p.name not in ("model.onnx", mf.MANIFEST_FILE):
+            shutil.copy(p, dst / p.name)
     man = json.loads((src / mf.MANIFEST_FILE).read_text())
     man["onnx"]["accuracy_level"] = level
     man["session_options"]["session.qdq_matmulnbits_accuracy_level"] = str(level)
@@ -229,65 +240,113 @@ def _logits_error(model, directory: Path, ids) -> float:
     return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
-def export_all(out: Path, variants, calib_len: int, reuse: bool) -> dict:
-    import torch
+#: lowbit exports of SmolLM2: name -> (recipe, export options, weight scale dtype, head recipe)
+LOWBIT_VARIANTS = {
+    "w4a16": ("w4a16", {}, "e4m3", None),
+    "w2a16": ("w2a16", {}, "e4m3", None),
+    "w2a16-fp16s": ("w2a16", {}, "fp16", None),
+    "w2a16-h4": ("w2a16", {}, "e4m3", "w4a16"),
+    "w2a16-nbits": ("w2a16", {"weight_kernel": "nbits"}, "e4m3", None),
+    "w2a16-dq": ("w2a16", {"weight_kernel": "dq"}, "e4m3", None),
+}
+#: copies of an export with MatMulNBits at accuracy_level 4: name -> source
+INT8_VARIANTS = {"w2a16-int8": "w2a16", "w2a16-h4-int8": "w2a16-h4", "ort4-int8": "ort4"}
+
+
+def _compile(model, calib, recipe_name: str, scale_dtype: str, head: str | None, cache: Path | None = None):
+    """lowbit.compile_quantized with the preset ``recipe_name`` (weight scales stored as
+    ``scale_dtype``); ``head``: a preset for the classifier, which the presets leave in
+    float (compiled on its own: every other site ignored). ``cache``: a folder where the
+    body's compiled model is kept (``lowbit.save``) and reused."""
+    from dataclasses import replace
 
     import lowbit
+
+    recipe = lowbit.get_recipe(recipe_name)
+    if scale_dtype != recipe.weight.scale_dtype:
+        recipe = replace(recipe, name=f"{recipe.name}-{scale_dtype}-scales",
+                         weight=replace(recipe.weight, scale_dtype=scale_dtype))
+    saved = cache / recipe.name if cache is not None else None
+    if saved is not None and (saved / "manifest.json").is_file():
+        qmodel = lowbit.load(saved)
+    else:
+        qmodel = lowbit.compile_quantized(model, recipe, calibration=calib, progress=False)
+        if saved is not None:
+            lowbit.save(qmodel, saved)
+    if head:  # QuantLinear.from_weight: what the quantize pass does per site (RTN + clip search)
+        from lowbit.quant_linear import QuantLinear
+
+        w = model.lm_head.weight.detach()
+        qmodel.lm_head = QuantLinear.from_weight(w, None, lowbit.get_recipe(head).weight)
+        qmodel.lowbit_recipe = replace(qmodel.lowbit_recipe, name=f"{recipe.name}+{head}-head")
+    return qmodel
+
+
+def export_all(out: Path, variants, calib_len: int, reuse: bool) -> dict:
+    """Export the variants missing from ``out`` (all of them unless ``reuse``)."""
+    import torch
+
     from lowbit.codegen.onnx import export_onnx
-    from lowbit.models import load_model
 
     timings = {}
     todo = [v for v in variants if not (reuse and (out / v / "manifest.json").is_file())]
-    if todo == ["w2a16-int8"] and (out / "w2a16" / "manifest.json").is_file():
-        shutil.rmtree(out / "w2a16-int8", ignore_errors=True)
-        _with_accuracy_level(out / "w2a16", out / "w2a16-int8", 4)
-        return timings
-    if not todo:
-        return timings
-    model, tokenizer = load_model("smollm2")
-    g = torch.Generator().manual_seed(0)
-    calib = torch.randint(0, model.config.vocab_size, (4, calib_len), generator=g)
-    for v in todo:
+    need = set(todo) | {INT8_VARIANTS[v] for v in todo if v in INT8_VARIANTS and
+                        not (out / INT8_VARIANTS[v] / "manifest.json").is_file()}
+    if "ort4" in need and not (out / "fp32" / "manifest.json").is_file():
+        need.add("fp32")
+    heavy = [v for v in VARIANTS if v in need and v not in INT8_VARIANTS and v != "ort4"]
+    if heavy:
+        from lowbit.models import load_model
+
+        model, tokenizer = load_model("smollm2")
+        g = torch.Generator().manual_seed(0)
+        calib = torch.randint(0, model.config.vocab_size, (4, calib_len), generator=g)
+    compiled: dict = {}
+    for v in heavy:
         d = out / v
         shutil.rmtree(d, ignore_errors=True)
         t0 = time.perf_counter()
-        if v == "w2a16-int8":
-            _with_accuracy_level(out / "w2a16", d, 4)
-            continue
-        if v == "fp32" or (v == "ort4" and not (out / "fp32" / "manifest.json").is_file()):
-            export_onnx(model, out / "fp32", tokenizer=tokenizer)
+        if v == "fp32":
+            export_onnx(model, d, tokenizer=tokenizer)
             timings["fp32_export_s"] = time.perf_counter() - t0
-            timings["fp32_logits_rel_err_vs_pytorch"] = _logits_error(model, out / "fp32", calib[0, :64])
-        if v == "ort4":
-            import onnx
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-            t0 = time.perf_counter()
-            q = MatMulNBitsQuantizer(onnx.load(str(out / "fp32" / "model.onnx")), bits=4)
-            q.process()
-            d.mkdir(parents=True)
-            q.model.save_model_to_file(str(d / "model.onnx"), use_external_data_format=True)
-            shutil.copy(out / "fp32" / "tokenizer.json", d / "tokenizer.json")
-            _write_peer_manifest(out / "fp32", d)
-            timings["ort4_quantize_s"] = time.perf_counter() - t0
-        elif v.startswith("w"):
-            recipe, _, kernel = v.partition("-")
-            qmodel = lowbit.compile_quantized(model, recipe, calibration=calib, progress=False)
+            timings["fp32_logits_rel_err_vs_pytorch"] = _logits_error(model, d, calib[0, :64])
+            continue
+        recipe, options, scales, head = LOWBIT_VARIANTS[v]
+        key = (recipe, scales, head)
+        if key not in compiled:
+            compiled = {key: _compile(model, calib, recipe, scales, head, out / "compiled")}  # keep one
             timings[f"{v}_compile_s"] = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            export_onnx(qmodel, d, tokenizer=tokenizer, weight_kernel=kernel or "nbits4")
-            timings[f"{v}_export_s"] = time.perf_counter() - t1
-            timings[f"{v}_logits_rel_err_vs_pytorch"] = _logits_error(qmodel, d, calib[0, :64])
-            if v == "w2a16":
-                timings["w2a16_bits_per_weight"] = json.loads((d / "manifest.json").read_text())["bits_per_weight"]
-            del qmodel
+        qmodel = compiled[key]
+        t1 = time.perf_counter()
+        export_onnx(qmodel, d, tokenizer=tokenizer, **options)
+        timings[f"{v}_export_s"] = time.perf_counter() - t1
+        timings[f"{v}_logits_rel_err_vs_pytorch"] = _logits_error(qmodel, d, calib[0, :64])
+        timings[f"{v}_bits_per_weight"] = json.loads((d / "manifest.json").read_text())["bits_per_weight"]
+    if "ort4" in need:
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        d = out / "ort4"
+        shutil.rmtree(d, ignore_errors=True)
+        t0 = time.perf_counter()
+        q = MatMulNBitsQuantizer(onnx.load(str(out / "fp32" / "model.onnx")), bits=4)
+        q.process()
+        d.mkdir(parents=True)
+        q.model.save_model_to_file(str(d / "model.onnx"), use_external_data_format=True)
+        shutil.copy(out / "fp32" / "tokenizer.json", d / "tokenizer.json")
+        _write_peer_manifest(out / "fp32", d)
+        timings["ort4_quantize_s"] = time.perf_counter() - t0
+    for v in todo:
+        if v in INT8_VARIANTS:
+            shutil.rmtree(out / v, ignore_errors=True)
+            _with_accuracy_level(out / INT8_VARIANTS[v], out / v, 4)
     return timings
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="/tmp/lowbit_onnx_bench")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, of {VARIANTS}")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--decode", type=int, default=32)
@@ -332,29 +391,37 @@ def main(argv=None) -> int:
                    "--prompt-len", str(args.prompt_len), "--decode", str(args.decode), "--repeats", str(args.repeats)]
             if args.text and r == 0:
                 cmd += ["--text", args.text, "--ppl-windows", str(args.ppl_windows), "--ppl-window", str(args.ppl_window)]
+            load = os.getloadavg()[0]  # other work on the machine (the variants share it alike, interleaved)
             res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
             if res.returncode:
                 print(res.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"measuring {v} failed")
-            rounds[v].append(json.loads(res.stdout.strip().splitlines()[-1]))
+            rounds[v].append({**json.loads(res.stdout.strip().splitlines()[-1]), "loadavg": load})
             print(v, rounds[v][-1], file=sys.stderr)
     summary = {}
     for v in variants:
-        med = {k: statistics.median(m[k] for m in rounds[v]) for k in rounds[v][0] if k != "perplexity"}
+        med = {k: statistics.median(m[k] for m in rounds[v]) for k in rounds[v][0]
+               if k not in ("perplexity", "bits_per_weight")}
         med["perplexity"] = rounds[v][0]["perplexity"]
-        if "fp32" in rounds:
-            med["decode_vs_fp32"] = statistics.median(
-                m["decode_ms"] / f["decode_ms"] for m, f in zip(rounds[v], rounds["fp32"]))
-            med["prefill_vs_fp32"] = statistics.median(
-                m["prefill_ms"] / f["prefill_ms"] for m, f in zip(rounds[v], rounds["fp32"]))
+        med["bits_per_weight"] = rounds[v][0]["bits_per_weight"]
+        for base in ("fp32", "ort4"):
+            if base in rounds:
+                for key in ("decode_ms", "prefill_ms"):
+                    med[f"{key}_vs_{base}"] = statistics.median(
+                        m[key] / f[key] for m, f in zip(rounds[v], rounds[base]))
         summary[v] = med
-    print("| variant | file MiB | load s | RSS MiB | peak RSS MiB | prefill ms | prefill vs fp32 | "
-          "decode ms/token | decode vs fp32 | perplexity |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    loads = [m["loadavg"] for r in rounds.values() for m in r]
+    print(f"load average (1 min) during the measurements: median {statistics.median(loads):.1f}, "
+          f"range {min(loads):.1f}-{max(loads):.1f}")
+    print("| variant | bits/weight (quantized sites) | file MiB | load s | RSS MiB | peak RSS MiB | prefill ms | "
+          "decode ms/token | decode vs fp32 | decode vs ort4 | perplexity |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for v, m in summary.items():
-        print(f"| {v} | {m['file_bytes'] / 2**20:.1f} | {m['load_seconds']:.2f} | {m['rss_mb']:.0f} | "
-              f"{m['peak_rss_mb']:.0f} | {m['prefill_ms']:.0f} | {m.get('prefill_vs_fp32', float('nan')):.2f} | "
-              f"{m['decode_ms']:.1f} | {m.get('decode_vs_fp32', float('nan')):.2f} | {m['perplexity']:.2f} |")
+        bpw = f"{m['bits_per_weight']:.2f}" if m["bits_per_weight"] else "-"
+        print(f"| {v} | {bpw} | {m['file_bytes'] / 2**20:.1f} | {m['load_seconds']:.2f} | {m['rss_mb']:.0f} | "
+              f"{m['peak_rss_mb']:.0f} | {m['prefill_ms']:.0f} | {m['decode_ms']:.1f} | "
+              f"{m.get('decode_ms_vs_fp32', float('nan')):.2f} | {m.get('decode_ms_vs_ort4', float('nan')):.2f} | "
+              f"{m['perplexity']:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "rounds": rounds, "timings": timings,
                                                "args": vars(args)}, indent=1))
