@@ -7,7 +7,7 @@
 Variants add passes before quantization: "none", "rotate", "rotate-noR1" (R2 and online
 Hadamard only), "fold" (norm folding only), "ocs-plain" (outlier channel
 splitting by plain halving), "ocs-ra" (rounding-aware splitting), "ocs-act" (activation
-splitting), "gptq" (GPTQ weights instead of RTN), and combinations joined with "+",
+splitting), "gptq" (GPTQ weights instead of RTN), "gptq-ao" (GPTQ with act-order), and combinations joined with "+",
 e.g. "rotate+ocs-ra" or "rotate+gptq".
 
 Protocol (the project's standard): the first 200,000 characters of WikiText-2 raw test,
@@ -107,6 +107,8 @@ def main(argv=None):
             recipe = lowbit.get_recipe(name).with_passes(*[VARIANT_PASSES[v] for v in parts if v in VARIANT_PASSES])
             if "gptq" in parts:
                 recipe = recipe.with_gptq()
+            elif "gptq-ao" in parts:
+                recipe = recipe.with_gptq(act_order=True)
             t0 = time.perf_counter()
             q = lowbit.compile_quantized(model, recipe, calibration=calib, progress=False)
             compile_s = time.perf_counter() - t0

@@ -169,10 +169,17 @@ def compile_quantized(
         model = copy.deepcopy(model)
     model.eval()
     calib = normalize_calibration(calibration)
+    param = next(model.parameters(), None)
+    if param is not None:  # token ids go where the model is (sites' calibration inputs come back to the CPU)
+        calib = [torch.utils._pytree.tree_map(
+            lambda a: a.to(param.device) if isinstance(a, torch.Tensor) else a, batch) for batch in calib]
     if recipe.weight_method == "gptq" and not calib:
         raise ValueError("GPTQ needs calibration data: pass calibration= (token ids), e.g. from "
                          "lowbit.calibration.from_text(...) or lowbit.calibration.from_generations(...)")
     example = tuple(example_inputs) if example_inputs is not None else (calib[0] if calib else default_example(model))
+    if param is not None:
+        example = torch.utils._pytree.tree_map(
+            lambda a: a.to(param.device) if isinstance(a, torch.Tensor) else a, example)
     report = CompileReport(meta={"recipe": recipe.name, "backend": backend, "model": type(model).__name__})
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -62,14 +62,14 @@ def gptq_quantize(
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += torch.eye(k, dtype=h.dtype) * damp * torch.diagonal(h).mean()
+    h += torch.eye(k, dtype=h.dtype, device=h.device) * damp * torch.diagonal(h).mean()
     stored = None
     if act_order:
         stored = search_group_scales(w.float(), fmt, gscale, clip_search)
         perm = torch.argsort(torch.diagonal(h), descending=True)
     else:
-        perm = torch.arange(k)
-        stored = torch.zeros(n_out, k // g).to(fmt.scale_torch_dtype)
+        perm = torch.arange(k, device=w.device)
+        stored = torch.zeros(n_out, k // g, device=w.device).to(fmt.scale_torch_dtype)
     inv = torch.argsort(perm)
     w = w[:, perm]
     h = h[perm][:, perm]

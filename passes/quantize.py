@@ -112,6 +112,8 @@ class QuantizePass(LowbitPass):
 
     def _quantize_site(self, gm, name, site, node, x, errors):
         weight = get_attr_path(gm, site.weight).detach()
+        if x is not None:  # calibration inputs are kept on the CPU; the site may live on a GPU
+            x = x.to(weight.device)
         bias = get_attr_path(gm, site.bias).detach() if site.bias else None
         existing = get_attr_path(gm, name) if node.op == "call_module" else None
         prologue = list(existing.prologue) if isinstance(existing, PrologueLinear) else []
