@@ -30,7 +30,7 @@ from lowbit.formats import QFormat, QTensor
 from lowbit.pass_manager import CompileContext, LowbitPass, SequentialCalibration
 from lowbit.prologue import PrologueLinear
 from lowbit.quant_linear import QuantLinear
-from lowbit.passes.weights import get_attr_path, install_module
+from lowbit.passes.weights import get_attr_path, install_module, separate_shared_weights
 
 
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
@@ -84,6 +84,13 @@ class QuantizePass(LowbitPass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         sites = find_linear_sites(gm)
         chosen = {name: s for name, s in sites.items() if not self.ignore(name)}
+        attrs = {n.target: n for n in gm.graph.nodes if n.op == "get_attr"}
+        if any(s.weight in attrs and len(attrs[s.weight].users) > 1 for s in chosen.values()):
+            # a chosen site shares its weight (tied classifier and embedding): the other user
+            # keeps the float tensor under its own path when the site's module is replaced
+            separate_shared_weights(gm)
+            sites = find_linear_sites(gm)
+            chosen = {name: s for name, s in sites.items() if not self.ignore(name)}
         skipped = [name for name in sites if name not in chosen]
         errors = []
         bar = tqdm(total=len(chosen), desc="quantize", disable=not self.context.progress, unit="site")

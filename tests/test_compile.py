@@ -103,3 +103,26 @@ def test_quantize_pass_alone_on_user_fx_graph():
 def test_bad_backend(tiny_llama):
     with pytest.raises(ValueError, match="backend"):
         compile_quantized(tiny_llama, "w4a16", backend="tpu")
+
+
+def test_quantizing_a_tied_classifier_keeps_the_embedding_float():
+    """Only the classifier (tied to the embedding) is quantized: the embedding keeps the float
+    table, and the logits are the float body's hidden states times the dequantized weight."""
+    import dataclasses
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
+    recipe = dataclasses.replace(lowbit.get_recipe("w4a16"), ignore=["model.*"])
+    q = lowbit.compile_quantized(model, recipe, calibration=ids, progress=False)
+    assert isinstance(q.lm_head, lowbit.QuantLinear)
+    assert torch.equal(q.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    with torch.no_grad():
+        hidden = model.model(ids).last_hidden_state.double()
+        expected = hidden @ q.lm_head.dequantized_weight().double().T
+        got = q(ids).logits.double()
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5
