@@ -30,7 +30,8 @@ from lowbit.formats import QFormat, QTensor
 from lowbit.pass_manager import CompileContext, LowbitPass, SequentialCalibration
 from lowbit.prologue import PrologueLinear
 from lowbit.quant_linear import QuantLinear
-from lowbit.passes.weights import get_attr_path, install_module, separate_shared_weights
+from lowbit.passes.weights import (
+    call_module_in_place_of, erase_unused_get_attrs, get_attr_path, install_module, separate_shared_weights)
 
 
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
@@ -104,9 +105,7 @@ class QuantizePass(LowbitPass):
                 self._quantize_site(gm, name, site, nodes[site.node], inputs.get(site.node), errors)
                 bar.update(1)
             del inputs
-            for n in list(gm.graph.nodes):  # weights of replaced sites are gone
-                if n.op == "get_attr" and not n.users:
-                    gm.graph.erase_node(n)
+            erase_unused_get_attrs(gm)  # weights of replaced sites are gone
             if b + 1 < len(blocks) and self.context.calibration:
                 calib.advance(next(iter(blocks[b + 1].values())).node)
         bar.close()
@@ -152,9 +151,5 @@ class QuantizePass(LowbitPass):
             rec["act_absmax"] = [float(f"{v:.4g}") for v in x_weight.abs().amax(0).tolist()]
             errors.append(err)
         install_module(gm, name, ql)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(name, (node.args[0],))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        call_module_in_place_of(gm, node, name)
 

@@ -45,7 +45,8 @@ from lowbit.hadamard import hadamard_transform, random_hadamard_matrix, supporte
 from lowbit.pass_manager import CompileContext, LowbitPass
 from lowbit.passes.fold_norms import fold_norm_scales
 from lowbit.passes.structure import StructureError, find_attention_pairs, find_residual_stream
-from lowbit.passes.weights import get_attr_path, install_module, set_param
+from lowbit.passes.weights import (
+    call_module_in_place_of, erase_unused_get_attrs, get_attr_path, install_module, set_param)
 from lowbit.prologue import HadamardPrologue, PrologueLinear
 from lowbit.capture import find_linear_sites
 
@@ -143,14 +144,8 @@ class RotatePass(LowbitPass):
             bias = get_attr_path(gm, site.bias).detach() if site.bias else None
             module = PrologueLinear.wrap(new_w.to(w.dtype), bias, [HadamardPrologue(n)])
             install_module(gm, site.name, module)
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_module(site.name, (node.args[0],))
-            new.meta = dict(node.meta)
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-        for n in list(gm.graph.nodes):
-            if n.op == "get_attr" and not n.users:
-                gm.graph.erase_node(n)
+            call_module_in_place_of(gm, node, site.name)
+        erase_unused_get_attrs(gm)
         gm.graph.lint()
         gm.recompile()
         return {"online_sites": len(chosen) - len(skipped), "online_skipped": skipped}

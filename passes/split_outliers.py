@@ -42,7 +42,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from lowbit.capture import find_linear_sites
 from lowbit.formats import QFormat, QTensor, effective_scales, quantize_codes, quantize_weight_rtn
 from lowbit.pass_manager import CompileContext, LowbitPass, SequentialCalibration
-from lowbit.passes.weights import get_attr_path, install_module
+from lowbit.passes.weights import call_module_in_place_of, erase_unused_get_attrs, get_attr_path, install_module
 from lowbit.prologue import ChannelSplitPrologue, PrologueLinear
 
 
@@ -177,17 +177,11 @@ class SplitOutliersPass(LowbitPass):
                 module.weight_qtensor = qt  # consumed by the quantize pass
             install_module(gm, name, module)
             if node.op != "call_module":
-                with gm.graph.inserting_before(node):
-                    new = gm.graph.call_module(name, (node.args[0],))
-                new.meta = dict(node.meta)
-                node.replace_all_uses_with(new)
-                gm.graph.erase_node(node)
+                call_module_in_place_of(gm, node, name)
             rec = self.report.site(name)
             rec["split_channels"] = m
             total_new += m
-        for n in list(gm.graph.nodes):
-            if n.op == "get_attr" and not n.users:
-                gm.graph.erase_node(n)
+        erase_unused_get_attrs(gm)
         gm.graph.lint()
         gm.recompile()
         self.details = {"mode": self.mode, "rounding_aware": self.rounding_aware and self.mode == "weight",

@@ -56,6 +56,24 @@ def install_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
+def call_module_in_place_of(gm: "torch.fx.GraphModule", node, name: str):
+    """Replace site ``node`` by a ``call_module`` of the module installed at ``name`` on the
+    node's first argument (same meta); returns the new node."""
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(name, (node.args[0],))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def erase_unused_get_attrs(gm: "torch.fx.GraphModule") -> None:
+    """Drop ``get_attr`` nodes nobody reads (the weights of replaced sites)."""
+    for n in list(gm.graph.nodes):
+        if n.op == "get_attr" and not n.users:
+            gm.graph.erase_node(n)
+
+
 def _module_path(node) -> str | None:
     stack = node.meta.get("nn_module_stack")
     if not stack:
