@@ -44,6 +44,18 @@ def _device_ok(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= _MIN_CAPABILITY
 
 
+def _packed_layout_problem(x, w_packed, w_scales, w_global, bias) -> str | None:
+    """Why the tensors are outside the 2-bit packed layout (uint8 codes, E4M3 scales per 16), or None."""
+    if w_packed.dtype != torch.uint8 or w_scales.dtype != torch.float8_e4m3fn or w_packed.dim() != 2 \
+            or w_scales.dim() != 2 or w_packed.shape[1] != 4 * w_scales.shape[1] \
+            or w_packed.shape[0] != w_scales.shape[0] or x.shape[-1] > 16 * w_scales.shape[1] \
+            or w_global.numel() != 1:
+        return "tensor shapes or dtypes outside the packed layout"
+    if bias is not None and bias.shape != (w_packed.shape[0],):
+        return "bias shape"
+    return None
+
+
 def w2a16_unsupported(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, group_size, w_scale_dtype,
                       a_bits) -> str | None:
     """Why the W2A16 kernel does not cover these arguments, or None when it does."""
@@ -53,13 +65,9 @@ def w2a16_unsupported(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, gro
         return f"weight format {w_grid}{w_bits}_g{group_size}_{w_scale_dtype} (kernel: int2/half2, g16, e4m3)"
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"activation dtype {x.dtype}"
-    if w_packed.dtype != torch.uint8 or w_scales.dtype != torch.float8_e4m3fn or w_packed.dim() != 2 \
-            or w_scales.dim() != 2 or w_packed.shape[1] != 4 * w_scales.shape[1] \
-            or w_packed.shape[0] != w_scales.shape[0] or x.shape[-1] > 16 * w_scales.shape[1] \
-            or w_global.numel() != 1:
-        return "tensor shapes or dtypes outside the packed layout"
-    if bias is not None and bias.shape != (w_packed.shape[0],):
-        return "bias shape"
+    problem = _packed_layout_problem(x, w_packed, w_scales, w_global, bias)
+    if problem:
+        return problem
     devices = {t.device for t in (x, w_packed, w_scales, w_global) + ((bias,) if bias is not None else ())}
     if len(devices) != 1 or not _device_ok(x.device):
         return f"device {x.device}"
@@ -74,13 +82,9 @@ def w2a2_unsupported(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, grou
         return "W2A2 kernel: int2 weights and activations, groups of 16, E4M3 scales"
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"activation dtype {x.dtype}"
-    if w_packed.dtype != torch.uint8 or w_scales.dtype != torch.float8_e4m3fn or w_packed.dim() != 2 \
-            or w_scales.dim() != 2 or w_packed.shape[1] != 4 * w_scales.shape[1] \
-            or w_packed.shape[0] != w_scales.shape[0] or x.shape[-1] > 16 * w_scales.shape[1] \
-            or w_global.numel() != 1:
-        return "tensor shapes or dtypes outside the packed layout"
-    if bias is not None and bias.shape != (w_packed.shape[0],):
-        return "bias shape"
+    problem = _packed_layout_problem(x, w_packed, w_scales, w_global, bias)
+    if problem:
+        return problem
     devices = {t.device for t in (x, w_packed, w_scales, w_global) + ((bias,) if bias is not None else ())}
     if len(devices) != 1 or x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) < (8, 9):
         return f"device {x.device} (FP8 tensor cores: compute capability 8.9 or above)"
