@@ -1,29 +1,44 @@
 """End-to-end benchmark: a Llama-2-7B-shaped ``LlamaForCausalLM`` (random weights, bf16, GPU)
-against its lowbit versions on the Triton backend, in the same run.
+against ``lowbit.compile_quantized(model, recipe, backend="triton")`` of the same model, in
+the same run.
 
-    python bench/e2e.py                       # all 32 layers
-    python bench/e2e.py --layers 4            # a shorter model for a first figure
-    python bench/e2e.py --recipes w2a16,w2a2  # which lowbit variants
+    python bench/e2e.py                          # all 32 layers, w2a16
+    python bench/e2e.py --layers 8               # fewer layers of the same shape
+    python bench/e2e.py --recipes w2a16,w2a2     # which lowbit recipes (RTN, no calibration)
+    python bench/e2e.py --no-compile             # skip the torch.compile variants
+    python bench/e2e.py --json out.json          # all rows
 
-Decode: tokens/s at batch 1 with a static KV cache (prompt of 16 tokens, then ``--new``
-greedy steps, each a forward of one token). Prefill: tokens/s of one forward over 2048 tokens
-without a cache. Variants: bf16 eager, bf16 ``torch.compile(mode="reduce-overhead")`` (CUDA
-graphs), the lowbit model eager and under the same ``torch.compile``.
+Decode (tokens/s at batch 1). A hand-written greedy decode loop over the model's own modules
+(embedding, RMSNorms, rotary table, the linear sites -- ``nn.Linear`` or lowbit's
+``QuantLinear`` --, the head) with a static KV cache of fixed length (``--max-len``) and the
+attention over the whole cache under a position mask (``F.scaled_dot_product_attention``), so
+every step has the same shapes. This replaces transformers' ``StaticCache``, whose in-place
+length counter made ``torch.compile(mode="reduce-overhead")`` skip CUDA graphs. The loop is
+checked against the model's own forward (``check``: logits of every position of a prompt).
+Variants of one step:
 
-The lowbit models are built by replacing every linear site of the decoder layers (the
-classifier head stays bf16, as in the presets) with a ``lowbit.QuantLinear`` holding random
-valid packed codes and E4M3 scales: the same modules and kernels that ``compile_quantized(model,
-recipe, backend="triton")`` produces, without running round-to-nearest on 7B weights (which only
-changes the values, not the work).
+* ``eager``: the step as Python code, kernel by kernel;
+* ``eager + CUDA graph``: one step (forward, argmax, position += 1) captured with
+  ``torch.cuda.CUDAGraph`` and replayed once per token;
+* ``torch.compile + CUDA graph``: the step compiled by ``torch.compile`` (default mode,
+  inductor), then captured the same way.
+
+Prefill (tokens/s of one forward over ``--prefill`` tokens, no cache, logits of the last token
+only): the HF forward eager, and under ``torch.compile`` (default mode).
+
+Each time is the median of several runs after warm-ups; every row is measured in the same
+process, on the same random weights.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 
 def llama7b_config(layers):
@@ -31,74 +46,134 @@ def llama7b_config(layers):
 
     return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
                        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                       torch_dtype=torch.bfloat16)
+                       rms_norm_eps=1e-5)
 
 
-def quantize_random(model, recipe):
-    """Swap each decoder linear for a QuantLinear with random codes (module docstring)."""
-    from lowbit.formats import QFormat
-    from lowbit.quant_linear import QuantLinear
-
-    wfmt = QFormat(2)
-    afmt = QFormat(2) if recipe == "w2a2" else None
-    g = torch.Generator(device="cuda").manual_seed(0)
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, lin in list(parent.named_children()):
-                if not isinstance(lin, torch.nn.Linear):
-                    continue
-                ql = QuantLinear(lin.in_features, lin.out_features, wfmt, afmt, lin.bias is not None, device="cuda")
-                ql.weight_packed = torch.randint(0, 256, ql.weight_packed.shape, generator=g, device="cuda",
-                                                 dtype=torch.uint8)
-                ql.weight_scales = (torch.rand(ql.weight_scales.shape, generator=g, device="cuda") * 224).to(
-                    torch.float8_e4m3fn)
-                ql.weight_global = torch.tensor(1.6e-4, device="cuda")  # weights of std ~0.02
-                setattr(parent, name, ql)
-    return model
+def _rotate_half(t):
+    a, b = t.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
 
 
-def _static_cache(model, max_len):
-    from transformers import StaticCache
+class StaticDecoder:
+    """Greedy batch-1 decoding of a Llama-style HF model with a static KV cache (module docstring).
 
-    try:
-        return StaticCache(config=model.config, max_batch_size=1, max_cache_len=max_len, device="cuda",
-                           dtype=torch.bfloat16)
-    except TypeError:
-        return StaticCache(config=model.config, max_cache_len=max_len)
+    ``step(tok)`` runs one token at position ``self.pos`` (a 1-element device tensor), writes
+    its keys and values into the cache, and returns the logits ``[1, 1, vocab]``; it neither
+    reads nor changes host state, so it can be captured in a CUDA graph or compiled.
+    """
+
+    def __init__(self, model, max_len, device="cuda"):
+        cfg = model.config
+        self.model = model
+        self.inner = model.model
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.max_len = max_len
+        dtype = self.inner.embed_tokens.weight.dtype
+        shape = (1, self.kv_heads, max_len, self.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.inner.layers]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.inner.layers]
+        self.pos = torch.zeros(1, device=device, dtype=torch.long)
+        self.slots = torch.arange(max_len, device=device)
+
+    def reset(self, pos=0):
+        for t in self.k + self.v:
+            t.zero_()
+        self.pos.fill_(pos)
+
+    def step(self, tok):
+        inner = self.inner
+        h = inner.embed_tokens(tok)  # [1, 1, hidden]
+        cos, sin = inner.rotary_emb(h, self.pos.view(1, 1))
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [1, 1, 1, head_dim]
+        visible = (self.slots <= self.pos).view(1, 1, 1, self.max_len)
+        for i, layer in enumerate(inner.layers):
+            attn = layer.self_attn
+            r = h
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(1, 1, self.heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(1, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(1, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.k[i].index_copy_(2, self.pos, k)
+            self.v[i].index_copy_(2, self.pos, v)
+            o = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=visible,
+                                               enable_gqa=self.kv_heads != self.heads)
+            h = r + attn.o_proj(o.transpose(1, 2).reshape(1, 1, self.heads * self.head_dim))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.model.lm_head(inner.norm(h))
 
 
-def decode_tps(model, fwd, new_tokens, prompt=16, reps=3):
-    """Greedy decode tokens/s at batch 1 (median of reps, after a warm-up run)."""
-    ids = torch.randint(0, 32000, (1, prompt), device="cuda")
-    times = []
-    for r in range(reps + 1):
-        cache = _static_cache(model, prompt + new_tokens + 1)
-        with torch.no_grad():
-            out = fwd(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt, device="cuda"),
-                      use_cache=True)
-            tok = out.logits[:, -1:].argmax(-1)
-            torch.cuda.synchronize()
+def check(model, dec, prompt=12):
+    """Relative error of the decode loop's logits against the model's own forward (all positions)."""
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=dec.pos.device)
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits.float()
+        dec.reset()
+        outs = []
+        for t in range(prompt):
+            outs.append(dec.step(ids[:, t:t + 1]).float())
+            dec.pos.add_(1)
+        got = torch.cat(outs, dim=1)
+    return ((got - ref).norm() / ref.norm()).item()
+
+
+def _sync():
+    torch.cuda.synchronize()
+
+
+def decode_tps(dec, step, new_tokens, graph, reps=5, prompt=16):
+    """Greedy decode tokens/s (median of ``reps`` timed runs of ``new_tokens`` steps, after a warm-up)."""
+    tok = torch.zeros(1, 1, device="cuda", dtype=torch.long)
+
+    def one():
+        logits = step(tok)
+        tok.copy_(logits[:, -1:].argmax(-1))
+        dec.pos.add_(1)
+
+    with torch.no_grad():
+        dec.reset(prompt)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (and compilation) outside any capture
+            for _ in range(3):
+                one()
+        torch.cuda.current_stream().wait_stream(side)
+        _sync()
+        g = None
+        if graph:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                one()
+        times = []
+        for r in range(reps + 1):
+            dec.reset(prompt)
+            tok.fill_(1)
+            _sync()
             t0 = time.perf_counter()
-            for i in range(new_tokens):
-                pos = torch.tensor([prompt + i], device="cuda")
-                out = fwd(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True)
-                tok = out.logits[:, -1:].argmax(-1).clone()
-            torch.cuda.synchronize()
-        if r:
-            times.append(time.perf_counter() - t0)
+            for _ in range(new_tokens):
+                if g is not None:
+                    g.replay()
+                else:
+                    one()
+            _sync()
+            if r:
+                times.append(time.perf_counter() - t0)
     return new_tokens / statistics.median(times)
 
 
-def prefill_tps(fwd, tokens=2048, reps=3):
-    ids = torch.randint(0, 32000, (1, tokens), device="cuda")
+def prefill_tps(fwd, vocab, tokens, reps=5):
+    ids = torch.randint(0, vocab, (1, tokens), device="cuda")
     times = []
     with torch.no_grad():
-        for r in range(reps + 1):
-            torch.cuda.synchronize()
+        for r in range(reps + 2):
+            _sync()
             t0 = time.perf_counter()
-            fwd(input_ids=ids, use_cache=False)
-            torch.cuda.synchronize()
-            if r:
+            fwd(input_ids=ids, use_cache=False, logits_to_keep=1)
+            _sync()
+            if r >= 2:
                 times.append(time.perf_counter() - t0)
     return tokens / statistics.median(times)
 
@@ -106,54 +181,118 @@ def prefill_tps(fwd, tokens=2048, reps=3):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--new", type=int, default=64, help="decode steps timed")
-    ap.add_argument("--recipes", default="w2a16,w2a2")
+    ap.add_argument("--new", type=int, default=128, help="decode steps timed")
+    ap.add_argument("--max-len", type=int, default=256, help="static KV cache length")
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--recipes", default="w2a16")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--budget", type=float, default=1e9, help="seconds: skip the remaining steps after this")
+    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/e2e.py needs a CUDA GPU", file=sys.stderr)
         return 1
     from transformers import LlamaForCausalLM
 
-    import lowbit.codegen.triton  # noqa: F401  (the Triton kernels of the lowbit ops)
+    import lowbit
 
+    t_start = time.time()
     torch.manual_seed(0)
-    print(f"# {torch.cuda.get_device_name()}; Llama-2-7B shape, {args.layers} layers, random weights", flush=True)
+    print(f"# {torch.cuda.get_device_name()}; torch {torch.__version__}; Llama-2-7B shape, {args.layers} layers, "
+          f"random weights (bf16)", flush=True)
     rows = []
 
-    def measure(label, model, compiled):
-        model.eval()
-        fwd = torch.compile(model.forward, mode="reduce-overhead") if compiled else model.forward
-        t0 = time.time()
-        d = decode_tps(model, fwd, args.new)
-        p = prefill_tps(model.forward if compiled else fwd)  # prefill: eager kernels (one large forward)
-        rows.append((label, d, p))
-        print(f"{label:40s} decode {d:8.1f} tok/s   prefill(2048) {p:9.0f} tok/s   ({time.time() - t0:.0f} s)",
+    def left():
+        return args.budget - (time.time() - t_start)
+
+    def record(model_name, kind, variant, value, extra=None):
+        row = dict(model=model_name, kind=kind, variant=variant, tokens_per_s=value, **(extra or {}))
+        rows.append(row)
+        print(f"{model_name:18s} {kind:8s} {variant:34s} {value:10.1f} tok/s  ({time.time() - t_start:.0f} s)",
               flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+
+    def attempt(label, fn):
+        if left() <= 0:
+            print(f"# skipped (time budget): {label}", flush=True)
+            return None
+        try:
+            return fn()
+        except Exception as e:  # one failing variant must not hide the others
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            print(f"# FAILED {label}: {msg}", flush=True)
+            rows.append(dict(variant=label, error=msg))
+            return None
 
     with torch.device("cuda"):
-        model = LlamaForCausalLM(llama7b_config(args.layers)).to(torch.bfloat16)
-    measure("bf16 eager", model, False)
-    if not args.no_compile:
-        measure("bf16 torch.compile reduce-overhead", model, True)
-        torch._dynamo.reset()
+        base = LlamaForCausalLM(llama7b_config(args.layers)).to(torch.bfloat16)
+    base.eval()
+    print(f"# bf16 model built ({time.time() - t_start:.0f} s)", flush=True)
+    models = [("bf16", base)]
     for recipe in args.recipes.split(","):
-        qmodel = quantize_random(model, recipe)  # in place: the bf16 weights are freed
-        torch.cuda.empty_cache()
-        measure(f"lowbit {recipe} (triton) eager", qmodel, False)
-        if not args.no_compile:
-            measure(f"lowbit {recipe} (triton) torch.compile", qmodel, True)
+        t0 = time.time()
+        q = attempt(f"compile_quantized {recipe}",
+                    lambda: lowbit.compile_quantized(base, recipe, backend="triton", progress=False))
+        if q is not None:
+            meta = q.lowbit_report.meta
+            print(f"# compile_quantized(model, {recipe!r}, backend='triton'): {time.time() - t0:.0f} s "
+                  f"(capture {meta.get('capture_method')} {meta.get('capture_seconds', 0):.0f} s)", flush=True)
+            models.append((f"lowbit {recipe}", q))
+    torch.cuda.empty_cache()
+
+    decs = {}
+    for name, m in models:
+        dec = StaticDecoder(m, args.max_len)
+        err = attempt(f"{name} decode-loop check", lambda: check(m, dec))
+        if err is not None:
+            print(f"# {name}: decode loop vs model forward, relative error of the logits {err:.2e}", flush=True)
+        decs[name] = dec
+    # decode: eager, eager + graph (all models), then prefill eager, then the compiled variants
+    for name, m in models:
+        dec = decs[name]
+        for variant, graph in (("eager", False), ("eager + CUDA graph", True)):
+            v = attempt(f"{name} decode {variant}", lambda: decode_tps(dec, dec.step, args.new, graph))
+            if v is not None:
+                record(name, "decode", variant, v)
+    for name, m in models:
+        v = attempt(f"{name} prefill eager", lambda: prefill_tps(m, m.config.vocab_size, args.prefill))
+        if v is not None:
+            record(name, "prefill", "eager", v)
+    if not args.no_compile:
+        for name, m in models:
+            dec = decs[name]
+            t0 = time.time()
+            cstep = torch.compile(dec.step)
+            v = attempt(f"{name} decode torch.compile + CUDA graph",
+                        lambda: decode_tps(dec, cstep, args.new, True))
+            if v is not None:
+                record(name, "decode", "torch.compile + CUDA graph", v, dict(compile_and_run_s=time.time() - t0))
             torch._dynamo.reset()
-        if recipe != args.recipes.split(",")[-1]:
-            with torch.device("cuda"):
-                model = LlamaForCausalLM(llama7b_config(args.layers)).to(torch.bfloat16)
-    base = {r[0]: r for r in rows}
-    ref = base.get("bf16 torch.compile reduce-overhead", rows[0])
+        for name, m in models:
+            t0 = time.time()
+            cfwd = torch.compile(m.forward)
+            v = attempt(f"{name} prefill torch.compile", lambda: prefill_tps(cfwd, m.config.vocab_size, args.prefill))
+            if v is not None:
+                record(name, "prefill", "torch.compile", v, dict(compile_and_run_s=time.time() - t0))
+            torch._dynamo.reset()
+
     print()
-    print(f"| variant ({args.layers} layers) | decode tok/s | vs bf16 compiled | prefill tok/s (2048) | vs bf16 compiled |")
-    print("|---|---:|---:|---:|---:|")
-    for label, d, p in rows:
-        print(f"| {label} | {d:.1f} | {d / ref[1]:.2f}x | {p:.0f} | {p / ref[2]:.2f}x |")
+    ref = {}
+    for r in rows:
+        if "error" not in r and r["model"] == "bf16":
+            ref.setdefault(r["kind"], {})[r["variant"]] = r["tokens_per_s"]
+    best = {kind: max(v.values()) for kind, v in ref.items()}
+    print(f"| model ({args.layers} layers of Llama-2-7B) | | variant | tokens/s | vs best bf16 |")
+    print("|---|---|---|---:|---:|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['variant']} | | failed: {r['error'][:80]} | | |")
+            continue
+        b = best.get(r["kind"])
+        print(f"| {r['model']} | {r['kind']} | {r['variant']} | {r['tokens_per_s']:.1f} | "
+              f"{r['tokens_per_s'] / b:.2f}x |" if b else "| |")
     return 0
 
 

@@ -96,7 +96,7 @@ def time_graph(fn, nsets, calls, replays):
     return statistics.median(times)
 
 
-def run(shapes, with_variants, dtype=torch.bfloat16):
+def run(shapes, with_variants, dtype=torch.bfloat16, extra=()):
     import triton
 
     import lowbit.codegen.triton as lt
@@ -132,6 +132,7 @@ def run(shapes, with_variants, dtype=torch.bfloat16):
         variants = [dict(v) for v in DEFAULT]
         if with_variants:
             variants += [dict(v) for v in VARIANTS.get((m, k, n), [])]
+        variants += [dict(v) for v in extra]
         variants.append(dict(op=True))
         for v in variants:
             name = "torch.ops.lowbit.qlinear" if v.get("op") else \
@@ -348,6 +349,9 @@ def main(argv=None):
     ap.add_argument("--shapes", default="all", help="comma-separated indices into SHAPES (w2a16), or 'all'")
     ap.add_argument("--suites", default="w2a16,w2a2,codebook", help="comma-separated: w2a16, w2a2, codebook")
     ap.add_argument("--json", default=None, help="write all rows to this file")
+    ap.add_argument("--extra", default="[]",
+                    help='JSON list of w2a16_linear keyword sets timed at every W2A16 shape, e.g. '
+                         '\'[{"path": "skinny", "num_warps": 4}]\'')
     ap.add_argument("--once", action="store_true",
                     help="run the default kernel of each shape twice and exit (for ncu / nsys)")
     args = ap.parse_args(argv)
@@ -373,7 +377,7 @@ def main(argv=None):
           flush=True)
     rows = []
     if "w2a16" in suites:
-        rows += run(shapes, args.variants)
+        rows += run(shapes, args.variants, extra=json.loads(args.extra))
     if "w2a2" in suites:
         rows += run_w2a2(args.variants)
     if "codebook" in suites:
