@@ -34,6 +34,11 @@ SHAPES = [  # (M, K, N, label)
     (1, 8192, 28672, "decode 8192->28672"),
     (16, 8192, 8192, "M=16 8192x8192"),
     (4096, 8192, 8192, "GEMM 4096x8192x8192"),
+    # Llama-2-7B decode shapes (bench/e2e.py), separate and as a `fuse` pass would join them
+    (1, 4096, 11008, "decode 4096->11008 (up)"),
+    (1, 11008, 4096, "decode 11008->4096 (down)"),
+    (1, 4096, 12288, "decode 4096->12288 (qkv)"),
+    (1, 4096, 22016, "decode 4096->22016 (gate+up)"),
 ]
 
 DEFAULT = [{}]
@@ -278,9 +283,10 @@ def run_w2a2(with_variants, shapes=W2A2_SHAPES, dtype=torch.bfloat16):
 
 
 CODEBOOK_SHAPES = [(1, 8192, 8192, "codebook decode 8192x8192"), (1, 4096, 4096, "codebook decode 4096x4096"),
-                   (1, 8192, 28672, "codebook decode 8192->28672")]
-CODEBOOK_VARIANTS = [dict(R=8, BLOCK_N=512), dict(R=16, BLOCK_N=512), dict(R=16, BLOCK_N=1024),
-                     dict(R=32, BLOCK_N=1024, num_warps=8), dict(R=8, BLOCK_N=2048), dict(R=4, BLOCK_N=1024)]
+                   (1, 8192, 28672, "codebook decode 8192->28672"), (16, 8192, 8192, "codebook M=16 8192x8192")]
+CODEBOOK_VARIANTS = [dict(path="table", R=16, BLOCK_N=1024), dict(GATHER=True), dict(WORDS=False),
+                     dict(BLOCK_N=64, num_warps=4), dict(BLOCK_N=256), dict(BLOCK_V=64), dict(BLOCK_V=16),
+                     dict(SPLIT_K=2), dict(SPLIT_K=8), dict(num_stages=2), dict(num_stages=4)]
 
 
 def run_codebook(with_variants, shapes=CODEBOOK_SHAPES, dtype=torch.bfloat16, index_bits=11):
@@ -311,7 +317,7 @@ def run_codebook(with_variants, shapes=CODEBOOK_SHAPES, dtype=torch.bfloat16, in
         sets = [idx] + [idx.clone() for _ in range(nset - 1)]
         variants = [{}] + ([dict(v) for v in CODEBOOK_VARIANTS] if with_variants else [])
         for v in variants:
-            name = "codebook GEMV " + (" ".join(f"{a}={b}" for a, b in v.items()) if v else f"default {kc._DEFAULTS}")
+            name = "codebook GEMV " + (" ".join(f"{a}={b}" for a, b in v.items()) if v else f"default {kc.default_config('decode', m, n, k // 16)}")
             try:
                 y = kc.codebook_gemv(x, idx, cb, sc, gs, None, index_bits, k, out_dtype=torch.float32, **v)
                 err = _rel(y, ref)

@@ -87,12 +87,18 @@ def test_w2a2_gemm_against_float64(m, config):
     assert torch.allclose(y.to(x.dtype).float(), yr.float(), rtol=2e-2, atol=1e-2 * yr.abs().max().item())
 
 
-@pytest.mark.parametrize("c,r", [(4, 16), (6, 4)])
-def test_codebook_gemv_against_float64(c, r):
+@pytest.mark.parametrize("c,config", [
+    (4, dict(path="table", R=16, BLOCK_N=16)),
+    (6, dict(path="table", R=4, BLOCK_N=16)),
+    (4, dict(BLOCK_N=16, BLOCK_V=8, SPLIT_K=2)),                 # index words, codewords from memory
+    (6, dict(BLOCK_N=16, BLOCK_V=8, SPLIT_K=1, GATHER=True)),    # index bytes, table through tl.gather
+    (11, dict(BLOCK_N=32, BLOCK_V=8, SPLIT_K=3, WORDS=False)),
+])
+def test_codebook_gemv_against_float64(c, config):
     torch.manual_seed(c)
     lin = CodebookLinear.from_weight(torch.randn(40, 136), torch.randn(40), CodebookFormat(16, c, 0, "e4m3"))
     x = torch.randn(3, 136).to(torch.bfloat16)
     ref = x.double() @ lin.dequantized_weight().double().T + lin.bias.double()
     y = kc.codebook_gemv(x, lin.indices_packed, lin.codebook_packed, lin.weight_scales, lin.weight_global, lin.bias,
-                         c, lin.packed_in_features, out_dtype=torch.float32, R=r, BLOCK_N=16)
+                         c, lin.packed_in_features, out_dtype=torch.float32, **config)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .w2a16 import _decode_e4m3, _interpreting, _tile_counters
+from .w2a16 import _decode_e4m3, _interpreting, _tile_counters, _x_pairs
 
 
 @triton.jit
@@ -95,7 +95,172 @@ def _codebook_gemv_kernel(
         tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
-_DEFAULTS = dict(R=16, BLOCK_N=1024, num_warps=8, num_stages=1)  # measured best of the sweep (docs/benchmarks.md)
+# ----------------------------------------------------------------------------------------
+# "decode" path: expand each vector's codeword to +-1 tiles and multiply on tensor cores
+# ----------------------------------------------------------------------------------------
+
+@triton.jit
+def _signs_asm_bf16(u):
+    """bf16x2 {+-1, +-1} from the sign bits 15 and 31 of u (one LOP3: sign | 0x3F80)."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t;
+        lop3.b32 t, $2, 0x80008000, 0x3F803F80, 0xEA;
+        mov.b32 {$0, $1}, t;
+        }""",
+        constraints="=h,=h,r", args=[u], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+
+
+@triton.jit
+def _signs_asm_fp16(u):
+    """fp16x2 {+-1, +-1} from the sign bits 15 and 31 of u (sign | 0x3C00)."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t;
+        lop3.b32 t, $2, 0x80008000, 0x3C003C00, 0xEA;
+        mov.b32 {$0, $1}, t;
+        }""",
+        constraints="=h,=h,r", args=[u], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+
+
+@triton.jit
+def _sign_pair(cw, cw2, i: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """[BLOCK_N, 2*BLOCK_V] tile whose column 2v + j holds the sign (+-1, exact) of element
+    i + 8j of vector v. ``cw`` holds the 16-bit codewords (bit e set: element e negative),
+    ``cw2`` the same with bits 8-15 moved to 16-23, so elements i and i + 8 sit 16 bits apart."""
+    if ASM:
+        SH: tl.constexpr = 15 - i
+        if DT == tl.bfloat16:
+            lo, hi = _signs_asm_bf16(cw2 << SH)
+        else:
+            lo, hi = _signs_asm_fp16(cw2 << SH)
+    else:
+        lo = (1.0 - 2.0 * ((cw >> i) & 1).to(tl.float32)).to(DT)
+        hi = (1.0 - 2.0 * ((cw >> (i + 8)) & 1).to(tl.float32)).to(DT)
+    return tl.reshape(tl.join(lo, hi), [BLOCK_N, 2 * BLOCK_V])
+
+
+@triton.jit
+def _sign_dot(acc, cw, cw2, xi, i: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr, UPCAST_DOT: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    a = _sign_pair(cw, cw2, i, DT, ASM, BLOCK_N, BLOCK_V)
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), tl.trans(xi).to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, tl.trans(xi), acc)
+
+
+@triton.jit
+def _codebook_decode_kernel(
+    x_ptr, idx_ptr, cb_ptr, cb16_ptr, s_ptr, g_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, MV, ROW_BYTES,
+    stride_xm, stride_in, stride_ym,
+    C_BITS: tl.constexpr, NB: tl.constexpr, WORDS: tl.constexpr, GATHER: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ASM: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """Swap-AB tensor-core product over the MV vectors of a row (split K as in
+    ``_w2a16_dot_kernel``): per tile of BLOCK_V vectors, the c-bit indices are read from the
+    bitstream (``WORDS``: two aligned int32 words per index, else NB bytes), their codewords
+    gathered from the 2^c-entry table (``GATHER``: a register copy of the table through
+    ``tl.gather``, else 16-bit loads from the table in global memory / L1, ``cb16_ptr``), expanded into eight
+    [BLOCK_N, 2*BLOCK_V] tiles of +-1 and multiplied with the matching permutations of x.
+    acc (fp32, exact products) * 0.5 * scale[n] * global + bias goes to y."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_n = pid // num_m
+    pid_m = pid % num_m
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    CB: tl.constexpr = 1 << C_BITS
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    offs_v = tl.arange(0, BLOCK_V)
+    offs_k = tl.arange(0, 16 * BLOCK_V)
+    if GATHER:
+        offs_c = tl.arange(0, CB)
+        table = tl.load(cb_ptr + 2 * offs_c).to(tl.int32) | (tl.load(cb_ptr + 2 * offs_c + 1).to(tl.int32) << 8)
+    tiles = tl.cdiv(MV, BLOCK_V)
+    per_split = tl.cdiv(tiles, SPLIT_K)
+    t_lo = pid_k * per_split
+    t_hi = tl.minimum(t_lo + per_split, tiles)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    row_words = ROW_BYTES // 4
+    for t in range(t_lo, t_hi):
+        vec = t * BLOCK_V + offs_v
+        vmask = n_mask[:, None] & (vec < MV)[None, :]
+        bitpos = vec * C_BITS
+        if WORDS:
+            w0 = bitpos >> 5
+            sh = (bitpos & 31)[None, :]
+            rows = idx_ptr + offs_n[:, None] * stride_in
+            lo = tl.load(rows + w0[None, :], mask=vmask, other=0).to(tl.uint32, bitcast=True)
+            hi = tl.load(rows + w0[None, :] + 1, mask=vmask & ((w0 + 1) < row_words)[None, :],
+                         other=0).to(tl.uint32, bitcast=True)
+            raw = (lo >> sh) | ((hi << 1) << (31 - sh))
+            idx = (raw & (CB - 1)).to(tl.int32)
+        else:
+            byte0 = bitpos >> 3
+            raw = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.int32)
+            for b in tl.static_range(NB):
+                ok = vmask & ((byte0 + b) < ROW_BYTES)[None, :]
+                byte = tl.load(idx_ptr + offs_n[:, None] * stride_in + (byte0 + b)[None, :], mask=ok, other=0)
+                raw |= byte.to(tl.int32) << (8 * b)
+            idx = (raw >> (bitpos & 7)[None, :]) & (CB - 1)
+        if GATHER:
+            cw = tl.reshape(tl.gather(table, tl.reshape(idx, [BLOCK_N * BLOCK_V]), 0), [BLOCK_N, BLOCK_V])
+        else:
+            cw = tl.load(cb16_ptr + idx).to(tl.int32) & 0xFFFF
+        cw = tl.where(vmask, cw, 0)
+        cw2 = (cw & 0xFF) | ((cw & 0xFF00) << 8)
+        k = t * 16 * BLOCK_V + offs_k
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                     mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_pairs(xt, BLOCK_M, BLOCK_V)
+        acc = _sign_dot(acc, cw, cw2, x0, 0, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
+        acc = _sign_dot(acc, cw, cw2, x1, 1, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
+        acc = _sign_dot(acc, cw, cw2, x2, 2, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
+        acc = _sign_dot(acc, cw, cw2, x3, 3, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
+        acc = _sign_dot(acc, cw, cw2, x4, 4, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
+        acc = _sign_dot(acc, cw, cw2, x5, 5, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
+        acc = _sign_dot(acc, cw, cw2, x6, 6, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
+        acc = _sign_dot(acc, cw, cw2, x7, 7, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
+    ymask = n_mask[:, None] & m_mask[None, :]
+    if SPLIT_K > 1:
+        # serial split-K as in _w2a16_dot_kernel: partial tiles, the last program sums them
+        tile = pid_n * num_m + pid_m
+        tile_mn = (offs_m[None, :] * N + offs_n[:, None])
+        tl.store(ws_ptr + pid_k * M * N + tile_mn, acc, mask=ymask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for kk in tl.static_range(SPLIT_K):
+                acc += tl.load(ws_ptr + kk * M * N + tile_mn, mask=ymask, other=0.0, cache_modifier=".cg")
+            _store_scaled(acc, s_ptr, g_ptr, b_ptr, y_ptr, offs_n, offs_m, n_mask, ymask, stride_ym, HAS_BIAS)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+    else:
+        _store_scaled(acc, s_ptr, g_ptr, b_ptr, y_ptr, offs_n, offs_m, n_mask, ymask, stride_ym, HAS_BIAS)
+
+
+@triton.jit
+def _store_scaled(acc, s_ptr, g_ptr, b_ptr, y_ptr, offs_n, offs_m, n_mask, ymask, stride_ym, HAS_BIAS: tl.constexpr):
+    """y[m, n] = acc[n, m] * 0.5 * scale[n] * global + bias[n], in y's dtype."""
+    scale = _decode_e4m3(tl.load(s_ptr + offs_n, mask=n_mask, other=0).to(tl.int32)) * tl.load(g_ptr)
+    out = acc * (0.5 * scale)[:, None]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], out.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+_DECODE_DEFAULTS = dict(path="decode", BLOCK_M=16, BLOCK_N=128, BLOCK_V=32, SPLIT_K=0, GATHER=False, ASM=True,
+                        num_warps=8, num_stages=3)
+_TARGET_PROGRAMS = 256
+
+
+_TABLE_DEFAULTS = dict(path="table", R=16, BLOCK_N=1024, num_warps=8, num_stages=1)  # measured best of the sweep (docs/benchmarks.md)
 
 
 def codebook_unsupported(x, indices_packed, codebook_packed, scales, global_scale, bias, vector_size, index_bits,
@@ -116,13 +281,26 @@ def codebook_unsupported(x, indices_packed, codebook_packed, scales, global_scal
     return None
 
 
+def default_config(path: str, m: int, n: int, mv: int) -> dict:
+    """Tile sizes of a path ("decode", the default, or "table"); ``SPLIT_K=0`` means automatic
+    (about two programs per SM, as in :func:`lowbit.codegen.triton.w2a16.default_config`)."""
+    cfg = dict(_DECODE_DEFAULTS if path == "decode" else _TABLE_DEFAULTS)
+    if path == "decode" and cfg["SPLIT_K"] == 0:
+        tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+        cfg["SPLIT_K"] = max(1, min(8, triton.cdiv(mv, cfg["BLOCK_V"]), round(_TARGET_PROGRAMS / tiles)))
+    return cfg
+
+
 def codebook_gemv(x: torch.Tensor, indices_packed: torch.Tensor, codebook_packed: torch.Tensor,
                   scales: torch.Tensor, global_scale: torch.Tensor, bias: torch.Tensor | None = None,
-                  index_bits: int = 11, padded_width: int | None = None, out_dtype=None, **config) -> torch.Tensor:
+                  index_bits: int = 11, padded_width: int | None = None, out_dtype=None, path: str = "decode",
+                  **config) -> torch.Tensor:
     """``x @ W^T + bias`` for a codebook weight with v = 16 and per-row E4M3 scales (module
-    docstring). ``x`` bf16/fp16 [..., K]; output in x's dtype (or ``out_dtype``)."""
-    cfg = dict(_DEFAULTS)
-    cfg.update(config)
+    docstring). ``x`` bf16/fp16 [..., K]; output in x's dtype (or ``out_dtype``). ``path``:
+    "decode" (codewords expanded to +-1 tiles on tensor cores) or "table" (the table-lookup
+    kernel); ``config`` overrides tile sizes."""
+    if path not in ("decode", "table"):
+        raise ValueError(f"path must be 'decode' or 'table', got {path!r}")
     n = indices_packed.shape[0]
     k = x.shape[-1]
     kp = padded_width or -(-k // 16) * 16
@@ -132,21 +310,48 @@ def codebook_gemv(x: torch.Tensor, indices_packed: torch.Tensor, codebook_packed
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
+    cfg = default_config(path, m, n, mv)
+    cfg.update(config)
+    cfg.pop("path", None)
     out_dtype = out_dtype or x.dtype
     y = torch.empty((m, n), device=x.device, dtype=out_dtype)
     if m == 0:
+        return y.reshape(*lead, n)
+    g = global_scale.reshape(1).float()
+    idx = indices_packed if indices_packed.stride(-1) == 1 else indices_packed.contiguous()
+    cb = codebook_packed.contiguous()
+    sbytes = scales.view(torch.uint8).reshape(n)
+    interp = _interpreting()
+    if path == "decode":
+        split = cfg["SPLIT_K"]
+        if split < 1:
+            split = default_config(path, m, n, mv)["SPLIT_K"]
+        tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+        words = idx.shape[1] % 4 == 0 and idx.stride(0) % 4 == 0 and idx.data_ptr() % 4 == 0 \
+            and cfg.get("WORDS", True)
+        idx_arg = idx.view(torch.int32) if words else idx
+        if split > 1:
+            ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+            cnt = _tile_counters(x.device, tiles)
+        else:
+            ws, cnt = y, g  # unused
+        _codebook_decode_kernel[(tiles, split)](
+            x2, idx_arg, cb, cb.view(torch.int16), sbytes, g, bias if bias is not None else g, y, ws, cnt,
+            m, n, k, mv, idx.shape[1], x2.stride(0), idx_arg.stride(0), y.stride(0),
+            C_BITS=index_bits, NB=(7 + index_bits + 7) // 8, WORDS=words, GATHER=cfg["GATHER"],
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], SPLIT_K=split,
+            HAS_BIAS=bias is not None, ASM=cfg["ASM"] and not interp,
+            UPCAST_DOT=interp and x.dtype == torch.bfloat16,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return y.reshape(*lead, n)
     r, bn = cfg["R"], cfg["BLOCK_N"]
     chunks = triton.cdiv(mv, r)
     nblocks = triton.cdiv(n, bn)
     ws = torch.empty((chunks, m, n), device=x.device, dtype=torch.float32)
     cnt = _tile_counters(x.device, nblocks * m)
-    g = global_scale.reshape(1).float()
-    idx = indices_packed if indices_packed.stride(-1) == 1 else indices_packed.contiguous()
     _codebook_gemv_kernel[(nblocks, chunks, m)](
-        x2, idx, codebook_packed.contiguous(), scales.view(torch.uint8).reshape(n), g,
-        bias if bias is not None else g, y, ws, cnt,
+        x2, idx, cb, sbytes, g, bias if bias is not None else g, y, ws, cnt,
         n, k, mv, idx.shape[1], chunks, x2.stride(0), idx.stride(0), y.stride(0),
         C_BITS=index_bits, R=r, BLOCK_N=bn, NB=(7 + index_bits + 7) // 8, HAS_BIAS=bias is not None,
-        UPCAST=_interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        UPCAST=interp, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.reshape(*lead, n)

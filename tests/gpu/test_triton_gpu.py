@@ -160,7 +160,9 @@ def test_w2a2_gemm_against_float64(m, config):
 
 # -- codebook -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("m,c,config", [(1, 11, {}), (3, 11, dict(R=16, BLOCK_N=512)), (1, 8, dict(R=4, BLOCK_N=256))])
+@pytest.mark.parametrize("m,c,config", [(1, 11, {}), (16, 11, {}), (3, 11, dict(GATHER=True)), (1, 11, dict(WORDS=False)),
+                                        (3, 11, dict(path="table", R=16, BLOCK_N=512)),
+                                        (1, 8, dict(path="table", R=4, BLOCK_N=256))])
 def test_codebook_gemv_against_float64(m, c, config):
     from lowbit.codebook import dequantize_codebook_weight
     from lowbit.codegen.triton import codebook as kc
