@@ -43,8 +43,11 @@ SHAPES = [  # (M, K, N, label)
 
 DEFAULT = [{}]
 _SK = dict(path="skinny")
+_OD = dict(_SK, ONE_DOT=True)  # one tensor-core product per tile (codegen/triton/w2a16.py, _tile_dot)
 VARIANTS = {  # by (M, K, N); the full sweep behind the defaults is in docs/benchmarks.md
     (1, 8192, 8192): [
+        dict(_OD, BLOCK_G=16), dict(_OD, BLOCK_G=32), dict(_OD, BLOCK_G=8), dict(_OD, BLOCK_G=16, num_stages=4),
+        dict(_OD, BLOCK_G=16, SPLIT_K=2), dict(_OD, BLOCK_G=16, BLOCK_N=64, num_warps=4),
         dict(_SK, SPLIT_K=1),
         dict(_SK, SPLIT_K=4),
         dict(_SK, BLOCK_N=64, BLOCK_G=32, num_warps=4, SPLIT_K=2),
@@ -53,13 +56,14 @@ VARIANTS = {  # by (M, K, N); the full sweep behind the defaults is in docs/benc
         dict(path="gemv"),
     ],
     (1, 4096, 4096): [
+        dict(_OD, BLOCK_G=16), dict(_OD, BLOCK_G=32),
         dict(_SK, SPLIT_K=2),
         dict(_SK, SPLIT_K=8),
         dict(_SK, BLOCK_N=64, BLOCK_G=32, num_warps=4, SPLIT_K=4),
         dict(path="gemv"),
     ],
-    (1, 8192, 28672): [dict(_SK, SPLIT_K=2)],
-    (16, 8192, 8192): [dict(_SK, BLOCK_N=64, BLOCK_G=32, num_warps=4, SPLIT_K=1),
+    (1, 8192, 28672): [dict(_SK, SPLIT_K=2), dict(_OD, BLOCK_G=16)],
+    (16, 8192, 8192): [dict(_OD, BLOCK_G=16), dict(_OD, BLOCK_G=32),dict(_SK, BLOCK_N=64, BLOCK_G=32, num_warps=4, SPLIT_K=1),
                        dict(_SK, BLOCK_N=64, BLOCK_G=32, num_warps=4, SPLIT_K=2)],
     (4096, 8192, 8192): [dict(path="gemm", BLOCK_M=128, BLOCK_G=16, XPERM=False)],
 }

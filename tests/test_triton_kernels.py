@@ -79,15 +79,29 @@ def test_w2a16_against_float64_and_reference_op(path, m, k, n, grid, dtype, kind
     torch.testing.assert_close(y.float(), y_op.float(), rtol=ulp, atol=1e-6 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("variant", [dict(SPLIT_K=2), dict(XPERM=False), dict(SPLIT_K=3, XPERM=False)])
+@pytest.mark.parametrize("variant", [dict(SPLIT_K=2), dict(XPERM=False), dict(SPLIT_K=3, XPERM=False),
+                                     dict(ONE_DOT=True), dict(ONE_DOT=True, SPLIT_K=2)])
 def test_dot_kernel_variants(variant):
-    """Split-K (fp32 atomics) and the host-permuted x operand give the same product."""
+    """Split-K, the host-permuted x operand and the one-product-per-tile form give the same product."""
     packed, stored, gscale = _stress_weight(48, 192, seed=5)
     w = dequantize_weight(packed, stored, gscale, QFormat(2))
     x = torch.randn(2, 192).to(torch.bfloat16)
     ref = x.double() @ w.double().T
     cfg = dict(SMALL["skinny"], **variant)
     y = lt.w2a16_linear(x, packed, stored, gscale, path="skinny", out_dtype=torch.float32, **cfg)
+    assert _rel(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("grid,dtype", [("int", torch.bfloat16), ("half", torch.float16)])
+def test_one_dot_tile_half_grid_and_fp16(grid, dtype):
+    """ONE_DOT (all 16 codes of a group in one product, x permuted to the joined K order) on
+    both grids and activation dtypes, with a ragged K."""
+    packed, stored, gscale = _stress_weight(32, 160, seed=11)
+    w = dequantize_weight(packed, stored, gscale, QFormat(2, grid))
+    x = torch.randn(3, 150).to(dtype)
+    ref = x.double() @ w[:, :150].double().T
+    y = lt.w2a16_linear(x, packed, stored, gscale, grid=grid, path="skinny", out_dtype=torch.float32,
+                        ONE_DOT=True, **SMALL["skinny"])
     assert _rel(y, ref) < 1e-5
 
 

@@ -239,10 +239,9 @@ def _pair_asm_fp16(u, s1, soff):
 
 
 @triton.jit
-def _dequant_pair(w, s, s1, soff, i: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr,
-                  ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-    """[BLOCK_N, 2*BLOCK_G] tile whose column 2g + j holds the value of code i + 8j of group g
-    (fields i and i + 8 of a word are 16 bits apart: one 32-bit lane of packed math)."""
+def _dequant_pair3(w, s, s1, soff, i: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """[BLOCK_N, BLOCK_G, 2] tile whose element [n, g, j] holds the value of code i + 8j of
+    group g (fields i and i + 8 of a word are 16 bits apart: one 32-bit lane of packed math)."""
     if ASM:
         if DT == tl.bfloat16:
             SH: tl.constexpr = 2 * i - 5
@@ -261,7 +260,14 @@ def _dequant_pair(w, s, s1, soff, i: tl.constexpr, HALF: tl.constexpr, DT: tl.co
     else:
         lo = _dequant_field(w, s, i, 1, HALF).to(DT)
         hi = _dequant_field(w, s, i + 8, 1, HALF).to(DT)
-    return tl.reshape(tl.join(lo, hi), [BLOCK_N, 2 * BLOCK_G])
+    return tl.join(lo, hi)
+
+
+@triton.jit
+def _dequant_pair(w, s, s1, soff, i: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr,
+                  ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """[BLOCK_N, 2*BLOCK_G] tile whose column 2g + j holds the value of code i + 8j of group g."""
+    return tl.reshape(_dequant_pair3(w, s, s1, soff, i, HALF, DT, ASM), [BLOCK_N, 2 * BLOCK_G])
 
 
 @triton.jit
@@ -293,6 +299,36 @@ def _pair_dot(acc, w, s, s1, soff, xi, i: tl.constexpr, HALF: tl.constexpr, DT: 
 
 
 @triton.jit
+def _tile_dot(acc, w, s, s1, soff, xt, HALF: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr,
+              UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """acc + (the whole dequantized tile) @ x tile^T as ONE product over K = 16*BLOCK_G.
+
+    The eight code-pair tiles are joined (each join adds a register dimension) into
+    A[n, 16g + 8a + 4b + 2c + j] = value of code 4a + 2b + c + 8j of group g (the two halves of
+    a packed bf16x2 pair adjacent along K), and the natural x tile [BLOCK_M, 16*BLOCK_G] is
+    permuted to the same K order on its way to the B operand. One dot instead of eight: one
+    wait for the tensor cores per tile, not one per code pair."""
+    p0 = _dequant_pair3(w, s, s1, soff, 0, HALF, DT, ASM)
+    p1 = _dequant_pair3(w, s, s1, soff, 1, HALF, DT, ASM)
+    p2 = _dequant_pair3(w, s, s1, soff, 2, HALF, DT, ASM)
+    p3 = _dequant_pair3(w, s, s1, soff, 3, HALF, DT, ASM)
+    p4 = _dequant_pair3(w, s, s1, soff, 4, HALF, DT, ASM)
+    p5 = _dequant_pair3(w, s, s1, soff, 5, HALF, DT, ASM)
+    p6 = _dequant_pair3(w, s, s1, soff, 6, HALF, DT, ASM)
+    p7 = _dequant_pair3(w, s, s1, soff, 7, HALF, DT, ASM)
+    # dims (n, g, j, c, b, a): code i = 4a + 2b + c; reordered to (n, g, a, b, c, j) so that the
+    # two codes of a packed pair (j = 0, 1) stay adjacent along K
+    b0 = tl.join(tl.join(p0, p1), tl.join(p2, p3))
+    b1 = tl.join(tl.join(p4, p5), tl.join(p6, p7))
+    a = tl.reshape(tl.permute(tl.join(b0, b1), (0, 1, 5, 4, 3, 2)), [BLOCK_N, 16 * BLOCK_G])
+    xr = tl.reshape(xt, [BLOCK_M, BLOCK_G, 2, 2, 2, 2])  # dims (m, g, j, a, b, c)
+    xp = tl.reshape(tl.permute(xr, (0, 1, 3, 4, 5, 2)), [BLOCK_M, 16 * BLOCK_G])
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), tl.trans(xp).to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, tl.trans(xp), acc)
+
+
+@triton.jit
 def _store_tile(acc, b_ptr, y_ptr, offs_n, offs_m, n_mask, ymask, stride_ym, HAS_BIAS: tl.constexpr):
     """y[m, n] = acc[n, m] + bias[n], in y's dtype."""
     if HAS_BIAS:
@@ -307,7 +343,7 @@ def _w2a16_dot_kernel(
     stride_xi, stride_xm, stride_wn, stride_sn, stride_ym,
     HALF: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, XPERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-    GROUP_N: tl.constexpr, SPLIT_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    GROUP_N: tl.constexpr, SPLIT_K: tl.constexpr, UPCAST_DOT: tl.constexpr, ONE_DOT: tl.constexpr = False,
 ):
     """Swap-AB tensor-core product over ``GX = cdiv(K, 16)`` groups of 16.
 
@@ -318,7 +354,8 @@ def _w2a16_dot_kernel(
     goes to y[m, n]. With SPLIT_K > 1, ``ws`` (fp32 [SPLIT_K, M, N]) holds partial sums and
     ``cnt`` (int32, one zero per output tile, left at zero) counts arrivals. ``UPCAST_DOT``
     (Triton's CPU interpreter only, whose bf16 dot is wrong) multiplies the exactly upcast
-    fp32 operands instead.
+    fp32 operands instead. ``ONE_DOT`` (needs ``XPERM``): one product per tile over all 16
+    codes of each group (``_tile_dot``) instead of eight pair products.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -351,31 +388,37 @@ def _w2a16_dot_kernel(
         w = w ^ _XOR_HIGH_BITS
         s1 = s.to(DT)
         soff = (s * (0.5 * HALF - 6.0)).to(DT)
-        if XPERM:
+        if ONE_DOT:
             k = t * 16 * BLOCK_G + offs_k
             xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
                          mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
-            x0, x1, x2, x3, x4, x5, x6, x7 = _x_pairs(xt, BLOCK_M, BLOCK_G)
+            acc = _tile_dot(acc, w, s, s1, soff, xt, HALF, DT, ASM, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_G)
         else:
-            c = t * 2 * BLOCK_G + offs_c
-            xp = x_ptr + offs_m[:, None] * stride_xm + c[None, :]
-            xmask = m_mask[:, None] & (c < 2 * GX)[None, :]
-            x0 = tl.load(xp, mask=xmask, other=0.0)
-            x1 = tl.load(xp + stride_xi, mask=xmask, other=0.0)
-            x2 = tl.load(xp + 2 * stride_xi, mask=xmask, other=0.0)
-            x3 = tl.load(xp + 3 * stride_xi, mask=xmask, other=0.0)
-            x4 = tl.load(xp + 4 * stride_xi, mask=xmask, other=0.0)
-            x5 = tl.load(xp + 5 * stride_xi, mask=xmask, other=0.0)
-            x6 = tl.load(xp + 6 * stride_xi, mask=xmask, other=0.0)
-            x7 = tl.load(xp + 7 * stride_xi, mask=xmask, other=0.0)
-        acc = _pair_dot(acc, w, s, s1, soff, x0, 0, HALF, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_G)
-        acc = _pair_dot(acc, w, s, s1, soff, x1, 1, HALF, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_G)
-        acc = _pair_dot(acc, w, s, s1, soff, x2, 2, HALF, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_G)
-        acc = _pair_dot(acc, w, s, s1, soff, x3, 3, HALF, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_G)
-        acc = _pair_dot(acc, w, s, s1, soff, x4, 4, HALF, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_G)
-        acc = _pair_dot(acc, w, s, s1, soff, x5, 5, HALF, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_G)
-        acc = _pair_dot(acc, w, s, s1, soff, x6, 6, HALF, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_G)
-        acc = _pair_dot(acc, w, s, s1, soff, x7, 7, HALF, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_G)
+            if XPERM:
+                k = t * 16 * BLOCK_G + offs_k
+                xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                             mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
+                x0, x1, x2, x3, x4, x5, x6, x7 = _x_pairs(xt, BLOCK_M, BLOCK_G)
+            else:
+                c = t * 2 * BLOCK_G + offs_c
+                xp = x_ptr + offs_m[:, None] * stride_xm + c[None, :]
+                xmask = m_mask[:, None] & (c < 2 * GX)[None, :]
+                x0 = tl.load(xp, mask=xmask, other=0.0)
+                x1 = tl.load(xp + stride_xi, mask=xmask, other=0.0)
+                x2 = tl.load(xp + 2 * stride_xi, mask=xmask, other=0.0)
+                x3 = tl.load(xp + 3 * stride_xi, mask=xmask, other=0.0)
+                x4 = tl.load(xp + 4 * stride_xi, mask=xmask, other=0.0)
+                x5 = tl.load(xp + 5 * stride_xi, mask=xmask, other=0.0)
+                x6 = tl.load(xp + 6 * stride_xi, mask=xmask, other=0.0)
+                x7 = tl.load(xp + 7 * stride_xi, mask=xmask, other=0.0)
+            acc = _pair_dot(acc, w, s, s1, soff, x0, 0, HALF, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_G)
+            acc = _pair_dot(acc, w, s, s1, soff, x1, 1, HALF, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_G)
+            acc = _pair_dot(acc, w, s, s1, soff, x2, 2, HALF, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_G)
+            acc = _pair_dot(acc, w, s, s1, soff, x3, 3, HALF, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_G)
+            acc = _pair_dot(acc, w, s, s1, soff, x4, 4, HALF, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_G)
+            acc = _pair_dot(acc, w, s, s1, soff, x5, 5, HALF, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_G)
+            acc = _pair_dot(acc, w, s, s1, soff, x6, 6, HALF, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_G)
+            acc = _pair_dot(acc, w, s, s1, soff, x7, 7, HALF, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_G)
     acc = acc * tl.load(g_ptr)
     ymask = n_mask[:, None] & m_mask[None, :]
     if SPLIT_K > 1:
@@ -556,6 +599,6 @@ def w2a16_linear(
         0 if xperm else xk.stride(0), xk.stride(-2), words.stride(0), sbytes.stride(0), y.stride(0),
         HALF=half, HAS_BIAS=has_bias, ASM=cfg["ASM"] and not interp, XPERM=xperm,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_G"], GROUP_N=cfg["GROUP_N"],
-        SPLIT_K=split, UPCAST_DOT=interp and x.dtype == torch.bfloat16,
+        SPLIT_K=split, UPCAST_DOT=interp and x.dtype == torch.bfloat16, ONE_DOT=cfg.get("ONE_DOT", False),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.reshape(*lead, n)
