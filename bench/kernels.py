@@ -288,9 +288,11 @@ def run_w2a2(with_variants, shapes=W2A2_SHAPES, dtype=torch.bfloat16):
 
 CODEBOOK_SHAPES = [(1, 8192, 8192, "codebook decode 8192x8192"), (1, 4096, 4096, "codebook decode 4096x4096"),
                    (1, 8192, 28672, "codebook decode 8192->28672"), (16, 8192, 8192, "codebook M=16 8192x8192")]
-CODEBOOK_VARIANTS = [dict(path="table", R=16, BLOCK_N=1024), dict(GATHER=True), dict(WORDS=False),
-                     dict(BLOCK_N=64, num_warps=4), dict(BLOCK_N=256), dict(BLOCK_V=64), dict(BLOCK_V=16),
-                     dict(SPLIT_K=2), dict(SPLIT_K=8), dict(num_stages=2), dict(num_stages=4)]
+_DEC = dict(path="decode")  # codewords expanded to +-1 tiles on tensor cores (codegen/triton/codebook.py)
+CODEBOOK_VARIANTS = [_DEC, dict(_DEC, ONE_DOT=False), dict(_DEC, BLOCK_V=32), dict(_DEC, BLOCK_V=8),
+                     dict(_DEC, GATHER=True), dict(_DEC, WORDS=False), dict(_DEC, BLOCK_N=64, num_warps=4),
+                     dict(_DEC, BLOCK_N=256), dict(_DEC, SPLIT_K=2), dict(_DEC, SPLIT_K=8), dict(_DEC, num_stages=2),
+                     dict(_DEC, num_stages=4)]
 
 
 def run_codebook(with_variants, shapes=CODEBOOK_SHAPES, dtype=torch.bfloat16, index_bits=11):
@@ -319,10 +321,10 @@ def run_codebook(with_variants, shapes=CODEBOOK_SHAPES, dtype=torch.bfloat16, in
         del wbs, wb
         nset = max(1, math.ceil(STREAM_BYTES / idx.nbytes))
         sets = [idx] + [idx.clone() for _ in range(nset - 1)]
-        variants = [{}] + ([dict(v) for v in CODEBOOK_VARIANTS] if with_variants and (m, k, n) == (1, 8192, 8192)
-                           else [])
+        variants = [{}, dict(_DEC)] + ([dict(v) for v in CODEBOOK_VARIANTS[1:]]
+                                       if with_variants and (m, k, n) == (1, 8192, 8192) else [])
         for v in variants:
-            name = "codebook GEMV " + (" ".join(f"{a}={b}" for a, b in v.items()) if v else f"default {kc.default_config('decode', m, n, k // 16)}")
+            name = "codebook GEMV " + (" ".join(f"{a}={b}" for a, b in v.items()) if v else f"default {kc._TABLE_DEFAULTS}")
             try:
                 y = kc.codebook_gemv(x, idx, cb, sc, gs, None, index_bits, k, out_dtype=torch.float32, **v)
                 err = _rel(y, ref)

@@ -90,9 +90,10 @@ def test_w2a2_gemm_against_float64(m, config):
 @pytest.mark.parametrize("c,config", [
     (4, dict(path="table", R=16, BLOCK_N=16)),
     (6, dict(path="table", R=4, BLOCK_N=16)),
-    (4, dict(BLOCK_N=16, BLOCK_V=8, SPLIT_K=2)),                 # index words, codewords from memory
-    (6, dict(BLOCK_N=16, BLOCK_V=8, SPLIT_K=1, GATHER=True)),    # index bytes, table through tl.gather
-    (11, dict(BLOCK_N=32, BLOCK_V=8, SPLIT_K=3, WORDS=False)),
+    (4, dict(path="decode", BLOCK_N=16, BLOCK_V=8, SPLIT_K=2)),               # index words, codewords from memory
+    (6, dict(path="decode", BLOCK_N=16, BLOCK_V=8, SPLIT_K=1, GATHER=True)),  # index bytes, table via tl.gather
+    (11, dict(path="decode", BLOCK_N=32, BLOCK_V=8, SPLIT_K=3, WORDS=False)),
+    (11, dict(path="decode", BLOCK_N=16, BLOCK_V=8, SPLIT_K=2, ONE_DOT=False)),  # eight pair products per tile
 ])
 def test_codebook_gemv_against_float64(c, config):
     torch.manual_seed(c)

@@ -124,9 +124,8 @@ def _signs_asm_fp16(u):
 
 
 @triton.jit
-def _sign_pair(cw, cw2, i: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-    """[BLOCK_N, 2*BLOCK_V] tile whose column 2v + j holds the sign (+-1, exact) of element
+def _sign_pair3(cw, cw2, i: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """[BLOCK_N, BLOCK_V, 2] tile whose element [n, v, j] holds the sign (+-1, exact) of element
     i + 8j of vector v. ``cw`` holds the 16-bit codewords (bit e set: element e negative),
     ``cw2`` the same with bits 8-15 moved to 16-23, so elements i and i + 8 sit 16 bits apart."""
     if ASM:
@@ -138,7 +137,38 @@ def _sign_pair(cw, cw2, i: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr,
     else:
         lo = (1.0 - 2.0 * ((cw >> i) & 1).to(tl.float32)).to(DT)
         hi = (1.0 - 2.0 * ((cw >> (i + 8)) & 1).to(tl.float32)).to(DT)
-    return tl.reshape(tl.join(lo, hi), [BLOCK_N, 2 * BLOCK_V])
+    return tl.join(lo, hi)
+
+
+@triton.jit
+def _sign_pair(cw, cw2, i: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """[BLOCK_N, 2*BLOCK_V] tile: column 2v + j holds the sign of element i + 8j of vector v."""
+    return tl.reshape(_sign_pair3(cw, cw2, i, DT, ASM), [BLOCK_N, 2 * BLOCK_V])
+
+
+@triton.jit
+def _sign_tile_dot(acc, cw, cw2, xt, DT: tl.constexpr, ASM: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """acc + (all signs of the tile) @ x tile^T as one product over K = 16*BLOCK_V, in the K
+    order of ``lowbit.codegen.triton.w2a16._tile_dot`` (column 16v + 8a + 4b + 2c + j holds
+    element 4a + 2b + c + 8j of vector v; x permuted to match)."""
+    p0 = _sign_pair3(cw, cw2, 0, DT, ASM)
+    p1 = _sign_pair3(cw, cw2, 1, DT, ASM)
+    p2 = _sign_pair3(cw, cw2, 2, DT, ASM)
+    p3 = _sign_pair3(cw, cw2, 3, DT, ASM)
+    p4 = _sign_pair3(cw, cw2, 4, DT, ASM)
+    p5 = _sign_pair3(cw, cw2, 5, DT, ASM)
+    p6 = _sign_pair3(cw, cw2, 6, DT, ASM)
+    p7 = _sign_pair3(cw, cw2, 7, DT, ASM)
+    b0 = tl.join(tl.join(p0, p1), tl.join(p2, p3))
+    b1 = tl.join(tl.join(p4, p5), tl.join(p6, p7))  # dims (n, v, j, c, b, a)
+    a = tl.reshape(tl.permute(tl.join(b0, b1), (0, 1, 5, 4, 3, 2)), [BLOCK_N, 16 * BLOCK_V])
+    xr = tl.reshape(xt, [BLOCK_M, BLOCK_V, 2, 2, 2, 2])  # dims (m, v, j, a, b, c)
+    xp = tl.reshape(tl.permute(xr, (0, 1, 3, 4, 5, 2)), [BLOCK_M, 16 * BLOCK_V])
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), tl.trans(xp).to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, tl.trans(xp), acc)
 
 
 @triton.jit
@@ -157,7 +187,7 @@ def _codebook_decode_kernel(
     stride_xm, stride_in, stride_ym,
     C_BITS: tl.constexpr, NB: tl.constexpr, WORDS: tl.constexpr, GATHER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ASM: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ASM: tl.constexpr, UPCAST_DOT: tl.constexpr, ONE_DOT: tl.constexpr,
 ):
     """Swap-AB tensor-core product over the MV vectors of a row (split K as in
     ``_w2a16_dot_kernel``): per tile of BLOCK_V vectors, the c-bit indices are read from the
@@ -165,6 +195,7 @@ def _codebook_decode_kernel(
     gathered from the 2^c-entry table (``GATHER``: a register copy of the table through
     ``tl.gather``, else 16-bit loads from the table in global memory / L1, ``cb16_ptr``), expanded into eight
     [BLOCK_N, 2*BLOCK_V] tiles of +-1 and multiplied with the matching permutations of x.
+    With ``ONE_DOT`` the eight tiles are one product per tile (``_sign_tile_dot``).
     acc (fp32, exact products) * 0.5 * scale[n] * global + bias goes to y."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -218,15 +249,18 @@ def _codebook_decode_kernel(
         k = t * 16 * BLOCK_V + offs_k
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
                      mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _x_pairs(xt, BLOCK_M, BLOCK_V)
-        acc = _sign_dot(acc, cw, cw2, x0, 0, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
-        acc = _sign_dot(acc, cw, cw2, x1, 1, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
-        acc = _sign_dot(acc, cw, cw2, x2, 2, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
-        acc = _sign_dot(acc, cw, cw2, x3, 3, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
-        acc = _sign_dot(acc, cw, cw2, x4, 4, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
-        acc = _sign_dot(acc, cw, cw2, x5, 5, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
-        acc = _sign_dot(acc, cw, cw2, x6, 6, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
-        acc = _sign_dot(acc, cw, cw2, x7, 7, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
+        if ONE_DOT:
+            acc = _sign_tile_dot(acc, cw, cw2, xt, DT, ASM, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_V)
+        else:
+            x0, x1, x2, x3, x4, x5, x6, x7 = _x_pairs(xt, BLOCK_M, BLOCK_V)
+            acc = _sign_dot(acc, cw, cw2, x0, 0, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
+            acc = _sign_dot(acc, cw, cw2, x1, 1, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
+            acc = _sign_dot(acc, cw, cw2, x2, 2, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
+            acc = _sign_dot(acc, cw, cw2, x3, 3, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
+            acc = _sign_dot(acc, cw, cw2, x4, 4, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
+            acc = _sign_dot(acc, cw, cw2, x5, 5, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
+            acc = _sign_dot(acc, cw, cw2, x6, 6, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
+            acc = _sign_dot(acc, cw, cw2, x7, 7, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
     ymask = n_mask[:, None] & m_mask[None, :]
     if SPLIT_K > 1:
         # serial split-K as in _w2a16_dot_kernel: partial tiles, the last program sums them
@@ -255,8 +289,8 @@ def _store_scaled(acc, s_ptr, g_ptr, b_ptr, y_ptr, offs_n, offs_m, n_mask, ymask
     tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], out.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
-_DECODE_DEFAULTS = dict(path="decode", BLOCK_M=16, BLOCK_N=128, BLOCK_V=32, SPLIT_K=0, GATHER=False, ASM=True,
-                        num_warps=8, num_stages=3)
+_DECODE_DEFAULTS = dict(path="decode", BLOCK_M=16, BLOCK_N=128, BLOCK_V=16, SPLIT_K=0, GATHER=False, ASM=True,
+                        ONE_DOT=True, num_warps=8, num_stages=3)
 _TARGET_PROGRAMS = 256
 
 
@@ -293,12 +327,13 @@ def default_config(path: str, m: int, n: int, mv: int) -> dict:
 
 def codebook_gemv(x: torch.Tensor, indices_packed: torch.Tensor, codebook_packed: torch.Tensor,
                   scales: torch.Tensor, global_scale: torch.Tensor, bias: torch.Tensor | None = None,
-                  index_bits: int = 11, padded_width: int | None = None, out_dtype=None, path: str = "decode",
+                  index_bits: int = 11, padded_width: int | None = None, out_dtype=None, path: str = "table",
                   **config) -> torch.Tensor:
     """``x @ W^T + bias`` for a codebook weight with v = 16 and per-row E4M3 scales (module
     docstring). ``x`` bf16/fp16 [..., K]; output in x's dtype (or ``out_dtype``). ``path``:
-    "decode" (codewords expanded to +-1 tiles on tensor cores) or "table" (the table-lookup
-    kernel); ``config`` overrides tile sizes."""
+    "table" (the table-lookup kernel, measured on the H200) or "decode" (codewords expanded to
+    +-1 tiles on tensor cores; checked in Triton's interpreter, not yet timed on a GPU, so not
+    the default); ``config`` overrides tile sizes."""
     if path not in ("decode", "table"):
         raise ValueError(f"path must be 'decode' or 'table', got {path!r}")
     n = indices_packed.shape[0]
@@ -341,7 +376,7 @@ def codebook_gemv(x: torch.Tensor, indices_packed: torch.Tensor, codebook_packed
             C_BITS=index_bits, NB=(7 + index_bits + 7) // 8, WORDS=words, GATHER=cfg["GATHER"],
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], SPLIT_K=split,
             HAS_BIAS=bias is not None, ASM=cfg["ASM"] and not interp,
-            UPCAST_DOT=interp and x.dtype == torch.bfloat16,
+            UPCAST_DOT=interp and x.dtype == torch.bfloat16, ONE_DOT=cfg["ONE_DOT"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return y.reshape(*lead, n)
     r, bn = cfg["R"], cfg["BLOCK_N"]

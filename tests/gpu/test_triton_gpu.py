@@ -160,7 +160,12 @@ def test_w2a2_gemm_against_float64(m, config):
 
 # -- codebook -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("m,c,config", [(1, 11, {}), (16, 11, {}), (3, 11, dict(GATHER=True)), (1, 11, dict(WORDS=False)),
+_DEC = dict(path="decode")
+
+
+@pytest.mark.parametrize("m,c,config", [(1, 11, {}), (1, 11, _DEC), (16, 11, _DEC), (3, 11, dict(_DEC, GATHER=True)),
+                                        (1, 11, dict(_DEC, WORDS=False)), (1, 11, dict(_DEC, ONE_DOT=False)),
+                                        (1, 8, dict(_DEC, BLOCK_V=32)),
                                         (3, 11, dict(path="table", R=16, BLOCK_N=512)),
                                         (1, 8, dict(path="table", R=4, BLOCK_N=256))])
 def test_codebook_gemv_against_float64(m, c, config):
