@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .w2a16 import _decode_e4m3, _interpreting, _tile_counters, _x_pairs
+from .w2a16 import _cdiv, _decode_e4m3, _interpreting, _tile_counters, _x_pairs
 
 
 @triton.jit
@@ -320,8 +320,8 @@ def default_config(path: str, m: int, n: int, mv: int) -> dict:
     (about two programs per SM, as in :func:`lowbit.codegen.triton.w2a16.default_config`)."""
     cfg = dict(_DECODE_DEFAULTS if path == "decode" else _TABLE_DEFAULTS)
     if path == "decode" and cfg["SPLIT_K"] == 0:
-        tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-        cfg["SPLIT_K"] = max(1, min(8, triton.cdiv(mv, cfg["BLOCK_V"]), round(_TARGET_PROGRAMS / tiles)))
+        tiles = _cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"])
+        cfg["SPLIT_K"] = max(1, min(8, _cdiv(mv, cfg["BLOCK_V"]), round(_TARGET_PROGRAMS / tiles)))
     return cfg
 
 
@@ -361,7 +361,7 @@ def codebook_gemv(x: torch.Tensor, indices_packed: torch.Tensor, codebook_packed
         split = cfg["SPLIT_K"]
         if split < 1:
             split = default_config(path, m, n, mv)["SPLIT_K"]
-        tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+        tiles = _cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"])
         words = idx.shape[1] % 4 == 0 and idx.stride(0) % 4 == 0 and idx.data_ptr() % 4 == 0 \
             and cfg.get("WORDS", True)
         idx_arg = idx.view(torch.int32) if words else idx
@@ -380,8 +380,8 @@ def codebook_gemv(x: torch.Tensor, indices_packed: torch.Tensor, codebook_packed
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return y.reshape(*lead, n)
     r, bn = cfg["R"], cfg["BLOCK_N"]
-    chunks = triton.cdiv(mv, r)
-    nblocks = triton.cdiv(n, bn)
+    chunks = _cdiv(mv, r)
+    nblocks = _cdiv(n, bn)
     ws = torch.empty((chunks, m, n), device=x.device, dtype=torch.float32)
     cnt = _tile_counters(x.device, nblocks * m)
     _codebook_gemv_kernel[(nblocks, chunks, m)](

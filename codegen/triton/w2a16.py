@@ -59,6 +59,7 @@ Measurements and the tile sizes' origin: docs/benchmarks.md.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -463,19 +464,30 @@ def default_path(m: int) -> str:
     return "skinny" if m <= SKINNY_MAX_M else "gemm"
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (``triton.cdiv`` goes through Triton's function machinery, which
+    costs microseconds on every launch)."""
+    return -(-a // b)
+
+
 def default_config(path: str, m: int, n: int, k: int) -> dict:
     """Tile sizes for a problem, from the H100 measurements in docs/benchmarks.md.
 
     ``SPLIT_K=0`` means automatic: split K so that about two programs per SM run (fewer N
     tiles than that leave the GPU idle: N=4096 has only 32 tiles of 128 rows).
     """
+    return dict(_default_config(path, m, n, k))
+
+
+@functools.lru_cache(maxsize=4096)
+def _default_config(path: str, m: int, n: int, k: int) -> tuple:
     cfg = dict(_DEFAULTS[path])
     if cfg.get("SPLIT_K") == 0:
-        tiles = triton.cdiv(n, cfg["BLOCK_N"]) * (m if path == "gemv" else 1)
-        groups = triton.cdiv(k, 16)
-        max_split = max(1, triton.cdiv(groups, cfg["BLOCK_G"]))  # at least one tile of K per split
+        tiles = _cdiv(n, cfg["BLOCK_N"]) * (m if path == "gemv" else 1)
+        groups = _cdiv(k, 16)
+        max_split = max(1, _cdiv(groups, cfg["BLOCK_G"]))  # at least one tile of K per split
         cfg["SPLIT_K"] = max(1, min(8 if path == "skinny" else 32, max_split, round(_TARGET_PROGRAMS / tiles)))
-    return cfg
+    return tuple(cfg.items())
 
 
 def _interpreting() -> bool:
@@ -510,7 +522,7 @@ def permute_pairs(x2: torch.Tensor) -> torch.Tensor:
     """``xp[i, m, 2g + j] = x[m, 16g + i + 8j]`` ([8, M, 2G], x zero-padded to 16G columns):
     the B operands of the tensor-core path (see ``_w2a16_dot_kernel``)."""
     m, k = x2.shape
-    gx = triton.cdiv(k, 16)
+    gx = _cdiv(k, 16)
     if gx * 16 != k:
         x2 = torch.nn.functional.pad(x2, (0, gx * 16 - k))
     return x2.reshape(m, gx, 2, 8).permute(3, 0, 1, 2).contiguous().view(8, m, 2 * gx)
@@ -576,7 +588,7 @@ def w2a16_linear(
     if path == "gemv":
         y = torch.zeros((m, n), device=x.device, dtype=torch.float32) if split > 1 \
             else torch.empty((m, n), device=x.device, dtype=out_dtype)
-        launch = (triton.cdiv(n, cfg["BLOCK_N"]), m, split)
+        launch = (_cdiv(n, cfg["BLOCK_N"]), m, split)
         _w2a16_gemv_kernel[launch](
             x2, words, sbytes, g, b, y, m, n, k, gp,
             x2.stride(0), words.stride(0), sbytes.stride(0), y.stride(0),
@@ -584,11 +596,11 @@ def w2a16_linear(
             SPLIT_K=split, EVEN_K=k % (16 * cfg["BLOCK_G"]) == 0,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return (y if y.dtype == out_dtype else y.to(out_dtype)).reshape(*lead, n)
-    gx = triton.cdiv(k, 16)
+    gx = _cdiv(k, 16)
     xperm = cfg["XPERM"]
     xk = x2 if xperm else permute_pairs(x2)
     y = torch.empty((m, n), device=x.device, dtype=out_dtype)
-    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    tiles = _cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"])
     if split > 1:
         ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
         cnt = _tile_counters(x.device, tiles)
