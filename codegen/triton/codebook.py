@@ -7,8 +7,22 @@ row), and with per-row scales the value of a weight is ``+-0.5 * stored[n] * glo
     y[m_x, n] = 0.5 * stored[n] * global * sum_m  P[m, idx[n, m]] + bias[n],
     P[m, c]   = sum_j sign(codebook[c, j]) * x[m_x, 16 m + j].
 
-The kernel never expands W: a program takes R consecutive vectors (a chunk of K) and a block
-of rows, computes its slice of the table P (R x C dot products of 16 elements: one small
+Two kernels:
+
+* ``path="decode"`` (``_codebook_decode_kernel``): the W2A16 tensor-core structure with a
+  codebook lookup in place of the bit unpacking. Per tile of BLOCK_V vectors of BLOCK_N rows,
+  the c-bit indices are read from the bitstream (two aligned int32 words per index, or bytes),
+  each index's 16-bit codeword is loaded from the 2^c-entry table (4 KB for c = 11: L1
+  resident; or a register copy gathered through shared memory with ``GATHER``), and the
+  codewords are expanded into +-1 bf16/fp16 pairs by one shift and one LOP3 per two weights
+  (sign bits of elements i and i + 8 moved to bits 15 and 31, OR'ed with the bits of 1.0). The
+  +-1 tile is the A operand of a tensor-core product with x (swap-AB, x padded to 16 rows),
+  one product per tile (``ONE_DOT``) in the K order of ``lowbit.codegen.triton.w2a16._tile_dot``.
+  Exact products, fp32 accumulation; the per-row scale, global scale and bias are applied to
+  the accumulator. Split K is reduced serially as in :mod:`.w2a16`.
+* ``path="table"`` (``_codebook_gemv_kernel``, the default until the decode path is timed on a
+  GPU): the kernel never expands W: a program takes R consecutive vectors (a chunk of K) and a
+  block of rows, computes its slice of the table P (R x C dot products of 16 elements: one small
 tensor-core product of the +-1 codebook with x, exact products and fp32 sums), then for each
 row gathers the R table entries its indices point to (``tl.gather``: the table lives in shared
 memory) and adds them. Partial sums of the K chunks are reduced serially as in :mod:`.w2a16`
