@@ -69,6 +69,21 @@ def test_asm_and_plain_dequantization_agree(asm):
     assert _rel(y, ref) < 1e-5  # exact products, fp32 accumulation
 
 
+@pytest.mark.parametrize("m,grid,dtype,config", [
+    (1, "int", torch.bfloat16, dict(BLOCK_G=16)), (16, "half", torch.float16, dict(BLOCK_G=16)),
+    (3, "int", torch.bfloat16, dict(BLOCK_G=32, SPLIT_K=3)), (1, "half", torch.bfloat16, dict(BLOCK_G=8, ASM=False)),
+])
+def test_one_dot_tile_against_float64(m, grid, dtype, config):
+    """ONE_DOT (all codes of a group in one tensor-core product per tile) on the GPU, ragged K."""
+    n, k = 4096 + 48, 4096
+    packed, stored, gscale, w = _random_weight(n, k, grid, seed=m + 3)
+    x = torch.randn(m, k - 8, device=DEV).to(dtype)
+    ref = x.double() @ w[:, : k - 8].double().T
+    y = lt.w2a16_linear(x, packed, stored, gscale, grid=grid, path="skinny", out_dtype=torch.float32, ONE_DOT=True,
+                        **config)
+    assert _rel(y, ref) < 1e-5
+
+
 def test_registered_op_dispatches_to_triton_and_falls_back():
     torch.manual_seed(0)
     n, k = 512, 1024
