@@ -7,6 +7,7 @@ the same run.
     python bench/e2e.py --recipes w2a16,w2a2     # which lowbit recipes (RTN, no calibration)
     python bench/e2e.py --no-compile             # skip the torch.compile variants
     python bench/e2e.py --json out.json          # all rows
+    python bench/e2e.py --skinny-config '{"ONE_DOT": true, "BLOCK_G": 16}'   # W2A16 kernel variant
 
 Decode (tokens/s at batch 1). A hand-written greedy decode loop over the model's own modules
 (embedding, RMSNorms, rotary table, the linear sites -- ``nn.Linear`` or lowbit's
@@ -223,6 +224,8 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds: skip the remaining steps after this")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--skinny-config", default=None,
+                    help='JSON overrides of the W2A16 skinny defaults for this run, e.g. \'{"ONE_DOT": true, "BLOCK_G": 16}\'')
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/e2e.py needs a CUDA GPU", file=sys.stderr)
@@ -232,6 +235,12 @@ def main(argv=None):
 
     import lowbit
 
+    if args.skinny_config:
+        from lowbit.codegen.triton import w2a16 as _w2a16
+
+        _w2a16._DEFAULTS["skinny"].update(json.loads(args.skinny_config))
+        _w2a16._default_config.cache_clear()
+        print(f"# W2A16 skinny defaults for this run: {_w2a16._DEFAULTS['skinny']}", flush=True)
     t_start = time.time()
     torch.manual_seed(0)
     print(f"# {torch.cuda.get_device_name()}; torch {torch.__version__}; Llama-2-7B shape, {args.layers} layers, "
