@@ -53,6 +53,11 @@ def main(argv=None):
                    help="random (seeded random tokens), generate (the model's own seeded samples), or a text file")
     p.add_argument("--calib-samples", type=int, default=4)
     p.add_argument("--calib-len", type=int, default=256)
+    p.add_argument("--calib-from-char", type=int, default=0,
+                   help="with a text file: sample calibration windows only from this character on (with the "
+                        "evaluation file, at least --chars, so the evaluated text is never used)")
+    p.add_argument("--gptq-rows", type=int, default=None,
+                   help="GPTQ: the most calibration rows (tokens) per site Hessian (default 8192)")
     p.add_argument("--calib-cache", default=None,
                    help="safetensors file: load the calibration ids from it if it exists, else save them there")
     p.add_argument("--threads", type=int, default=None,
@@ -85,7 +90,11 @@ def main(argv=None):
     else:
         from lowbit.calibration import from_text
 
-        calib = from_text(tok, Path(args.calib), n, length, seed=0)
+        calib_text = Path(args.calib).read_text()
+        if Path(args.calib).resolve() == Path(text_path).resolve() and args.calib_from_char < args.chars:
+            raise SystemExit(f"--calib is the evaluation file: pass --calib-from-char >= {args.chars} "
+                             "so that no evaluated text is used for calibration")
+        calib = from_text(tok, calib_text[args.calib_from_char:], n, length, seed=0)
     if args.calib_cache and not Path(args.calib_cache).exists():
         from safetensors.torch import save_file
 
@@ -105,10 +114,11 @@ def main(argv=None):
         for variant in args.variants.split(","):
             parts = variant.split("+")
             recipe = lowbit.get_recipe(name).with_passes(*[VARIANT_PASSES[v] for v in parts if v in VARIANT_PASSES])
+            gptq_options = {} if args.gptq_rows is None else {"calibration_rows": args.gptq_rows}
             if "gptq" in parts:
-                recipe = recipe.with_gptq()
+                recipe = recipe.with_gptq(**gptq_options)
             elif "gptq-ao" in parts:
-                recipe = recipe.with_gptq(act_order=True)
+                recipe = recipe.with_gptq(act_order=True, **gptq_options)
             t0 = time.perf_counter()
             q = lowbit.compile_quantized(model, recipe, calibration=calib, progress=False)
             compile_s = time.perf_counter() - t0

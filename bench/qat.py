@@ -106,6 +106,8 @@ def main(argv=None):
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--window-len", type=int, default=512)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--prepare-device", default="cpu",
+                   help="where compile_quantized runs the passes and GPTQ (cpu, or the training device)")
     p.add_argument("--json", default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -136,7 +138,8 @@ def main(argv=None):
     emit({"config": "float", "perplexity": ppl(model), "data": args.data, "data_tokens": data.numel(),
           "data_seconds": round(gen_s, 1)})
     calib = data[: args.calib_samples]
-    cpu_model = copy.deepcopy(model).cpu()  # the passes' calibration runs on the CPU
+    prep_dev = torch.device(args.prepare_device)
+    prep_model = copy.deepcopy(model).to(prep_dev)  # the model the passes and GPTQ run on
     steps = None
     for name in [r for r in args.recipes.split(",") if r]:
         base = lowbit.get_recipe(name)
@@ -154,7 +157,7 @@ def main(argv=None):
             label += (", " + "->".join(stages) + ")") if len(stages) > 1 else ")"
             sync()
             t0 = time.perf_counter()
-            student = prepare_qat(cpu_model, stage_recipe(recipe, stages[0]), calibration=calib,
+            student = prepare_qat(prep_model, stage_recipe(recipe, stages[0]), calibration=calib,
                                   progress=False).to(dev)
             sync()
             prep_s = time.perf_counter() - t0

@@ -84,8 +84,8 @@ class RotatePass(LowbitPass):
     def apply_r1(self, gm) -> dict:
         stream = find_residual_stream(gm)
         fold_norm_scales(gm, stream)
-        q = orthogonal_matrix(stream.width, self.seed)
         emb = get_attr_path(gm, stream.embedding_weight).detach()
+        q = orthogonal_matrix(stream.width, self.seed).to(emb.device)
         set_param(gm, stream.embedding_weight, emb.double() @ q)
         for site in stream.readers:
             w = get_attr_path(gm, site.weight).detach()
@@ -103,8 +103,8 @@ class RotatePass(LowbitPass):
         pairs = find_attention_pairs(gm)
         for i, pair in enumerate(pairs):
             hd = pair.head_dim
-            r = orthogonal_matrix(hd, self.seed + 1)
             wv = get_attr_path(gm, pair.value.weight).detach().double()
+            r = orthogonal_matrix(hd, self.seed + 1).to(wv.device)
             if wv.shape[0] % hd:
                 raise StructureError(f"{pair.value.name}: {wv.shape[0]} outputs are not a multiple of the head size {hd}")
             heads_v = wv.reshape(-1, hd, wv.shape[1])

@@ -15,9 +15,13 @@ if not torch.cuda.is_available():
 import lowbit  # noqa: E402
 
 
-@pytest.mark.parametrize("recipe", ["w4a16", "w4a16-gptq", "w4a4"])
+@pytest.mark.parametrize("recipe", ["w4a16", "w4a16-gptq", "w4a4", "rotate+w4a16-gptq"])
 def test_compile_on_cuda_matches_cpu(tiny_llama, calib_ids, recipe):
+    rotate = recipe.startswith("rotate+")
+    recipe = recipe.removeprefix("rotate+")
     r = lowbit.get_recipe(recipe.removesuffix("-gptq"))
+    if rotate:  # the rotation matrices must follow the weights onto the GPU
+        r = r.with_passes({"name": "rotate"})
     if recipe.endswith("-gptq"):
         r = r.with_gptq()
     ids = calib_ids[:1]
