@@ -89,6 +89,19 @@ def _block_plot(sites: list[dict]):
     return fig
 
 
+def _plain_log_ticks(ax) -> None:
+    """Log-scaled y ticks written as plain numbers (3, 4, 6) rather than 3 x 10^0."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(v, _):  # label 2, 3 and 5 times a power of ten only, so ticks never crowd
+        return f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v)), 6) in (2, 3, 5) else ""
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+
+
 def _outlier_plots(sites: list[dict]) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
 
@@ -108,6 +121,7 @@ def _outlier_plots(sites: list[dict]) -> list[tuple[str, str]]:
     ax.semilogy([ratio(s["act_absmax"]) for s in with_both], label="after rotation / splitting", color="#2a9d8f")
     ax.set_xlabel("linear site (graph order)")
     ax.set_ylabel("max / median channel |x|")
+    _plain_log_ticks(ax)
     ax.set_title("activation outlier ratio per site")
     ax.legend()
     out.append(("Outlier ratio per site", _png(fig)))
@@ -121,12 +135,18 @@ def _outlier_plots(sites: list[dict]) -> list[tuple[str, str]]:
         ax.plot(s["act_absmax_float"], lw=0.8, color="#888", label=f"float ({len(s['act_absmax_float'])} channels)")
         ax.plot(s["act_absmax"], lw=0.8, color="#2a9d8f", label=f"quantizer input ({len(s['act_absmax'])} channels)")
         ax.set_yscale("log")
+        _plain_log_ticks(ax)
         ax.set_xlabel("channel")
         ax.set_ylabel("max |x|")
         ax.set_title(s["name"])
         ax.legend(fontsize=8)
         out.append((f"Channel magnitudes: {s['name']}", _png(fig)))
     return out
+
+
+def _value(v) -> str:
+    """A table cell: floats to 4 significant digits, everything else as str()."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def render_html(report: CompileReport, title: str = "lowbit compile report") -> str:
@@ -139,11 +159,11 @@ def render_html(report: CompileReport, title: str = "lowbit compile report") -> 
         figures.append(("Error and bits per weight per site", _png(_error_plot(sites))))
         figures.append(("Error by block", _png(_block_plot(sites))))
     figures += _outlier_plots(sites)
-    meta = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+    meta = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_value(v))}</td></tr>"
                    for k, v in report.meta.items())
     passes = "".join(
         f"<tr><td>{html.escape(p.name)}</td><td>{p.seconds:.2f}</td><td>"
-        + html.escape(", ".join(f"{k}={v}" for k, v in p.details.items() if not isinstance(v, (list, dict))))
+        + html.escape(", ".join(f"{k}={_value(v)}" for k, v in p.details.items() if not isinstance(v, (list, dict))))
         + "</td></tr>" for p in report.passes)
     rows = "".join(
         f"<tr><td>{html.escape(s['name'])}</td><td>{html.escape(s['format'])}</td><td>{s.get('method', '')}</td>"
