@@ -96,6 +96,10 @@ def materialize(model: nn.Module, gm: torch.fx.GraphModule) -> nn.Module:
     for name, mod in gm.named_modules():
         if is_site_module(mod):
             model.set_submodule(name, mod)
+    if any(type(m).__name__ == "FusedSlice" for m in model.modules()):  # sites joined by the fuse pass
+        from .fused import link_fused_sites
+
+        link_fused_sites(model)
     for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
         *parents, leaf = name.split(".")
         try:

@@ -10,6 +10,9 @@ from torch import nn
 
 SITE_MODULES: dict[str, type] = {}
 
+# site module classes defined in modules that artifacts do not import themselves
+_DEFINED_IN = {"FusedSlice": "lowbit.fused"}
+
 
 def register_site_module(cls):
     """Class decorator for modules that implement ``config()`` and ``from_config(cfg)``."""
@@ -28,6 +31,10 @@ def site_config(module: nn.Module) -> dict:
 def site_module_from_config(cfg: dict) -> nn.Module:
     cfg = dict(cfg)
     name = cfg.pop("class", "QuantLinear")
+    if name not in SITE_MODULES and name in _DEFINED_IN:
+        import importlib
+
+        importlib.import_module(_DEFINED_IN[name])
     if name not in SITE_MODULES:
         raise ValueError(f"unknown site module class {name!r}; known: {sorted(SITE_MODULES)}")
     return SITE_MODULES[name].from_config(cfg)

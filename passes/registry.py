@@ -14,6 +14,7 @@ PASSES: dict[str, str] = {
     "rotate": "lowbit.passes.rotate:RotatePass",
     "split_outliers": "lowbit.passes.split_outliers:SplitOutliersPass",
     "codebook": "lowbit.passes.codebook:CodebookPass",
+    "fuse": "lowbit.passes.fuse:FusePass",
 }
 
 
