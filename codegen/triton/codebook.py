@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .w2a16 import _cdiv, _decode_e4m3, _interpreting, _tile_counters, _x_pairs
+from .w2a16 import _cdiv, _decode_e4m3, _interpreting, _split_k_total, _tile_counters, _x_pairs
 
 
 @triton.jit
@@ -277,18 +277,10 @@ def _codebook_decode_kernel(
             acc = _sign_dot(acc, cw, cw2, x7, 7, DT, ASM, UPCAST_DOT, BLOCK_N, BLOCK_V)
     ymask = n_mask[:, None] & m_mask[None, :]
     if SPLIT_K > 1:
-        # serial split-K as in _w2a16_dot_kernel: partial tiles, the last program sums them
-        tile = pid_n * num_m + pid_m
-        tile_mn = (offs_m[None, :] * N + offs_n[:, None])
-        tl.store(ws_ptr + pid_k * M * N + tile_mn, acc, mask=ymask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for kk in tl.static_range(SPLIT_K):
-                acc += tl.load(ws_ptr + kk * M * N + tile_mn, mask=ymask, other=0.0, cache_modifier=".cg")
-            _store_scaled(acc, s_ptr, g_ptr, b_ptr, y_ptr, offs_n, offs_m, n_mask, ymask, stride_ym, HAS_BIAS)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
+        last, total = _split_k_total(acc, ws_ptr, cnt_ptr, pid_k, pid_n, pid_m, num_m, offs_n, offs_m, ymask, M, N,
+                                     SPLIT_K, BLOCK_N, BLOCK_M)
+        if last:
+            _store_scaled(total, s_ptr, g_ptr, b_ptr, y_ptr, offs_n, offs_m, n_mask, ymask, stride_ym, HAS_BIAS)
     else:
         _store_scaled(acc, s_ptr, g_ptr, b_ptr, y_ptr, offs_n, offs_m, n_mask, ymask, stride_ym, HAS_BIAS)
 

@@ -338,6 +338,27 @@ def _store_tile(acc, b_ptr, y_ptr, offs_n, offs_m, n_mask, ymask, stride_ym, HAS
 
 
 @triton.jit
+def _split_k_total(acc, ws_ptr, cnt_ptr, pid_k, pid_n, pid_m, num_m, offs_n, offs_m, ymask, M, N,
+                   SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Serial split-K: every program stores its fp32 partial tile; the last one to arrive
+    (counted by an acq_rel atomic on a per-tile counter) sums them in a fixed order and
+    resets the counter for the next launch. Returns (last, total): ``total`` is the sum in
+    the last program (zeros elsewhere), which alone writes y."""
+    tile = pid_n * num_m + pid_m
+    tile_mn = offs_m[None, :] * N + offs_n[:, None]
+    tl.store(ws_ptr + pid_k * M * N + tile_mn, acc, mask=ymask)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLIT_K - 1
+    total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if last:
+        for kk in tl.static_range(SPLIT_K):
+            total += tl.load(ws_ptr + kk * M * N + tile_mn, mask=ymask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(cnt_ptr + tile, 0)
+    return last, total
+
+
+@triton.jit
 def _w2a16_dot_kernel(
     x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, GX, GP,
@@ -423,20 +444,10 @@ def _w2a16_dot_kernel(
     acc = acc * tl.load(g_ptr)
     ymask = n_mask[:, None] & m_mask[None, :]
     if SPLIT_K > 1:
-        # serial split-K: every program stores its fp32 partial tile; the last one to arrive
-        # (counted by an acq_rel atomic on a per-tile counter) sums them in a fixed order,
-        # writes y and resets the counter for the next launch.
-        tile = pid_n * num_m + pid_m
-        tile_mn = (offs_m[None, :] * N + offs_n[:, None])
-        tl.store(ws_ptr + pid_k * M * N + tile_mn, acc, mask=ymask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for kk in tl.static_range(SPLIT_K):
-                acc += tl.load(ws_ptr + kk * M * N + tile_mn, mask=ymask, other=0.0, cache_modifier=".cg")
-            _store_tile(acc, b_ptr, y_ptr, offs_n, offs_m, n_mask, ymask, stride_ym, HAS_BIAS)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
+        last, total = _split_k_total(acc, ws_ptr, cnt_ptr, pid_k, pid_n, pid_m, num_m, offs_n, offs_m, ymask, M, N,
+                                     SPLIT_K, BLOCK_N, BLOCK_M)
+        if last:
+            _store_tile(total, b_ptr, y_ptr, offs_n, offs_m, n_mask, ymask, stride_ym, HAS_BIAS)
     else:
         _store_tile(acc, b_ptr, y_ptr, offs_n, offs_m, n_mask, ymask, stride_ym, HAS_BIAS)
 

@@ -43,8 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .w2a16 import (_XOR_HIGH_BITS, _decode_e4m3, _dequant_field, _dequant_pair, _interpreting, _tile_counters,
-                    _words, _x_pairs)
+from .w2a16 import (_XOR_HIGH_BITS, _decode_e4m3, _dequant_field, _dequant_pair, _interpreting, _split_k_total,
+                    _store_tile, _tile_counters, _words, _x_pairs)
 
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (r + M) - M rounds |r| < 2^22 to nearest even
 _SUB_MAGIC = tl.constexpr(8388608.0)   # 2^23
@@ -224,24 +224,12 @@ def _w2a2_kernel(
     acc = acc * tl.load(gw_ptr) * tl.load(ga_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
     ymask = n_mask[:, None] & m_mask[None, :]
     if SPLIT_K > 1:
-        tile = pid_n * num_m + pid_m
-        tile_mn = (offs_m[None, :] * N + offs_n[:, None])
-        tl.store(ws_ptr + pid_k * M * N + tile_mn, acc, mask=ymask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for kk in tl.static_range(SPLIT_K):
-                acc += tl.load(ws_ptr + kk * M * N + tile_mn, mask=ymask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-            tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
-                     mask=ymask)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
+        last, total = _split_k_total(acc, ws_ptr, cnt_ptr, pid_k, pid_n, pid_m, num_m, offs_n, offs_m, ymask, M, N,
+                                     SPLIT_K, BLOCK_N, BLOCK_M)
+        if last:
+            _store_tile(total, b_ptr, y_ptr, offs_n, offs_m, n_mask, ymask, stride_ym, HAS_BIAS)
     else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty), mask=ymask)
+        _store_tile(acc, b_ptr, y_ptr, offs_n, offs_m, n_mask, ymask, stride_ym, HAS_BIAS)
 
 
 @triton.jit
