@@ -65,6 +65,19 @@ def _dequantized_float64(qmodel, float_model):
     return ref
 
 
+@pytest.fixture(scope="module")
+def fused_w4a4():
+    """(float model, its w4a4 compile with fuse, calibration ids): tests/conftest.py's tiny Llama."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    return model, lowbit.compile_quantized(model, _fuse_recipe("w4a4"), calibration=ids, progress=False), ids
+
+
 # -- float: fusion is an identity ---------------------------------------------------------
 
 def test_fused_float_graph_and_module_tree_match_float64(tiny_llama, calib_ids):
@@ -82,16 +95,38 @@ def test_fused_float_graph_and_module_tree_match_float64(tiny_llama, calib_ids):
     assert isinstance(work.model.layers[1].self_attn.k_proj, FusedSlice)
     with torch.no_grad():
         assert _rel(work(calib_ids, use_cache=False).logits, want) < 1e-12
-    # float32 fused model against the float64 reference
-    work32 = copy.deepcopy(tiny_llama)
-    gm32 = FusePass(CompileContext())(lowbit.capture(work32, (calib_ids,)).graph_module).graph_module
-    lowbit.materialize(work32, gm32)
+
+
+class _ThreeHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Module()
+        self.inner.a, self.inner.b = nn.Linear(32, 16), nn.Linear(32, 48, bias=False)
+        self.inner.c = nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.inner.a(x) * self.inner.b(x)[..., :16] + torch.relu(self.inner.c(x))
+
+
+@pytest.mark.parametrize("method", ["export", "symbolic_trace"])
+def test_plain_module_graph(method):
+    """Any model: the rewritten GraphModule is the result; biases (one member without) are joined."""
+    torch.manual_seed(0)
+    m = _ThreeHeads().eval()
+    x = torch.randn(4, 32)
+    gm = FusePass(CompileContext())(lowbit.capture(copy.deepcopy(m), (x,), method=method).graph_module).graph_module
+    assert list(lowbit.find_linear_sites(gm)) == ["inner.fused_a_b_c"]
     with torch.no_grad():
-        assert _rel(work32(calib_ids, use_cache=False).logits, want) < 1e-6
+        assert _rel(gm(x), copy.deepcopy(m).double()(x.double())) < 1e-6
+    q = lowbit.compile_quantized(m, _fuse_recipe("w8a8"), example_inputs=(x,), progress=False)
+    assert [n.target for n in q.graph.nodes if n.op == "call_module" and not n.target.startswith("_")] == \
+        ["inner.fused_a_b_c"]
+    with torch.no_grad():
+        assert _rel(q(x), m(x)) < 0.05
 
 
-def test_slice_called_alone_or_after_in_place_edit(tiny_llama, calib_ids):
-    q = lowbit.compile_quantized(tiny_llama, _fuse_recipe("w4a4"), calibration=calib_ids, progress=False)
+def test_slice_called_alone_or_after_in_place_edit(fused_w4a4):
+    q = copy.deepcopy(fused_w4a4[1])
     attn = q.model.layers[0].self_attn
     fused = attn.fused_q_proj_k_proj_v_proj
     x = torch.randn(3, 64)
@@ -124,9 +159,9 @@ def test_fused_quantized_matches_float64_on_dequantized_weights(tiny_llama, cali
         assert _rel(q(calib_ids, use_cache=False).logits, ref(calib_ids, use_cache=False).logits) < 1e-5
 
 
-def test_one_gemm_and_one_activation_quantization_per_group(tiny_llama, calib_ids, monkeypatch):
+def test_one_gemm_and_one_activation_quantization_per_group(fused_w4a4, monkeypatch):
+    tiny_llama, fused, calib_ids = fused_w4a4
     plain = lowbit.compile_quantized(tiny_llama, "w4a4", calibration=calib_ids, progress=False)
-    fused = lowbit.compile_quantized(tiny_llama, _fuse_recipe("w4a4"), calibration=calib_ids, progress=False)
     x = torch.randn(2, 7, 64)
     counts = {}
     for label, m in (("plain", plain), ("fused", fused)):
@@ -155,8 +190,9 @@ def test_one_gemm_and_one_activation_quantization_per_group(tiny_llama, calib_id
     assert c.n == {"qlinear": 8, "quantize_act": 8}
 
 
-def test_generate_torch_compile_and_artifacts(tiny_llama, calib_ids, tmp_path, monkeypatch):
-    q = lowbit.compile_quantized(tiny_llama, _fuse_recipe("w2a2"), calibration=calib_ids, progress=False)
+def test_generate_torch_compile_and_artifacts(fused_w4a4, tmp_path):
+    _, q, calib_ids = fused_w4a4
+    q = copy.deepcopy(q)
     prompt = calib_ids[:1, :6]
     with torch.no_grad():
         gen = q.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -215,17 +251,21 @@ def test_rotation_prologues_are_fused_when_equal(tiny_llama, calib_ids, monkeypa
         assert _rel(gm(calib_ids).logits, tiny_llama(calib_ids, use_cache=False).logits) < 1e-4
 
 
-def test_different_prologues_and_order_are_refused(tiny_llama, calib_ids):
-    recipe = lowbit.get_recipe("w4a16").with_passes({"name": "split_outliers", "sites": ["*k_proj"]},
-                                                   {"name": "fuse"})
-    q = lowbit.compile_quantized(tiny_llama, recipe, calibration=calib_ids, progress=False)
-    details = next(p for p in q.lowbit_report.passes if p.name == "fuse").details
-    assert list(details["groups"]) == [f"model.layers.{i}.{n}" for i in (0, 1) for n in
-                                       ("self_attn.fused_q_proj_v_proj", "mlp.fused_gate_proj_up_proj")]
-    assert not isinstance(q.model.layers[0].self_attn.k_proj, FusedSlice)
+def test_different_prologues_are_not_fused_and_order_is_checked(tiny_llama, calib_ids):
+    from lowbit.passes.split_outliers import SplitOutliersPass
+
+    ctx = CompileContext(recipe=lowbit.get_recipe("w4a16"), progress=False)
+    gm = lowbit.capture(copy.deepcopy(tiny_llama), (calib_ids,)).graph_module
+    gm = SplitOutliersPass(ctx, sites=["*k_proj"])(gm).graph_module
+    p = FusePass(ctx)
+    gm = p(gm).graph_module
+    assert list(p.details["groups"]) == [f"model.layers.{i}.{n}" for i in (0, 1) for n in
+                                         ("self_attn.fused_q_proj_v_proj", "mlp.fused_gate_proj_up_proj")]
+    with torch.no_grad():
+        assert _rel(gm(calib_ids).logits, tiny_llama(calib_ids, use_cache=False).logits) < 1e-5
+    late = CompileContext(recipe=lowbit.get_recipe("w4a16").with_passes({"name": "fuse"}, {"name": "rotate"}))
     with pytest.raises(ValueError, match="after"):
-        lowbit.compile_quantized(tiny_llama, lowbit.get_recipe("w4a16").with_passes(
-            {"name": "fuse"}, {"name": "rotate"}), calibration=calib_ids, progress=False)
+        FusePass(late)
 
 
 # -- a real model ------------------------------------------------------------------------
