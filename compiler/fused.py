@@ -17,7 +17,8 @@ materialization puts
 ``FusedSlice.forward(x)`` looks up the fused site in its parent module by name and returns
 its slice of ``fused(x)``. The first member called with a tensor computes ``fused(x)``
 once and leaves it on the fused module; a sibling called with the very same tensor object
-(same ``_version``, so not modified in place since) takes its slice of that output; when
+(same ``_version``, so not modified in place since; under ``torch.compile``, where reading
+``_version`` breaks the graph, the identity alone) takes its slice of that output; when
 every member of the group has taken its slice the stored output is dropped. A member
 called with another tensor (or alone) computes ``fused(x)`` itself, so the result is
 always ``fused(x)[..., start:stop]`` whatever the call order. Slices are views (the last

@@ -100,7 +100,7 @@ class FusePass(LowbitPass):
         self.details: dict = {}
 
     # -- finding groups ------------------------------------------------------------------
-    def _member(self, gm, name, site, node, attrs) -> tuple[_Member | None, str | None]:
+    def _member(self, gm, name, site, node, readers) -> tuple[_Member | None, str | None]:
         """The site as a fusion candidate, or (None, why not)."""
         recipe = self.context.recipe
         if "@" in name:
@@ -125,7 +125,7 @@ class FusePass(LowbitPass):
         elif node.target not in (torch.ops.aten.linear.default, torch.nn.functional.linear, torch._C._nn.linear):
             return None, "not a plain linear"
         for path in (site.weight, site.bias):
-            if path and path in attrs and len(attrs[path].users) > 1:
+            if path and readers.get(path, 0) > 1:
                 return None, "its weight has other readers"
         weight = get_attr_path(gm, site.weight).detach()
         bias = get_attr_path(gm, site.bias).detach() if site.bias else None
@@ -133,14 +133,14 @@ class FusePass(LowbitPass):
 
     def find_groups(self, gm: torch.fx.GraphModule) -> tuple[list[list[_Member]], dict]:
         nodes = {n.name: n for n in gm.graph.nodes}
-        attrs: dict = {}
+        readers: dict[str, int] = {}  # get_attr target -> number of nodes reading it
         for n in gm.graph.nodes:
             if n.op == "get_attr":
-                attrs.setdefault(n.target, n)
+                readers[n.target] = readers.get(n.target, 0) + len(n.users)
         groups: list[list[_Member]] = []
         skipped: dict = {}
         for name, site in find_linear_sites(gm).items():
-            m, why = self._member(gm, name, site, nodes[site.node], attrs)
+            m, why = self._member(gm, name, site, nodes[site.node], readers)
             if m is None:
                 if why:
                     skipped[name] = why
