@@ -58,6 +58,7 @@ def main(argv=None):
                         "evaluation file, at least --chars, so the evaluated text is never used)")
     p.add_argument("--gptq-rows", type=int, default=None,
                    help="GPTQ: the most calibration rows (tokens) per site Hessian (default 8192)")
+    p.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration sampling")
     p.add_argument("--calib-cache", default=None,
                    help="safetensors file: load the calibration ids from it if it exists, else save them there")
     p.add_argument("--threads", type=int, default=None,
@@ -80,12 +81,13 @@ def main(argv=None):
         calib = load_file(args.calib_cache)["input_ids"]
         print(f"calibration ids {tuple(calib.shape)} from {args.calib_cache}", flush=True)
     elif args.calib == "random":
-        calib = torch.randint(0, model.config.vocab_size, (n, length), generator=torch.Generator().manual_seed(0))
+        calib = torch.randint(0, model.config.vocab_size, (n, length),
+                              generator=torch.Generator().manual_seed(args.calib_seed))
     elif args.calib == "generate":
         from lowbit.calibration import from_generations
 
         t0 = time.perf_counter()
-        calib = from_generations(model, n, length, seed=0, progress=False)
+        calib = from_generations(model, n, length, seed=args.calib_seed, progress=False)
         print(f"sampled {n} x {length} calibration tokens in {time.perf_counter() - t0:.0f} s", flush=True)
     else:
         from lowbit.calibration import from_text
@@ -94,7 +96,7 @@ def main(argv=None):
         if Path(args.calib).resolve() == Path(text_path).resolve() and args.calib_from_char < args.chars:
             raise SystemExit(f"--calib is the evaluation file: pass --calib-from-char >= {args.chars} "
                              "so that no evaluated text is used for calibration")
-        calib = from_text(tok, calib_text[args.calib_from_char:], n, length, seed=0)
+        calib = from_text(tok, calib_text[args.calib_from_char:], n, length, seed=args.calib_seed)
     if args.calib_cache and not Path(args.calib_cache).exists():
         from safetensors.torch import save_file
 
