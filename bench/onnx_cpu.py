@@ -12,7 +12,9 @@ Variants (all run by ``lowbit.runtime.Session``, the same decoding loop and sess
               scales in the file, widened to 4-bit MatMulNBits operands with fp32 scales
               when onnxruntime loads it (weight kernel "nbits4", the default);
 * ``w2a16-fp16s``: the same with fp16 weight scales instead of E4M3;
-* ``w2a16-h4``: w2a16 plus the classifier (which the presets leave in float) at W4A16;
+* ``w2a16-h4``: w2a16 plus the classifier (which the presets leave in float) at W4A16
+              (``recipe.with_override("lm_head", "w4a16")``, ``--override lm_head=w4a16``
+              on the CLI), as onnxruntime's quantizer also quantizes the classifier;
 * ``w2a16-nbits`` / ``w2a16-dq``: w2a16 with MatMulNBits at 2 bits / standard ops (not in
               the default set: the single-product comparison ``--kernels`` covers them);
 * ``*-int8``: a copy with MatMulNBits ``accuracy_level=4`` (onnxruntime quantizes
@@ -256,8 +258,8 @@ INT8_VARIANTS = {"w2a16-int8": "w2a16", "w2a16-h4-int8": "w2a16-h4", "ort4-int8"
 def _compile(model, calib, recipe_name: str, scale_dtype: str, head: str | None, cache: Path | None = None):
     """lowbit.compile_quantized with the preset ``recipe_name`` (weight scales stored as
     ``scale_dtype``); ``head``: a preset for the classifier, which the presets leave in
-    float (compiled on its own: every other site ignored). ``cache``: a folder where the
-    body's compiled model is kept (``lowbit.save``) and reused."""
+    float (a recipe override). ``cache``: a folder where the compiled model is kept
+    (``lowbit.save``) and reused."""
     from dataclasses import replace
 
     import lowbit
@@ -266,19 +268,14 @@ def _compile(model, calib, recipe_name: str, scale_dtype: str, head: str | None,
     if scale_dtype != recipe.weight.scale_dtype:
         recipe = replace(recipe, name=f"{recipe.name}-{scale_dtype}-scales",
                          weight=replace(recipe.weight, scale_dtype=scale_dtype))
+    if head:
+        recipe = replace(recipe.with_override("lm_head", head), name=f"{recipe.name}+{head}-head")
     saved = cache / recipe.name if cache is not None else None
     if saved is not None and (saved / "manifest.json").is_file():
-        qmodel = lowbit.load(saved)
-    else:
-        qmodel = lowbit.compile_quantized(model, recipe, calibration=calib, progress=False)
-        if saved is not None:
-            lowbit.save(qmodel, saved)
-    if head:  # QuantLinear.from_weight: what the quantize pass does per site (RTN + clip search)
-        from lowbit.quant_linear import QuantLinear
-
-        w = model.lm_head.weight.detach()
-        qmodel.lm_head = QuantLinear.from_weight(w, None, lowbit.get_recipe(head).weight)
-        qmodel.lowbit_recipe = replace(qmodel.lowbit_recipe, name=f"{recipe.name}+{head}-head")
+        return lowbit.load(saved)
+    qmodel = lowbit.compile_quantized(model, recipe, calibration=calib, progress=False)
+    if saved is not None:
+        lowbit.save(qmodel, saved)
     return qmodel
 
 

@@ -77,7 +77,7 @@ def build_passes(recipe: Recipe, context: CompileContext, mode: str = "infer") -
     passes.append(QuantizePass(recipe.weight, recipe.activation, ignore=recipe.is_ignored,
                                clip_search=recipe.clip_search,
                                weight_quantizer=registry.weight_quantizer(recipe, context),
-                               context=context))
+                               context=context, formats=recipe.formats_for))
     return passes
 
 

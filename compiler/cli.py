@@ -55,7 +55,9 @@ def cmd_compile(args) -> int:
     print(f"loading {args.model} ...", file=sys.stderr)
     model, tokenizer = _load(args.model)
     calib = _calibration(tokenizer, args, model.config.vocab_size, model)
-    recipe = lowbit.get_recipe(args.recipe)
+    from .recipes import with_override_specs
+
+    recipe = with_override_specs(args.recipe, args.override)
     if args.gptq:
         recipe = recipe.with_gptq(act_order=args.act_order)
     qmodel = lowbit.compile_quantized(model, recipe=recipe, calibration=calib, backend=args.backend,
@@ -200,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gptq", action="store_true", help="GPTQ weights (needs calibration: --calib-text or --calib-generate)")
     c.add_argument("--act-order", action="store_true", help="GPTQ in decreasing Hessian-diagonal order")
     c.add_argument("--all-sites", action="store_true", help="list every site in the summary")
+    c.add_argument("--override", action="append", metavar="PATTERN=PRESET",
+                   help="quantize the sites matching PATTERN with PRESET's formats (repeatable), "
+                        "e.g. --override lm_head=w4a16 for a 4-bit classifier")
     common(c)
     c.set_defaults(func=cmd_compile)
 

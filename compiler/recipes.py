@@ -4,6 +4,10 @@ A recipe is a plain dataclass that round-trips through JSON and YAML. ``passes``
 ordered list of ``{"name": ..., **options}`` entries for the passes that run before
 quantization (for example ``{"name": "rotate"}``); ``ignore`` holds ``fnmatch``
 patterns of site names left in high precision (the classifier head by default).
+``overrides`` gives some sites other formats: entries ``{"sites": [patterns], "weight":
+{...}, "activation": {...} | None}``, the first matching entry wins, and a site an entry
+matches is quantized with its formats even when ``ignore`` matches it too (for example
+the classifier at W4A16 in a W2A16 model: ``recipe.with_override("lm_head", "w4a16")``).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ class Recipe:
     clip_search: bool = True
     passes: list[dict] = field(default_factory=list)
     ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
+    overrides: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         if isinstance(self.weight, dict):
@@ -40,9 +45,25 @@ class Recipe:
         for p in self.passes:
             if not isinstance(p, dict) or "name" not in p:
                 raise ValueError(f"each pass entry must be a dict with a 'name', got {p!r}")
+        self.overrides = [_override_entry(o) for o in self.overrides]
 
     def is_ignored(self, site: str) -> bool:
         return any(fnmatch.fnmatchcase(site, pat) for pat in self.ignore)
+
+    def formats_for(self, site: str) -> tuple[QFormat, QFormat | None] | None:
+        """(weight format, activation format or None) of ``site``; None when it stays in float."""
+        for o in self.overrides:
+            if any(fnmatch.fnmatchcase(site, pat) for pat in o["sites"]):
+                return o["weight"], o["activation"]
+        return None if self.is_ignored(site) else (self.weight, self.activation)
+
+    def with_override(self, sites: "str | list[str]", formats: "str | Recipe") -> "Recipe":
+        """This recipe with ``sites`` (fnmatch patterns) quantized to the weight and
+        activation formats of ``formats`` (a preset name such as "w4a16", or a Recipe)."""
+        other = get_recipe(formats)
+        entry = {"sites": [sites] if isinstance(sites, str) else list(sites),
+                 "weight": other.weight, "activation": other.activation}
+        return replace(self, overrides=list(self.overrides) + [entry])
 
     # -- serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -55,11 +76,15 @@ class Recipe:
             "clip_search": self.clip_search,
             "passes": [dict(p) for p in self.passes],
             "ignore": list(self.ignore),
+            "overrides": [{"sites": list(o["sites"]), "weight": o["weight"].to_dict(),
+                           "activation": o["activation"].to_dict() if o["activation"] else None}
+                          for o in self.overrides],
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
-        known = {"name", "weight", "activation", "weight_method", "weight_options", "clip_search", "passes", "ignore"}
+        known = {"name", "weight", "activation", "weight_method", "weight_options", "clip_search", "passes", "ignore",
+                 "overrides"}
         extra = set(d) - known
         if extra:
             raise ValueError(f"unknown recipe fields {sorted(extra)}; known: {sorted(known)}")
@@ -93,6 +118,23 @@ class Recipe:
         return replace(self, name=self.name + "-gptq", weight_method="gptq", weight_options=dict(options))
 
 
+def _override_entry(o) -> dict:
+    """A normalised ``overrides`` entry: sites as a list of patterns, formats as QFormats."""
+    if not isinstance(o, dict) or "sites" not in o or "weight" not in o:
+        raise ValueError(f"each override must be a dict with 'sites' and 'weight' (and optionally 'activation'), "
+                         f"got {o!r}")
+    extra = set(o) - {"sites", "weight", "activation"}
+    if extra:
+        raise ValueError(f"unknown override fields {sorted(extra)}; known: activation, sites, weight")
+    sites = [o["sites"]] if isinstance(o["sites"], str) else list(o["sites"])
+    if not sites or not all(isinstance(p, str) for p in sites):
+        raise ValueError(f"override 'sites' must be a pattern or a non-empty list of patterns, got {o['sites']!r}")
+    weight = o["weight"] if isinstance(o["weight"], QFormat) else QFormat.from_dict(o["weight"])
+    act = o.get("activation")
+    act = act if act is None or isinstance(act, QFormat) else QFormat.from_dict(act)
+    return {"sites": sites, "weight": weight, "activation": act}
+
+
 def _preset(name, wbits, abits, group=16):
     return Recipe(name, QFormat(wbits, "int", group, "e4m3"), QFormat(abits, "int", group, "e4m3") if abits else None)
 
@@ -114,6 +156,17 @@ PRESETS = {
     "w2a2": lambda: _preset("w2a2", 2, 2),
     "btc": _btc,
 }
+
+
+def with_override_specs(recipe: "str | Recipe", specs: "list[str] | None") -> Recipe:
+    """``recipe`` with command-line overrides ``"PATTERN=PRESET"`` (e.g. ``"lm_head=w4a16"``)."""
+    recipe = get_recipe(recipe)
+    for spec in specs or []:
+        pattern, sep, preset = spec.partition("=")
+        if not sep or not pattern or not preset:
+            raise ValueError(f"override {spec!r}: expected PATTERN=PRESET, e.g. lm_head=w4a16")
+        recipe = recipe.with_override(pattern, preset)
+    return recipe
 
 
 def get_recipe(recipe: "str | Recipe | dict | Path") -> Recipe:

@@ -105,8 +105,10 @@ class FusePass(LowbitPass):
         recipe = self.context.recipe
         if "@" in name:
             return None, "called more than once"
-        if recipe is not None and recipe.is_ignored(name):
+        if recipe is not None and recipe.formats_for(name) is None:
             return None, None
+        if recipe is not None and recipe.formats_for(name) != (recipe.weight, recipe.activation):
+            return None, "has its own formats (a recipe override)"
         if not any(fnmatch.fnmatchcase(name, p) for p in self.patterns):
             return None, None
         if getattr(site, "transposed", False) or not node.args or not isinstance(node.args[0], torch.fx.Node):

@@ -121,19 +121,22 @@ class GPTQWeightQuantizer:
         self.method = "gptq" + ("+act_order" if act_order else "")
         self.fmt, self.act_order, self.damp, self.clip_search = fmt, act_order, damp, clip_search
 
-    def __call__(self, name: str, weight: torch.Tensor, inputs: torch.Tensor | None) -> QTensor | None:
+    def __call__(self, name: str, weight: torch.Tensor, inputs: torch.Tensor | None,
+                 fmt: QFormat | None = None) -> QTensor | None:
+        """GPTQ codes of ``weight`` in ``fmt`` (default: the quantizer's format)."""
         if inputs is None:
             return None
+        fmt = fmt or self.fmt
         k = weight.shape[1]
         from lowbit.quant_linear import padded_width
 
-        kp = padded_width(k, self.fmt)
+        kp = padded_width(k, fmt)
         h = hessian(inputs)
         w = weight
         if kp != k:  # padded columns see zero inputs: dead columns, quantized to zero codes
             w = torch.nn.functional.pad(weight.detach().float(), (0, kp - k))
             h = torch.nn.functional.pad(h, (0, kp - k, 0, kp - k))
-        return gptq_quantize(w, h, self.fmt, self.act_order, self.damp, clip_search=self.clip_search)
+        return gptq_quantize(w, h, fmt, self.act_order, self.damp, clip_search=self.clip_search)
 
 
 def layer_output_error(w: torch.Tensor, qt: QTensor, x: torch.Tensor) -> float:

@@ -62,11 +62,14 @@ class QuantizePass(LowbitPass):
         clip_search: bool = True,
         weight_quantizer=None,
         context: CompileContext | None = None,
+        formats=None,
     ):
         """``ignore``: callable(site name) -> bool, or a list of fnmatch patterns.
 
-        ``weight_quantizer``: optional callable(site, weight, inputs) -> QTensor replacing RTN
-        (GPTQ plugs in here).
+        ``weight_quantizer``: optional callable(site, weight, inputs, fmt) -> QTensor
+        replacing RTN (GPTQ plugs in here). ``formats``: optional callable(site name) ->
+        (weight format, activation format) or None (float), e.g. ``Recipe.formats_for``
+        (per-site overrides); it replaces ``ignore`` and the two formats when given.
         """
         super().__init__(context)
         self.weight_format = weight_format
@@ -80,18 +83,19 @@ class QuantizePass(LowbitPass):
             self.ignore = lambda name: any(fnmatch.fnmatchcase(name, p) for p in pats)
         self.clip_search = clip_search
         self.weight_quantizer = weight_quantizer
+        self.formats = formats or (lambda name: None if self.ignore(name) else (self.weight_format, self.act_format))
         self.details: dict = {}
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         sites = find_linear_sites(gm)
-        chosen = {name: s for name, s in sites.items() if not self.ignore(name)}
+        chosen = {name: s for name, s in sites.items() if self.formats(name) is not None}
         attrs = {n.target: n for n in gm.graph.nodes if n.op == "get_attr"}
         if any(s.weight in attrs and len(attrs[s.weight].users) > 1 for s in chosen.values()):
             # a chosen site shares its weight (tied classifier and embedding): the other user
             # keeps the float tensor under its own path when the site's module is replaced
             separate_shared_weights(gm)
             sites = find_linear_sites(gm)
-            chosen = {name: s for name, s in sites.items() if not self.ignore(name)}
+            chosen = {name: s for name, s in sites.items() if self.formats(name) is not None}
         skipped = [name for name in sites if name not in chosen]
         errors = []
         bar = tqdm(total=len(chosen), desc="quantize", disable=not self.context.progress, unit="site")
@@ -127,17 +131,18 @@ class QuantizePass(LowbitPass):
             x_weight = x
             for op in prologue:  # the product sees the activation after the prologue
                 x_weight = op(x_weight) if x_weight is not None else None
+        weight_format, act_format = self.formats(name)
         qt: QTensor | None = None
         hint = getattr(existing, "weight_qtensor", None)
-        if hint is not None and hint.fmt == self.weight_format and hint.codes.shape == weight.shape:
+        if hint is not None and hint.fmt == weight_format and hint.codes.shape == weight.shape:
             qt = hint  # made by a pass that optimised the codes (rounding-aware splitting)
         elif self.weight_quantizer is not None:
-            qt = self.weight_quantizer(name, weight, x_weight)
-        ql = QuantLinear.from_weight(weight, bias, self.weight_format, self.act_format,
+            qt = self.weight_quantizer(name, weight, x_weight, weight_format)
+        ql = QuantLinear.from_weight(weight, bias, weight_format, act_format,
                                      in_features=existing.site_in_features if prologue else weight.shape[1],
                                      prologue=prologue, clip_search=self.clip_search, qtensor=qt)
         rec = self.report.site(name)
-        rec.update(format=self.weight_format.name + (f" / act {self.act_format.name}" if self.act_format else ""),
+        rec.update(format=weight_format.name + (f" / act {act_format.name}" if act_format else ""),
                    bits_per_weight=ql.bits_per_weight(), numel=weight.numel(),
                    shape=[ql.out_features, ql.weight_in_features],
                    method=("rtn+clip" if self.clip_search else "rtn") if qt is None else

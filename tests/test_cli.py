@@ -34,3 +34,14 @@ def test_compile_then_eval_artifact(data, tmp_path, capsys):
 def test_unknown_recipe_is_a_clear_error(data):
     with pytest.raises(ValueError, match="unknown recipe"):
         main(["compile", "stories260k", "--recipe", "w1a1", "--quiet"])
+
+
+def test_compile_with_an_override(data, tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["compile", "stories260k", "--recipe", "w2a16", "--override", "lm_head=w4a16", "--out", str(out),
+                 "--quiet", "--calib-samples", "2", "--calib-len", "64"]) == 0
+    sites = json.loads((out / "report.json").read_text())["sites"]
+    assert sites["lm_head"]["format"] == "int4_g16_e4m3"
+    assert sites["model.layers.0.mlp.up_proj"]["format"] == "int2_g16_e4m3"
+    with pytest.raises(ValueError, match="PATTERN=PRESET"):
+        main(["compile", "stories260k", "--override", "lm_head", "--quiet"])

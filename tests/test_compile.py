@@ -126,3 +126,32 @@ def test_quantizing_a_tied_classifier_keeps_the_embedding_float():
         expected = hidden @ q.lm_head.dequantized_weight().double().T
         got = q(ids).logits.double()
     assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_override_quantizes_the_classifier_in_its_own_format(method):
+    """w2a16 with ``with_override("lm_head", "w4a16")``: the body at 2 bits, the tied classifier
+    at 4 bits (GPTQ in that format too), the embedding float; logits are the quantized
+    body's hidden states times the classifier's dequantized 4-bit weight (float64)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    recipe = lowbit.get_recipe("w2a16").with_override("lm_head", "w4a16")
+    if method == "gptq":
+        recipe = recipe.with_gptq()
+    q = lowbit.compile_quantized(model, recipe, calibration=ids, progress=False)
+    assert q.lm_head.weight_format.bits == 4 and q.model.layers[0].mlp.up_proj.weight_format.bits == 2
+    assert q.lowbit_report.sites["lm_head"]["method"].startswith(method)
+    assert torch.equal(q.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    with torch.no_grad():
+        hidden = q.model(ids[:1]).last_hidden_state.double()
+        expected = hidden @ q.lm_head.dequantized_weight().double().T
+        got = q(ids[:1]).logits.double()
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+    w = model.lm_head.weight.detach().double()
+    err4 = ((q.lm_head.dequantized_weight().double() - w).norm() / w.norm()).item()
+    assert err4 < 0.15  # a 4-bit classifier (about 0.08 here), not a 2-bit one (about 0.36)

@@ -44,3 +44,26 @@ def test_bad_recipes():
         Recipe.from_dict({"name": "x", "weight": {"bits": 2}, "wieght_method": "rtn"})
     with pytest.raises(ValueError, match="weight_method"):
         Recipe("x", QFormat(2), weight_method="magic")
+
+
+def test_overrides_choose_formats_per_site_and_roundtrip():
+    r = get_recipe("w2a16").with_override("lm_head", "w4a16").with_override(["*.down_proj", "*.o_proj"], "w4a4")
+    w4 = get_recipe("w4a16").weight
+    assert r.formats_for("lm_head") == (w4, None)  # an override beats the default ignore list
+    assert r.formats_for("model.layers.3.mlp.down_proj") == (w4, get_recipe("w4a4").activation)
+    assert r.formats_for("model.layers.3.mlp.up_proj") == (r.weight, None)
+    assert r.formats_for("score") is None  # still ignored
+    for back in (Recipe.from_json(r.to_json()), Recipe.from_yaml(r.to_yaml())):
+        assert back == r and back.overrides[1]["sites"] == ["*.down_proj", "*.o_proj"]
+    first = Recipe("x", QFormat(2), overrides=[{"sites": "*.q_proj", "weight": {"bits": 3}},
+                                               {"sites": ["*"], "weight": {"bits": 8}}])
+    assert first.formats_for("a.q_proj")[0].bits == 3 and first.formats_for("a.k_proj")[0].bits == 8
+
+
+def test_bad_overrides():
+    with pytest.raises(ValueError, match="'sites' and 'weight'"):
+        Recipe("x", QFormat(2), overrides=[{"sites": "lm_head"}])
+    with pytest.raises(ValueError, match="unknown override fields"):
+        Recipe("x", QFormat(2), overrides=[{"sites": "lm_head", "weight": {"bits": 4}, "grid": "int"}])
+    with pytest.raises(ValueError, match="non-empty list"):
+        Recipe("x", QFormat(2), overrides=[{"sites": [], "weight": {"bits": 4}}])

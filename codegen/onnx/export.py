@@ -349,11 +349,16 @@ def export_main(argv=None) -> int:
     p.add_argument("source")
     p.add_argument("--out", required=True)
     p.add_argument("--recipe", default=None, help="compile a model SOURCE with this recipe first")
+    p.add_argument("--override", action="append", metavar="PATTERN=PRESET",
+                   help="with --recipe: quantize the sites matching PATTERN with PRESET's formats (repeatable), "
+                        "e.g. --override lm_head=w4a16")
     p.add_argument("--weight-kernel", default="nbits4", choices=lowering.WEIGHT_KERNELS)
     p.add_argument("--calib-samples", type=int, default=4)
     p.add_argument("--calib-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.override and not args.recipe:
+        p.error("--override needs --recipe")
 
     import lowbit
     from lowbit.models import load_model
@@ -371,7 +376,10 @@ def export_main(argv=None) -> int:
         if args.recipe:
             g = torch.Generator().manual_seed(args.seed)
             calib = torch.randint(0, model.config.vocab_size, (args.calib_samples, args.calib_len), generator=g)
-            model = lowbit.compile_quantized(model, args.recipe, calibration=calib, inplace=True)
+            from lowbit.recipes import with_override_specs
+
+            recipe = with_override_specs(args.recipe, args.override)
+            model = lowbit.compile_quantized(model, recipe, calibration=calib, inplace=True)
     out = export_onnx(model, args.out, tokenizer=tokenizer, weight_kernel=args.weight_kernel)
     man = json.loads((out / mf.MANIFEST_FILE).read_text())
     size = sum(v["bytes"] for v in man["files"].values())
