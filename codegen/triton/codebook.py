@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .w2a16 import _cdiv, _decode_e4m3, _interpreting, _split_k_total, _tile_counters, _x_pairs
+from .w2a16 import _cdiv, _decode_e4m3, _interpreting, _joined_pairs_dot, _split_k_total, _tile_counters, _x_pairs
 
 
 @triton.jit
@@ -175,14 +175,7 @@ def _sign_tile_dot(acc, cw, cw2, xt, DT: tl.constexpr, ASM: tl.constexpr, UPCAST
     p5 = _sign_pair3(cw, cw2, 5, DT, ASM)
     p6 = _sign_pair3(cw, cw2, 6, DT, ASM)
     p7 = _sign_pair3(cw, cw2, 7, DT, ASM)
-    b0 = tl.join(tl.join(p0, p1), tl.join(p2, p3))
-    b1 = tl.join(tl.join(p4, p5), tl.join(p6, p7))  # dims (n, v, j, c, b, a)
-    a = tl.reshape(tl.permute(tl.join(b0, b1), (0, 1, 5, 4, 3, 2)), [BLOCK_N, 16 * BLOCK_V])
-    xr = tl.reshape(xt, [BLOCK_M, BLOCK_V, 2, 2, 2, 2])  # dims (m, v, j, a, b, c)
-    xp = tl.reshape(tl.permute(xr, (0, 1, 3, 4, 5, 2)), [BLOCK_M, 16 * BLOCK_V])
-    if UPCAST_DOT:
-        return tl.dot(a.to(tl.float32), tl.trans(xp).to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, tl.trans(xp), acc)
+    return _joined_pairs_dot(acc, p0, p1, p2, p3, p4, p5, p6, p7, xt, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_V)
 
 
 @triton.jit

@@ -317,6 +317,15 @@ def _tile_dot(acc, w, s, s1, soff, xt, HALF: tl.constexpr, DT: tl.constexpr, ASM
     p5 = _dequant_pair3(w, s, s1, soff, 5, HALF, DT, ASM)
     p6 = _dequant_pair3(w, s, s1, soff, 6, HALF, DT, ASM)
     p7 = _dequant_pair3(w, s, s1, soff, 7, HALF, DT, ASM)
+    return _joined_pairs_dot(acc, p0, p1, p2, p3, p4, p5, p6, p7, xt, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_G)
+
+
+@triton.jit
+def _joined_pairs_dot(acc, p0, p1, p2, p3, p4, p5, p6, p7, xt, UPCAST_DOT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """acc + A @ xp^T, one product: ``p_i`` are [BLOCK_N, BLOCK_G, 2] tiles holding code/element
+    i + 8j of each group of 16 (j = 0, 1), joined into A[n, 16g + 8a + 4b + 2c + j] (i = 4a + 2b
+    + c); the x tile [BLOCK_M, 16*BLOCK_G] is permuted to the same K order."""
     # dims (n, g, j, c, b, a): code i = 4a + 2b + c; reordered to (n, g, a, b, c, j) so that the
     # two codes of a packed pair (j = 0, 1) stay adjacent along K
     b0 = tl.join(tl.join(p0, p1), tl.join(p2, p3))
