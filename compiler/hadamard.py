@@ -291,13 +291,28 @@ def _base_matrix_cached(m: int, transpose: bool, dtype: torch.dtype, device: tor
 
 
 def _fwht_last(x: Tensor, p: int) -> Tensor:
-    """Unnormalised Sylvester transform ``x @ S_p`` along the last axis of a 2-D tensor."""
+    """Unnormalised Sylvester transform ``x @ S_p`` along the last axis of a 2-D tensor.
+
+    Butterfly stages ``(u, w) -> (u + w, u - w)``. Without autograd they are written into a
+    ping-pong pair of buffers (``x`` itself is never written), with half the memory traffic
+    of stacking; with autograd they are stacked. Both compute the same sums in the same
+    order, so the results are identical bit for bit."""
     rows = x.shape[0]
     h = 1
+    if x.requires_grad and torch.is_grad_enabled():
+        while h < p:
+            v = x.view(rows, p // (2 * h), 2, h)
+            u, w = v[:, :, 0, :], v[:, :, 1, :]
+            x = torch.stack((u + w, u - w), dim=2).view(rows, p)
+            h *= 2
+        return x
+    out = torch.empty_like(x)
     while h < p:
         v = x.view(rows, p // (2 * h), 2, h)
-        u, w = v[:, :, 0, :], v[:, :, 1, :]
-        x = torch.stack((u + w, u - w), dim=2).view(rows, p)
+        o = out.view(rows, p // (2 * h), 2, h)
+        torch.add(v[:, :, 0, :], v[:, :, 1, :], out=o[:, :, 0, :])
+        torch.sub(v[:, :, 0, :], v[:, :, 1, :], out=o[:, :, 1, :])
+        x, out = out, (x if h > 1 else torch.empty_like(x))  # the caller's tensor is not reused
         h *= 2
     return x
 

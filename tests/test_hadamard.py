@@ -343,3 +343,16 @@ def test_property_transform_matches_matrix(lead, n, dtype, scale, transpose, see
     ref = x.double() @ (h if transpose else h.T) * s
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * max(1.0, abs(s) * math.sqrt(n)))
+
+
+def test_fast_transform_equals_its_autograd_form_bit_for_bit():
+    """The buffer (no autograd) and stacking (autograd) butterflies give identical bits and
+    leave the input untouched."""
+    from lowbit.hadamard import hadamard_transform
+
+    for n in (16, 96, 512, 1536):
+        x = torch.randn(33, n, generator=torch.Generator().manual_seed(n))
+        keep = x.clone()
+        fast = hadamard_transform(x)
+        slow = hadamard_transform(x.clone().requires_grad_(True)).detach()
+        assert torch.equal(fast, slow) and torch.equal(x, keep)
