@@ -112,6 +112,10 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module
         except (ValueError, KeyError, TypeError) as e:
             raise ArtifactError(f"{directory}: site {name} cannot be rebuilt: {e}") from e
         model.set_submodule(name, module)
+    if any(type(m).__name__ == "FusedSlice" for m in model.modules()):  # sites joined by the fuse pass
+        from .fused import link_fused_sites
+
+        link_fused_sites(model)  # also checks that every fused sibling was rebuilt
     try:
         missing, unexpected = load_model(model, str(directory / WEIGHTS_FILE), strict=False)
     except Exception as e:  # safetensors header errors, shape mismatches
