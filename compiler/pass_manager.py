@@ -170,6 +170,7 @@ class SequentialCalibration:
         args_iter = iter(pytree.tree_leaves(self.context.calibration[i]))
         interp.args_iter = args_iter
         remaining = set(wanted)
+        kept: dict = {}  # input node -> its kept rows: sites reading one activation share one tensor
         for k in range(start, len(nodes)):
             n = nodes[k]
             if stop_at is not None and n.name == stop_at:
@@ -183,11 +184,18 @@ class SequentialCalibration:
                 pass
             else:
                 if n.name in remaining:
-                    x = env[n.args[0]] if isinstance(n.args[0], torch.fx.Node) else n.args[0]
-                    rows = x.detach().reshape(-1, x.shape[-1])
-                    if rows.shape[0] > per_batch:
-                        rows = rows[torch.linspace(0, rows.shape[0] - 1, per_batch).long()]
-                    found[n.name].append(rows.float().cpu())
+                    src = n.args[0]
+                    if not isinstance(src, torch.fx.Node) or src not in kept:
+                        x = env[src] if isinstance(src, torch.fx.Node) else src
+                        rows = x.detach().reshape(-1, x.shape[-1])
+                        if rows.shape[0] > per_batch:
+                            rows = rows[torch.linspace(0, rows.shape[0] - 1, per_batch).long()]
+                        rows = rows.float().cpu()
+                        if isinstance(src, torch.fx.Node):
+                            kept[src] = rows
+                    else:
+                        rows = kept[src]
+                    found[n.name].append(rows)
                     remaining.discard(n.name)
                     if not remaining and stop_at is None:
                         return
@@ -209,7 +217,17 @@ class SequentialCalibration:
         for i in range(len(self.context.calibration)):
             self._run(i, None, wanted, found, per_batch)
         self.states = saved
-        return {k: torch.cat(v) for k, v in found.items() if v}
+        # one concatenation per distinct input: sites that read the same activation (q/k/v,
+        # gate/up) get the same tensor object, which GPTQ uses to build their Hessian once
+        joined: dict[tuple, torch.Tensor] = {}
+        out = {}
+        for k, v in found.items():
+            if v:
+                key = tuple(id(t) for t in v)
+                if key not in joined:
+                    joined[key] = torch.cat(v)
+                out[k] = joined[key]
+        return out
 
     @torch.no_grad()
     def advance(self, node_name: str) -> None:

@@ -120,6 +120,14 @@ class GPTQWeightQuantizer:
     def __init__(self, fmt: QFormat, act_order: bool = False, damp: float = 0.01, clip_search: bool = True):
         self.method = "gptq" + ("+act_order" if act_order else "")
         self.fmt, self.act_order, self.damp, self.clip_search = fmt, act_order, damp, clip_search
+        self._last_hessian: tuple[torch.Tensor, torch.Tensor] | None = None  # (inputs, their Hessian)
+
+    def site_hessian(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``hessian(inputs)``, built once for consecutive sites given the same inputs tensor
+        (the quantize pass passes one tensor to the sites that read one activation)."""
+        if self._last_hessian is None or self._last_hessian[0] is not inputs:
+            self._last_hessian = (inputs, hessian(inputs))
+        return self._last_hessian[1]
 
     def __call__(self, name: str, weight: torch.Tensor, inputs: torch.Tensor | None,
                  fmt: QFormat | None = None) -> QTensor | None:
@@ -131,7 +139,7 @@ class GPTQWeightQuantizer:
         from lowbit.quant_linear import padded_width
 
         kp = padded_width(k, fmt)
-        h = hessian(inputs)
+        h = self.site_hessian(inputs)
         w = weight
         if kp != k:  # padded columns see zero inputs: dead columns, quantized to zero codes
             w = torch.nn.functional.pad(weight.detach().float(), (0, kp - k))

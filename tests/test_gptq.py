@@ -119,3 +119,27 @@ def test_calibration_runs_block_by_block(tiny_llama, calib_ids, monkeypatch):
     assert len(requests) == 2  # two decoder blocks; lm_head is ignored
     assert all(len(r) == 7 for r in requests)  # q, k, v, o, gate, up, down
     assert all(s["method"] == "gptq" for s in q.lowbit_report.sites.values())
+
+
+def test_sites_reading_one_activation_share_inputs_and_one_hessian(tiny_llama, calib_ids, monkeypatch):
+    """q/k/v (and gate/up) get one inputs tensor from the calibration, and GPTQ builds its
+    Hessian once for them: 4 Hessians per block (qkv, o, gate/up, down), not 7."""
+    from lowbit.pass_manager import SequentialCalibration
+    from lowbit.passes import gptq
+
+    shared = []
+    original = SequentialCalibration.collect
+
+    def spy(self, nodes):
+        got = original(self, list(nodes))
+        shared.append((len(got), len({id(v) for v in got.values()})))
+        return got
+
+    built = []
+    real_hessian = gptq.hessian
+    monkeypatch.setattr(SequentialCalibration, "collect", spy)
+    monkeypatch.setattr(gptq, "hessian", lambda x: built.append(x.shape) or real_hessian(x))
+    lowbit.compile_quantized(tiny_llama, lowbit.get_recipe("w4a16").with_gptq(), calibration=calib_ids,
+                             progress=False)
+    assert shared == [(7, 4), (7, 4)]  # 7 sites, 4 distinct inputs per block
+    assert len(built) == 2 * 4
