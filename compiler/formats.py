@@ -57,6 +57,8 @@ element with the lowest index in the lowest bits, each code as its two's complem
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import asdict, dataclass
 
@@ -349,14 +351,27 @@ def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     return (u << shifts).sum(-1).to(torch.uint8)
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, k: int | None = None) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: int8 codes, sign-extended from their container."""
+def _unpack_codes_arith(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The definition of unpacking: shift each code out of its byte and sign-extend it."""
     c = QFormat(bits, "half" if bits == 1 else "int").container_bits
     per_byte = 8 // c
     shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * c
     u = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << c) - 1)
     u = torch.where(u >= (1 << (c - 1)), u - (1 << c), u)
-    q = u.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte).to(torch.int8)
+    return u.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte).to(torch.int8)
+
+
+@functools.lru_cache(maxsize=32)
+def _unpack_table(bits: int, device: torch.device) -> torch.Tensor:
+    """[256, codes per byte] int8: the codes of every byte value (by the definition above)."""
+    return _unpack_codes_arith(torch.arange(256, dtype=torch.uint8).unsqueeze(-1), bits).to(device)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, k: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: int8 codes, sign-extended from their container (one
+    lookup per byte in a 256-entry table of :func:`_unpack_codes_arith`'s results)."""
+    table = _unpack_table(bits, packed.device)
+    q = table[packed.long()].reshape(*packed.shape[:-1], packed.shape[-1] * table.shape[1])
     if k is not None:
         q = q[..., :k]
     return q

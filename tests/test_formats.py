@@ -217,3 +217,17 @@ def test_bad_formats_are_rejected():
         QFormat(1, "int")
     with pytest.raises(ValueError, match="multiple"):
         quantize(torch.randn(2, 10), QFormat(2, group_size=16))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_table_unpacking_equals_the_shift_definition(bits):
+    """unpack_codes (a 256-entry table) gives the shift-and-sign-extend definition's codes for
+    every byte value, in every position, and inverts pack_codes."""
+    from lowbit.formats import _unpack_codes_arith
+
+    every = torch.arange(256, dtype=torch.uint8).reshape(4, 64)
+    assert torch.equal(unpack_codes(every, bits), _unpack_codes_arith(every, bits))
+    per_byte = unpack_codes(every, bits).shape[-1] // 64
+    lo, hi = (-(1 << (8 // per_byte - 1)), (1 << (8 // per_byte - 1)) - 1)
+    q = torch.randint(lo, hi + 1, (3, 16 * per_byte), dtype=torch.int8)
+    assert torch.equal(unpack_codes(pack_codes(q, bits), bits), q)
