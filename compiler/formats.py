@@ -58,7 +58,6 @@ element with the lowest index in the lowest bits, each code as its two's complem
 from __future__ import annotations
 
 import functools
-
 import math
 from dataclasses import asdict, dataclass
 
