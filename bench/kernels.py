@@ -46,25 +46,21 @@ _SK = dict(path="skinny")
 _OD = dict(_SK, ONE_DOT=True)  # one tensor-core product per tile (codegen/triton/w2a16.py, _tile_dot)
 VARIANTS = {  # by (M, K, N); the full sweep behind the defaults is in docs/benchmarks.md
     (1, 8192, 8192): [
-        dict(_OD, BLOCK_G=16), dict(_OD, BLOCK_G=32), dict(_OD, BLOCK_G=8), dict(_OD, BLOCK_G=16, num_stages=4),
-        dict(_OD, BLOCK_G=16, SPLIT_K=2), dict(_OD, BLOCK_G=16, BLOCK_N=64, num_warps=4),
-        dict(_SK, SPLIT_K=1),
-        dict(_SK, SPLIT_K=4),
-        dict(_SK, BLOCK_N=64, BLOCK_G=32, num_warps=4, SPLIT_K=2),
-        dict(_SK, BLOCK_N=64, BLOCK_G=32, num_warps=4, SPLIT_K=4),
-        dict(_SK, ASM=False),
+        # fewer registers per program (BLOCK_G 16: ~106, 8: ~64 on sm_90) -> 2-4 programs per SM
+        dict(_SK, BLOCK_G=16), dict(_SK, BLOCK_G=16, SPLIT_K=8), dict(_SK, BLOCK_G=16, SPLIT_K=8, num_stages=4),
+        dict(_SK, BLOCK_G=16, num_stages=2), dict(_SK, BLOCK_G=8, SPLIT_K=8), dict(_SK, BLOCK_G=8, SPLIT_K=16),
+        dict(_SK, BLOCK_G=8, SPLIT_K=16, num_stages=4), dict(_SK, BLOCK_G=16, BLOCK_N=64, num_warps=4, SPLIT_K=8),
+        dict(_SK, BLOCK_G=8, BLOCK_N=64, num_warps=4, SPLIT_K=8), dict(_SK, BLOCK_G=16, BLOCK_N=256, SPLIT_K=8),
+        dict(_OD, BLOCK_G=16),
         dict(path="gemv"),
     ],
     (1, 4096, 4096): [
-        dict(_OD, BLOCK_G=16), dict(_OD, BLOCK_G=32),
-        dict(_SK, SPLIT_K=2),
-        dict(_SK, SPLIT_K=8),
-        dict(_SK, BLOCK_N=64, BLOCK_G=32, num_warps=4, SPLIT_K=4),
-        dict(path="gemv"),
+        dict(_SK, BLOCK_G=16, SPLIT_K=8), dict(_SK, BLOCK_G=8, SPLIT_K=16), dict(_SK, BLOCK_G=16, SPLIT_K=16),
+        dict(_SK, BLOCK_G=16, BLOCK_N=64, num_warps=4, SPLIT_K=8),
     ],
-    (1, 8192, 28672): [dict(_SK, SPLIT_K=2), dict(_OD, BLOCK_G=16)],
-    (16, 8192, 8192): [dict(_OD, BLOCK_G=16), dict(_OD, BLOCK_G=32),dict(_SK, BLOCK_N=64, BLOCK_G=32, num_warps=4, SPLIT_K=1),
-                       dict(_SK, BLOCK_N=64, BLOCK_G=32, num_warps=4, SPLIT_K=2)],
+    (1, 8192, 28672): [dict(_SK, BLOCK_G=16), dict(_SK, BLOCK_G=16, SPLIT_K=2), dict(_SK, BLOCK_G=8, SPLIT_K=2)],
+    (16, 8192, 8192): [dict(_SK, BLOCK_G=16), dict(_SK, BLOCK_G=16, SPLIT_K=8), dict(_SK, BLOCK_G=8, SPLIT_K=16),
+                       dict(_SK, BLOCK_G=16, BLOCK_N=64, num_warps=4, SPLIT_K=8)],
     (4096, 8192, 8192): [dict(path="gemm", BLOCK_M=128, BLOCK_G=16, XPERM=False)],
 }
 
@@ -289,10 +285,11 @@ def run_w2a2(with_variants, shapes=W2A2_SHAPES, dtype=torch.bfloat16):
 CODEBOOK_SHAPES = [(1, 8192, 8192, "codebook decode 8192x8192"), (1, 4096, 4096, "codebook decode 4096x4096"),
                    (1, 8192, 28672, "codebook decode 8192->28672"), (16, 8192, 8192, "codebook M=16 8192x8192")]
 _DEC = dict(path="decode")  # codewords expanded to +-1 tiles on tensor cores (codegen/triton/codebook.py)
-CODEBOOK_VARIANTS = [_DEC, dict(_DEC, ONE_DOT=False), dict(_DEC, BLOCK_V=32), dict(_DEC, BLOCK_V=8),
-                     dict(_DEC, GATHER=True), dict(_DEC, WORDS=False), dict(_DEC, BLOCK_N=64, num_warps=4),
-                     dict(_DEC, BLOCK_N=256), dict(_DEC, SPLIT_K=2), dict(_DEC, SPLIT_K=8), dict(_DEC, num_stages=2),
-                     dict(_DEC, num_stages=4)]
+_V8 = dict(_DEC, BLOCK_V=8)
+CODEBOOK_VARIANTS = [_DEC, _V8, dict(_DEC, BLOCK_V=4), dict(_V8, SPLIT_K=8), dict(_V8, SPLIT_K=16),
+                     dict(_V8, BLOCK_N=64, num_warps=4), dict(_V8, BLOCK_N=64, num_warps=4, SPLIT_K=8),
+                     dict(_V8, num_stages=2), dict(_V8, num_stages=4), dict(_V8, ONE_DOT=False),
+                     dict(_DEC, BLOCK_V=4, SPLIT_K=16)]
 
 
 def run_codebook(with_variants, shapes=CODEBOOK_SHAPES, dtype=torch.bfloat16, index_bits=11):
@@ -322,7 +319,8 @@ def run_codebook(with_variants, shapes=CODEBOOK_SHAPES, dtype=torch.bfloat16, in
         nset = max(1, math.ceil(STREAM_BYTES / idx.nbytes))
         sets = [idx] + [idx.clone() for _ in range(nset - 1)]
         variants = [{}, dict(_DEC)] + ([dict(v) for v in CODEBOOK_VARIANTS[1:]]
-                                       if with_variants and (m, k, n) == (1, 8192, 8192) else [])
+                                       if with_variants and (m, k, n) == (1, 8192, 8192) else
+                                       [dict(_V8)] if with_variants else [])
         for v in variants:
             name = "codebook GEMV " + (" ".join(f"{a}={b}" for a, b in v.items()) if v else f"default {kc._TABLE_DEFAULTS}")
             try:

@@ -20,8 +20,8 @@ Two kernels:
   one product per tile (``ONE_DOT``) in the K order of ``lowbit.codegen.triton.w2a16._tile_dot``.
   Exact products, fp32 accumulation; the per-row scale, global scale and bias are applied to
   the accumulator. Split K is reduced serially as in :mod:`.w2a16`.
-* ``path="table"`` (``_codebook_gemv_kernel``, the default until the decode path is timed on a
-  GPU): the kernel never expands W: a program takes R consecutive vectors (a chunk of K) and a
+* ``path="table"`` (``_codebook_gemv_kernel``, the first design, kept as a second, independent
+  implementation; 1.8x slower than "decode" at M=1 on the H200): the kernel never expands W: a program takes R consecutive vectors (a chunk of K) and a
   block of rows, computes its slice of the table P (R x C dot products of 16 elements: one small
 tensor-core product of the +-1 codebook with x, exact products and fp32 sums), then for each
 row gathers the R table entries its indices point to (``tl.gather``: the table lives in shared
@@ -288,12 +288,13 @@ def _store_scaled(acc, s_ptr, g_ptr, b_ptr, y_ptr, offs_n, offs_m, n_mask, ymask
     tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], out.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
-_DECODE_DEFAULTS = dict(path="decode", BLOCK_M=16, BLOCK_N=128, BLOCK_V=16, SPLIT_K=0, GATHER=False, ASM=True,
+# measured best of the H200 sweep (docs/benchmarks.md): BLOCK_V=8 is 1.5x faster than 16 at every shape
+_DECODE_DEFAULTS = dict(path="decode", BLOCK_M=16, BLOCK_N=128, BLOCK_V=8, SPLIT_K=0, GATHER=False, ASM=True,
                         ONE_DOT=True, num_warps=8, num_stages=3)
 _TARGET_PROGRAMS = 256
 
 
-_TABLE_DEFAULTS = dict(path="table", R=16, BLOCK_N=1024, num_warps=8, num_stages=1)  # measured best of the sweep (docs/benchmarks.md)
+_TABLE_DEFAULTS = dict(path="table", R=16, BLOCK_N=1024, num_warps=8, num_stages=1)  # best of its own sweep
 
 
 def codebook_unsupported(x, indices_packed, codebook_packed, scales, global_scale, bias, vector_size, index_bits,
@@ -326,13 +327,13 @@ def default_config(path: str, m: int, n: int, mv: int) -> dict:
 
 def codebook_gemv(x: torch.Tensor, indices_packed: torch.Tensor, codebook_packed: torch.Tensor,
                   scales: torch.Tensor, global_scale: torch.Tensor, bias: torch.Tensor | None = None,
-                  index_bits: int = 11, padded_width: int | None = None, out_dtype=None, path: str = "table",
+                  index_bits: int = 11, padded_width: int | None = None, out_dtype=None, path: str = "decode",
                   **config) -> torch.Tensor:
     """``x @ W^T + bias`` for a codebook weight with v = 16 and per-row E4M3 scales (module
     docstring). ``x`` bf16/fp16 [..., K]; output in x's dtype (or ``out_dtype``). ``path``:
-    "table" (the table-lookup kernel, measured on the H200) or "decode" (codewords expanded to
-    +-1 tiles on tensor cores; checked in Triton's interpreter, not yet timed on a GPU, so not
-    the default); ``config`` overrides tile sizes."""
+    "decode" (codewords expanded to +-1 tiles on tensor cores; the default: 1.8x faster than
+    "table" at M=1 on the H200, 25x at M=16) or "table" (the table-lookup kernel);
+    ``config`` overrides tile sizes."""
     if path not in ("decode", "table"):
         raise ValueError(f"path must be 'decode' or 'table', got {path!r}")
     n = indices_packed.shape[0]
