@@ -39,6 +39,11 @@ SHAPES = [  # (M, K, N, label)
     (1, 11008, 4096, "decode 11008->4096 (down)"),
     (1, 4096, 12288, "decode 4096->12288 (qkv)"),
     (1, 4096, 22016, "decode 4096->22016 (gate+up)"),
+    # where the "dequant" path (W values to bf16, then cuBLAS) overtakes the fused GEMM
+    (64, 8192, 8192, "M=64 8192x8192"),
+    (256, 8192, 8192, "M=256 8192x8192"),
+    (2048, 4096, 4096, "prefill 2048x4096x4096"),
+    (2048, 4096, 11008, "prefill 2048x4096->11008"),
 ]
 
 DEFAULT = [{}]
@@ -61,7 +66,11 @@ VARIANTS = {  # by (M, K, N); the full sweep behind the defaults is in docs/benc
     (1, 8192, 28672): [dict(_SK, BLOCK_G=16), dict(_SK, BLOCK_G=16, SPLIT_K=2), dict(_SK, BLOCK_G=8, SPLIT_K=2)],
     (16, 8192, 8192): [dict(_SK, BLOCK_G=16), dict(_SK, BLOCK_G=16, SPLIT_K=8), dict(_SK, BLOCK_G=8, SPLIT_K=16),
                        dict(_SK, BLOCK_G=16, BLOCK_N=64, num_warps=4, SPLIT_K=8)],
-    (4096, 8192, 8192): [dict(path="gemm", BLOCK_M=128, BLOCK_G=16, XPERM=False)],
+    (4096, 8192, 8192): [dict(path="gemm"), dict(path="gemm", BLOCK_M=128, BLOCK_G=16, XPERM=False)],
+    (64, 8192, 8192): [dict(path="dequant")],
+    (256, 8192, 8192): [dict(path="gemm")],
+    (2048, 4096, 4096): [dict(path="gemm")],
+    (2048, 4096, 11008): [dict(path="gemm")],
 }
 
 

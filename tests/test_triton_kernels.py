@@ -22,6 +22,7 @@ SMALL = {  # tiles small enough for the interpreter
     "gemv": dict(BLOCK_N=16, BLOCK_G=4),
     "skinny": dict(BLOCK_N=16, BLOCK_G=4),
     "gemm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_G=4),
+    "dequant": dict(),
 }
 
 
@@ -55,6 +56,8 @@ CASES = [  # path, M, K, N, grid, dtype, weight kind
     ("gemm", 17, 128, 48, "int", torch.bfloat16, "rtn"),
     ("gemm", 17, 64, 16, "half", torch.float16, "stress"),
     ("gemm", 3, 128, 16, "int", torch.float16, "stress"),
+    ("dequant", 20, 128, 48, "int", torch.bfloat16, "stress"),
+    ("dequant", 3, 64, 16, "half", torch.float16, "rtn"),
 ]
 
 
@@ -139,7 +142,7 @@ def test_padded_weight_and_leading_dims(grid):
     assert ql.weight_scales.shape[1] * 16 == 112
     x = torch.randn(2, 3, 100).to(torch.bfloat16)
     ref = x.double() @ ql.dequantized_weight().double().T + ql.bias.double()
-    for path in ("skinny", "gemm", "gemv"):
+    for path in ("skinny", "gemm", "gemv", "dequant"):
         y = lt.w2a16_linear(x, ql.weight_packed, ql.weight_scales, ql.weight_global, ql.bias, grid=grid, path=path,
                             out_dtype=torch.float32, **SMALL[path])
         assert y.shape == (2, 3, 24)
@@ -154,6 +157,29 @@ def test_default_configs_run():
         x = torch.randn(m, 96).to(torch.bfloat16)
         y = lt.w2a16_linear(x, packed, stored, gscale, out_dtype=torch.float32)
         assert _rel(y, x.double() @ w.double().T) < 1e-5
+
+
+@pytest.mark.parametrize("grid,dtype", [("int", torch.bfloat16), ("half", torch.float16), ("int", torch.float32)])
+def test_weight_values_are_exact(grid, dtype):
+    """The "dequant" path's W values ``(q + h) * e4m3(S)`` equal lowbit.formats' dequantization
+    (without the global scale) exactly, in every output dtype, on stress weights whose scales
+    cover every finite E4M3 code."""
+    from lowbit.codegen.triton.w2a16 import weight_values
+
+    packed, stored, _ = _stress_weight(24, 160, seed=3)
+    one = torch.tensor(1.0)
+    w = dequantize_weight(packed, stored, one, QFormat(2, grid))
+    v = weight_values(packed, stored, grid, dtype)
+    assert v.dtype == dtype and v.shape == (24, 160)
+    assert torch.equal(v.float(), w)
+
+
+def test_default_path_by_rows():
+    assert lt.default_path(1) == "skinny" and lt.default_path(16) == "skinny"
+    assert lt.default_path(17) == "gemm"
+    big = lt.w2a16.DEQUANT_MIN_M
+    assert lt.default_path(big) == "dequant" and lt.default_path(big - 1) == "gemm"
+    assert lt.default_path(big, cuda=False) == "gemm"
 
 
 def test_permute_pairs_layout():

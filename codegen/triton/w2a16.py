@@ -44,13 +44,18 @@ formats never produces, are not special-cased).
 
 Paths
 -----
-* ``skinny`` (M <= 16, the default there) and ``gemm`` (the default above): one tensor-core
+* ``skinny`` (M <= 16, the default there) and ``gemm`` (above, off CUDA or below ``DEQUANT_MIN_M``): one tensor-core
   kernel, ``_w2a16_dot_kernel``, with tile sizes for each. Swap-AB: the dequantized W tile is
   the wgmma A operand (from registers) and x^T (rows padded to a tile) the B operand. The dot
   of code pair i runs over the groups of a tile (the K order of a dot is free) against the
   matching permutation of x, built in registers (``XPERM``) or by ``permute_pairs``. When N has
   too few tiles to fill the GPU, K is split: programs store fp32 partial tiles and the last one
   to arrive sums them in a fixed order (no memset, no cast kernel, deterministic).
+* ``dequant`` (CUDA, from ``DEQUANT_MIN_M`` rows on, the default there): ``_w_values_kernel``
+  writes the exact W values ``(q + h) * e4m3(S)`` in x's dtype, cuBLAS multiplies with an fp32
+  output, and the global scale and bias are applied before one rounding to the output dtype.
+  At large M the product is compute-bound and the extra pass over W (2 bytes per weight,
+  written once per call) is small against it.
 * ``gemv``: CUDA-core FMAs on fp32 products, one program per (block of rows, x row, K split;
   fp32 atomics). Slower than ``skinny`` on an H100 at every measured shape; kept for
   comparison and as a second, independent implementation.
@@ -462,11 +467,83 @@ def _w2a16_dot_kernel(
 
 
 # ----------------------------------------------------------------------------------------
+# dequantized W for cuBLAS (large M)
+# ----------------------------------------------------------------------------------------
+
+@triton.jit
+def _natural_tile(w, s, HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """fp32 [BLOCK_N, 16*BLOCK_G] values (q + h) * s of the XOR'd words w, in natural column order."""
+    a0 = tl.join(_dequant_field(w, s, 0, 1, HALF), _dequant_field(w, s, 8, 1, HALF))
+    a1 = tl.join(_dequant_field(w, s, 1, 1, HALF), _dequant_field(w, s, 9, 1, HALF))
+    a2 = tl.join(_dequant_field(w, s, 2, 1, HALF), _dequant_field(w, s, 10, 1, HALF))
+    a3 = tl.join(_dequant_field(w, s, 3, 1, HALF), _dequant_field(w, s, 11, 1, HALF))
+    a4 = tl.join(_dequant_field(w, s, 4, 1, HALF), _dequant_field(w, s, 12, 1, HALF))
+    a5 = tl.join(_dequant_field(w, s, 5, 1, HALF), _dequant_field(w, s, 13, 1, HALF))
+    a6 = tl.join(_dequant_field(w, s, 6, 1, HALF), _dequant_field(w, s, 14, 1, HALF))
+    a7 = tl.join(_dequant_field(w, s, 7, 1, HALF), _dequant_field(w, s, 15, 1, HALF))
+    b0 = tl.join(a0, a4)
+    b1 = tl.join(a1, a5)
+    b2 = tl.join(a2, a6)
+    b3 = tl.join(a3, a7)
+    c0 = tl.join(b0, b2)
+    c1 = tl.join(b1, b3)
+    d = tl.join(c0, c1)  # [BN, BG, j, l, m, n] holds code n + 2m + 4l + 8j
+    return tl.reshape(d, [BLOCK_N, 16 * BLOCK_G])
+
+
+@triton.jit
+def _w_values_kernel(w_ptr, s_ptr, out_ptr, N, GP, stride_wn, stride_sn, stride_on,
+                     HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """W values ``(q + h) * e4m3(S)`` [N, 16*GP] in out's dtype (bf16/fp16/fp32: exact, see the
+    module docstring), natural order; the global scale is left out."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    mask = (offs_n < N)[:, None] & (g < GP)[None, :]
+    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + g[None, :], mask=mask, other=0) ^ _XOR_HIGH_BITS
+    s = _decode_e4m3(tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=mask, other=0).to(tl.int32))
+    v = _natural_tile(w, s, HALF, BLOCK_N, BLOCK_G)
+    k = tl.program_id(1) * 16 * BLOCK_G + tl.arange(0, 16 * BLOCK_G)
+    tl.store(out_ptr + offs_n[:, None] * stride_on + k[None, :], v.to(out_ptr.dtype.element_ty),
+             mask=(offs_n < N)[:, None] & (k < 16 * GP)[None, :])
+
+
+def weight_values(w_packed: torch.Tensor, w_scales: torch.Tensor, grid: str = "int",
+                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``(q + h) * e4m3(S)`` of a packed 2-bit weight as a [N, Kp] tensor of ``dtype`` (bf16,
+    fp16 or fp32; exact in all three), without the global scale."""
+    n, gp = w_scales.shape
+    words = _words(w_packed)
+    out = torch.empty((n, gp * 16), device=w_packed.device, dtype=dtype)
+    bn, bg = 64, 8
+    _w_values_kernel[(_cdiv(n, bn), _cdiv(gp, bg))](
+        words, w_scales.view(torch.uint8), out, n, gp, words.stride(0), w_scales.stride(0), out.stride(0),
+        HALF=grid == "half", BLOCK_N=bn, BLOCK_G=bg, num_warps=4)
+    return out
+
+
+def _dequant_matmul(x2: torch.Tensor, w_packed, w_scales, g, bias, grid: str, out_dtype) -> torch.Tensor:
+    """The "dequant" path: W values in x's dtype (exact), one cuBLAS product with fp32 output
+    (``torch.mm(..., out_dtype=torch.float32)`` on CUDA; an fp32 product of the same exact
+    operands elsewhere), then ``* global + bias`` and one rounding to ``out_dtype``."""
+    k = x2.shape[1]
+    wv = weight_values(w_packed, w_scales, grid, x2.dtype)[:, :k]
+    if x2.is_cuda:
+        acc = torch.mm(x2, wv.t(), out_dtype=torch.float32)
+    else:
+        acc = x2.float() @ wv.float().t()
+    acc = acc * g
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------
 # launcher
 # ----------------------------------------------------------------------------------------
 
-PATHS = ("gemv", "skinny", "gemm")
+PATHS = ("gemv", "skinny", "gemm", "dequant")
 SKINNY_MAX_M = 16
+DEQUANT_MIN_M = 17  # measured at M = 64, 256, 2048, 4096 on the H200: "dequant" 1.6-2x faster than "gemm"
 _TARGET_PROGRAMS = 256  # about two programs per SM of an H100 (measured best for the skinny path)
 
 _DEFAULTS = {
@@ -475,13 +552,18 @@ _DEFAULTS = {
                    num_warps=8, num_stages=3),
     "gemm": dict(BLOCK_M=256, BLOCK_N=128, BLOCK_G=8, GROUP_N=8, SPLIT_K=1, ASM=True, XPERM=True,
                  num_warps=8, num_stages=3),
+    "dequant": dict(),
 }
 
 
-def default_path(m: int) -> str:
-    """"skinny" (tensor cores, x padded to 16 rows) up to 16 rows, "gemm" above. The CUDA-core
-    "gemv" path is slower on an H100 at every measured shape (docs/benchmarks.md)."""
-    return "skinny" if m <= SKINNY_MAX_M else "gemm"
+def default_path(m: int, cuda: bool = True) -> str:
+    """"skinny" (tensor cores, x padded to 16 rows) up to 16 rows; "gemm" above, or on CUDA from
+    ``DEQUANT_MIN_M`` rows on "dequant" (W values to x's dtype, then cuBLAS), which beats the
+    fused GEMM there (H200, docs/benchmarks.md). The CUDA-core "gemv" path is slower than
+    "skinny" at every measured shape."""
+    if m <= SKINNY_MAX_M:
+        return "skinny"
+    return "dequant" if cuda and m >= DEQUANT_MIN_M else "gemm"
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -563,7 +645,7 @@ def w2a16_linear(
 
     ``x``: bf16/fp16 ``[..., K]``; ``w_packed`` uint8 ``[N, Kp/4]``; ``w_scales``
     ``float8_e4m3fn`` ``[N, Kp/16]``; ``w_global`` fp32 (one element); ``grid``: "int" or
-    "half". ``path``: "gemv", "skinny", "gemm" or None (by M). ``out_dtype``: x's dtype by
+    "half". ``path``: "gemv", "skinny", "gemm", "dequant" or None (by M, :func:`default_path`). ``out_dtype``: x's dtype by
     default (fp32 gives the accumulator itself, for tests). ``config`` overrides tile sizes.
     Tensors may live on the CPU when Triton runs in its interpreter (``TRITON_INTERPRET=1``).
     """
@@ -588,7 +670,7 @@ def w2a16_linear(
     out_dtype = out_dtype or x.dtype
     if m == 0:
         return x.new_empty((*lead, n), dtype=out_dtype)
-    path = path or default_path(m)
+    path = path or default_path(m, x.is_cuda)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     cfg = default_config(path, m, n, k)
@@ -604,6 +686,10 @@ def w2a16_linear(
     b = bias if has_bias else g  # dummy pointer when there is no bias
     half = grid == "half"
     interp = _interpreting()
+    if path == "dequant":
+        if n * gp * 16 >= 2**31:
+            raise ValueError("the dequantized weight would exceed 2^31 elements; use path='gemm'")
+        return _dequant_matmul(x2, w_packed, w_scales, g, bias, grid, out_dtype).reshape(*lead, n)
     split = cfg["SPLIT_K"]
     if path == "gemv":
         y = torch.zeros((m, n), device=x.device, dtype=torch.float32) if split > 1 \

@@ -43,8 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .w2a16 import (_XOR_HIGH_BITS, _decode_e4m3, _dequant_field, _dequant_pair, _interpreting, _split_k_total,
-                    _store_tile, _tile_counters, _words, _x_pairs)
+from .w2a16 import (_XOR_HIGH_BITS, _decode_e4m3, _dequant_field, _dequant_pair, _interpreting, _natural_tile,
+                    _split_k_total, _store_tile, _tile_counters, _words, _x_pairs)
 
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (r + M) - M rounds |r| < 2^22 to nearest even
 _SUB_MAGIC = tl.constexpr(8388608.0)   # 2^23
@@ -130,27 +130,6 @@ def _act_quant_kernel(
 
 
 @triton.jit
-def _natural_tile(w, s, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-    """fp32 [BLOCK_N, 16*BLOCK_G] values q*s of the XOR'd words w, in natural column order."""
-    a0 = tl.join(_dequant_field(w, s, 0, 1, 0), _dequant_field(w, s, 8, 1, 0))
-    a1 = tl.join(_dequant_field(w, s, 1, 1, 0), _dequant_field(w, s, 9, 1, 0))
-    a2 = tl.join(_dequant_field(w, s, 2, 1, 0), _dequant_field(w, s, 10, 1, 0))
-    a3 = tl.join(_dequant_field(w, s, 3, 1, 0), _dequant_field(w, s, 11, 1, 0))
-    a4 = tl.join(_dequant_field(w, s, 4, 1, 0), _dequant_field(w, s, 12, 1, 0))
-    a5 = tl.join(_dequant_field(w, s, 5, 1, 0), _dequant_field(w, s, 13, 1, 0))
-    a6 = tl.join(_dequant_field(w, s, 6, 1, 0), _dequant_field(w, s, 14, 1, 0))
-    a7 = tl.join(_dequant_field(w, s, 7, 1, 0), _dequant_field(w, s, 15, 1, 0))
-    b0 = tl.join(a0, a4)
-    b1 = tl.join(a1, a5)
-    b2 = tl.join(a2, a6)
-    b3 = tl.join(a3, a7)
-    c0 = tl.join(b0, b2)
-    c1 = tl.join(b1, b3)
-    d = tl.join(c0, c1)  # [BN, BG, j, l, m, n] holds code n + 2m + 4l + 8j
-    return tl.reshape(d, [BLOCK_N, 16 * BLOCK_G])
-
-
-@triton.jit
 def _fp8_pair_dot(acc, w, s, s1, soff, ai, i: tl.constexpr, UPCAST: tl.constexpr, IMPRECISE: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
     if UPCAST:
@@ -215,7 +194,7 @@ def _w2a2_kernel(
             acc = _fp8_pair_dot(acc, w, s, s1, soff, a6, 6, UPCAST, IMPRECISE, BLOCK_N, BLOCK_G)
             acc = _fp8_pair_dot(acc, w, s, s1, soff, a7, 7, UPCAST, IMPRECISE, BLOCK_N, BLOCK_G)
         else:
-            wt = _natural_tile(w, s, BLOCK_N, BLOCK_G)
+            wt = _natural_tile(w, s, 0, BLOCK_N, BLOCK_G)
             if UPCAST:
                 acc = tl.dot(wt, tl.trans(_decode_e4m3(at.to(tl.int32))), acc, input_precision="ieee")
             else:
@@ -241,7 +220,7 @@ def _w_to_e4m3_kernel(w_ptr, s_ptr, out_ptr, N, GP, stride_wn, stride_sn, stride
     mask = (offs_n < N)[:, None] & (g < GP)[None, :]
     w = tl.load(w_ptr + offs_n[:, None] * stride_wn + g[None, :], mask=mask, other=0) ^ _XOR_HIGH_BITS
     s = _decode_e4m3(tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=mask, other=0).to(tl.int32))
-    v = _natural_tile(w, s, BLOCK_N, BLOCK_G)
+    v = _natural_tile(w, s, 0, BLOCK_N, BLOCK_G)
     code = _e4m3_code(v)
     code = tl.where(v == 0.0, 0, code)
     k = tl.program_id(1) * 16 * BLOCK_G + tl.arange(0, 16 * BLOCK_G)

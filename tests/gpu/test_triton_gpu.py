@@ -1,4 +1,4 @@
-"""GPU checks of the Triton W2A16 kernels at full size (skipped without CUDA).
+"""GPU checks of the Triton W2A16, W2A2 and codebook kernels at full size (skipped without CUDA).
 
 Run on a GPU machine with compiled (not interpreted) kernels:
 
@@ -46,6 +46,8 @@ def _rel(y, ref):
     ("skinny", 5, "half", torch.float16),
     ("skinny", 2, "int", torch.float16),
     ("gemm", 300, "int", torch.bfloat16),
+    ("dequant", 300, "int", torch.bfloat16),
+    ("dequant", 200, "half", torch.float16),
 ])
 def test_w2a16_paths_against_float64(path, m, grid, dtype):
     n, k = 4096 + 48, 4096
