@@ -391,7 +391,8 @@ def _w2a16_dot_kernel(
     ``cnt`` (int32, one zero per output tile, left at zero) counts arrivals. ``UPCAST_DOT``
     (Triton's CPU interpreter only, whose bf16 dot is wrong) multiplies the exactly upcast
     fp32 operands instead. ``ONE_DOT`` (needs ``XPERM``): one product per tile over all 16
-    codes of each group (``_tile_dot``) instead of eight pair products.
+    codes of each group (``_tile_dot``) instead of eight pair products (2x slower on the H200:
+    docs/benchmarks.md).
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
