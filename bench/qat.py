@@ -80,6 +80,15 @@ def probe(trainer: Trainer) -> dict:
     return out
 
 
+def _curve(losses, points=20):
+    """Mean loss over ``points`` consecutive windows of the steps (for reading a run's course)."""
+    if not losses:
+        return None
+    n = len(losses)
+    edges = [round(i * n / points) for i in range(points + 1)]
+    return [round(sum(losses[a:b]) / (b - a), 4) for a, b in zip(edges, edges[1:]) if b > a]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
@@ -101,6 +110,8 @@ def main(argv=None):
     p.add_argument("--block-samples", type=int, default=64, help="sequences used for block reconstruction")
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--scale-lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=float, default=0.0, help="fraction of each phase with a linear LR ramp")
+    p.add_argument("--grad-clip", type=float, default=0.0, help="global gradient-norm clip (0: off)")
     p.add_argument("--text", default=None)
     p.add_argument("--chars", type=int, default=200_000)
     p.add_argument("--windows", type=int, default=8)
@@ -152,7 +163,8 @@ def main(argv=None):
                                                                  + (f"a{base.activation.bits}" if base.activation else "")]
             cfg = TrainConfig(stages=stages, block_steps=args.block_steps, e2e_steps=args.e2e_steps,
                               batch_size=args.batch_size, lr=args.lr, scale_lr=args.scale_lr, seed=args.seed,
-                              block_samples=args.block_samples, transition=args.transition)
+                              block_samples=args.block_samples, transition=args.transition,
+                              warmup=args.warmup, grad_clip=args.grad_clip)
             label = name + ("" if variant == "none" else f" {variant}") + f" ({args.init}"
             label += (", " + "->".join(stages) + ")") if len(stages) > 1 else ")"
             sync()
@@ -193,7 +205,8 @@ def main(argv=None):
                   "block_steps": cfg.block_steps, "e2e_steps": cfg.e2e_steps, "batch": cfg.batch_size,
                   "train_tokens": tokens, "prepare_s": round(prep_s, 1), "train_s": round(train_s, 1),
                   "block_loss_first_last": [blk[0], blk[-1]] if blk else None,
-                  "kl_first_last": [e2e[0], sum(e2e[-10:]) / len(e2e[-10:])] if e2e else None})
+                  "kl_first_last": [e2e[0], sum(e2e[-10:]) / len(e2e[-10:])] if e2e else None,
+                  "kl_curve": _curve(e2e), "block_loss_curve": _curve(blk)})
             del student, frozen, trainer
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

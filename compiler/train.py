@@ -73,6 +73,8 @@ class TrainConfig:
     batch_size: int = 4
     lr: float = 5e-3               # latent weights: Adam step relative to each site's weight RMS
     scale_lr: float = 2e-3         # log group scales (relative change of a scale per step)
+    warmup: float = 0.0            # fraction of each phase's steps with a linear learning-rate ramp
+    grad_clip: float = 0.0         # clip the global gradient norm of each step to this (0: off)
     temperature: float = 1.0       # of the end-to-end KL
     seed: int = 0
     amp: str = "auto"              # "bf16": autocast on CUDA; "none"; "auto": bf16 on CUDA only
@@ -202,7 +204,12 @@ class Trainer:
         return torch.optim.Adam(groups, betas=(0.9, 0.95))
 
     def set_lr(self, step: int, total: int) -> None:
+        """Cosine decay to zero over the phase's ``total`` steps, after a linear ramp over the
+        first ``warmup * total`` steps (none by default)."""
         f = 0.5 * (1 + math.cos(math.pi * step / max(1, total)))  # cosine to zero
+        ramp = self.config.warmup * total
+        if ramp > 0 and step < ramp:
+            f *= (step + 1) / (ramp + 1)
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * f
 
@@ -210,6 +217,9 @@ class Trainer:
         self.set_lr(step, total)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.config.grad_clip > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         self.optimizer.step()
         self._steps_done += 1
 

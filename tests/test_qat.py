@@ -192,6 +192,42 @@ def test_train_stories260k_w2a16_loss_drops():
     assert after < 0.8 * before, (before, after)   # and the KL to the float model drops
 
 
+def test_warmup_ramp_and_gradient_clipping():
+    """Learning rate = base * ramp * cosine (computed here from the formula); with clipping on,
+    the gradients an optimizer step sees have at most the clip norm, and training still runs."""
+    import math
+
+    model = _tiny_llama(2)
+    data = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(2))
+    recipe = lowbit.get_recipe("w2a16")
+    cfg = TrainConfig(stages=["w2"], e2e_steps=20, batch_size=2, warmup=0.25, grad_clip=1e-3)
+    student = prepare_qat(copy.deepcopy(model), recipe, calibration=data[:2], inplace=True, progress=False)
+    trainer = Trainer(student, recipe, cfg, data, progress=False)
+    trainer.optimizer = trainer.make_optimizer(fake_quant_sites(student))
+    base = [g["base_lr"] for g in trainer.optimizer.param_groups]
+    for step in (0, 2, 4, 5, 12, 19):
+        trainer.set_lr(step, 20)
+        ramp = min(1.0, (step + 1) / 6) if step < 5 else 1.0
+        want = ramp * 0.5 * (1 + math.cos(math.pi * step / 20))
+        for g, b in zip(trainer.optimizer.param_groups, base):
+            assert g["lr"] == pytest.approx(b * want, rel=1e-12)
+    seen = []
+    orig_step = trainer.optimizer.step
+
+    def spy(*a, **k):
+        grads = [p.grad for g in trainer.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads]))))
+        return orig_step(*a, **k)
+
+    trainer.optimizer.step = spy
+    trainer._steps_done = 0
+    trainer.opt_step(trainer.e2e_loss(data[:2]), 0, 20)
+    assert seen and seen[0] <= 1e-3 * (1 + 1e-5)
+    trainer.optimizer = None
+    trainer.run()
+    assert len(trainer.history) == 20 and all(math.isfinite(h["loss"]) for h in trainer.history)
+
+
 def test_resume_from_checkpoint_gives_the_same_state(tmp_path):
     model = _tiny_llama(1)
     data = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1))
