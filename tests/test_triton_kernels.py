@@ -175,11 +175,14 @@ def test_weight_values_are_exact(grid, dtype):
 
 
 def test_default_path_by_rows():
-    assert lt.default_path(1) == "skinny" and lt.default_path(16) == "skinny"
-    assert lt.default_path(17) == "gemm"
-    big = lt.w2a16.DEQUANT_MIN_M
-    assert lt.default_path(big) == "dequant" and lt.default_path(big - 1) == "gemm"
-    assert lt.default_path(big, cuda=False) == "gemm"
+    from lowbit.codegen.triton.w2a16 import DEQUANT_MIN_M, SKINNY_MAX_M
+
+    assert lt.default_path(1) == "skinny" and lt.default_path(SKINNY_MAX_M) == "skinny"
+    assert lt.default_path(SKINNY_MAX_M + 1, cuda=False) == "gemm"   # the interpreter: no cuBLAS
+    assert lt.default_path(DEQUANT_MIN_M) == "dequant" and lt.default_path(4096) == "dequant"
+    assert lt.default_path(4096, cuda=False) == "gemm"
+    if DEQUANT_MIN_M - 1 > SKINNY_MAX_M:
+        assert lt.default_path(DEQUANT_MIN_M - 1) == "gemm"
 
 
 def test_permute_pairs_layout():
