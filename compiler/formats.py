@@ -267,32 +267,37 @@ def search_group_scales(
 ) -> torch.Tensor:
     """Stored group scales [.., K/G] for w under a fixed global scale.
 
-    Each group takes, among ``ratios`` (low, high, count; linearly spaced) times its
-    unclipped scale, the one whose stored (E4M3-rounded) scale gives the least squared
-    error over the group (only the ratio 1 without ``clip_search``).
+    Each group takes, among ``ratios`` (low, high, count; linearly spaced, tried from high to
+    low) times its unclipped scale, the one whose stored (E4M3-rounded) scale gives the least
+    squared error over the group, the first tried on ties (only the ratio 1 without
+    ``clip_search``). All candidates are evaluated in one batched computation (rows in chunks
+    to bound memory); every element goes through the same fp32 operations as one at a time.
     """
     w = w.detach().float()
-    base = unclipped_group_scales(w, fmt)
-    grouped = _grouped(w, fmt.group_size)
-
-    def stored_for(r):
-        if fmt.scale_dtype == "e4m3":
-            return e4m3_group_scales(base * r / global_scale, fmt)
-        return (base * r).to(fmt.scale_torch_dtype)
-
     lo, hi, n = ratios
-    best_err = best_stored = None
-    for r in (torch.linspace(hi, lo, n).tolist() if clip_search else [1.0]):
-        stored = stored_for(r)
-        eff = effective_scales(stored, global_scale)
-        err = (_grouped(dequantize_codes(quantize_codes(w, eff, fmt), eff, fmt), fmt.group_size) - grouped).pow(2).sum(-1)
-        if best_err is None:
-            best_err, best_stored = err, stored
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_stored = torch.where(better, stored.float(), best_stored.float()).to(stored.dtype)
-    return best_stored
+    cand = torch.linspace(hi, lo, n) if clip_search else torch.ones(1)
+    if w.dim() == 0 or w.shape[-1] == 0:
+        raise ValueError("search_group_scales needs a weight with a last dimension")
+    rows = w.reshape(-1, w.shape[-1])
+    chunk = max(1, (1 << 18) // max(1, cand.numel() * rows.shape[1]))
+    parts = [_search_rows(rows[i:i + chunk], fmt, global_scale, cand) for i in range(0, rows.shape[0], chunk)]
+    return torch.cat(parts).reshape(*w.shape[:-1], -1)
+
+
+def _search_rows(w: torch.Tensor, fmt: QFormat, global_scale: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """:func:`search_group_scales` for a [R, K] block: candidates along a new leading dim."""
+    base = unclipped_group_scales(w, fmt)                     # [R, G]
+    r = cand.to(base.device).reshape(-1, 1, 1)                # [C, 1, 1]
+    if fmt.scale_dtype == "e4m3":
+        stored = e4m3_group_scales(base * r / global_scale, fmt)
+    else:
+        stored = (base * r).to(fmt.scale_torch_dtype)
+    eff = effective_scales(stored, global_scale)              # [C, R, G]
+    wc = w.expand(r.shape[0], *w.shape)
+    err = (_grouped(dequantize_codes(quantize_codes(wc, eff, fmt), eff, fmt), fmt.group_size)
+           - _grouped(w, fmt.group_size)).pow(2).sum(-1)       # [C, R, G]
+    best = torch.argmin(err, dim=0, keepdim=True)            # first minimum: the earliest candidate on ties
+    return torch.gather(stored.float(), 0, best)[0].to(stored.dtype)
 
 
 def quantize_weight_rtn(

@@ -231,3 +231,51 @@ def test_table_unpacking_equals_the_shift_definition(bits):
     lo, hi = (-(1 << (8 // per_byte - 1)), (1 << (8 // per_byte - 1)) - 1)
     q = torch.randint(lo, hi + 1, (3, 16 * per_byte), dtype=torch.int8)
     assert torch.equal(unpack_codes(pack_codes(q, bits), bits), q)
+
+
+def _search_one_at_a_time(w, fmt, global_scale, clip_search=True, ratios=(0.3, 1.0, 15)):
+    """The clipping search written as the plain loop it is defined by: candidates from the
+    highest ratio down, a candidate replaces the best only when its error is strictly lower."""
+    from lowbit.formats import dequantize_codes, e4m3_group_scales, effective_scales, quantize_codes, \
+        unclipped_group_scales
+
+    w = w.float()
+    base = unclipped_group_scales(w, fmt)
+    lo, hi, n = ratios
+    best_err = best = None
+    for r in (torch.linspace(hi, lo, n).tolist() if clip_search else [1.0]):
+        stored = e4m3_group_scales(base * r / global_scale, fmt) if fmt.scale_dtype == "e4m3" \
+            else (base * r).to(fmt.scale_torch_dtype)
+        eff = effective_scales(stored, global_scale)
+        deq = dequantize_codes(quantize_codes(w, eff, fmt), eff, fmt)
+        err = (deq - w).reshape(*w.shape[:-1], -1, fmt.group_size).pow(2).sum(-1)
+        if best is None:
+            best_err, best = err, stored.float()
+        else:
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, stored.float(), best)
+    return best
+
+
+@pytest.mark.parametrize("bits,grid,scale_dtype", [(2, "int", "e4m3"), (3, "half", "e4m3"), (4, "int", "fp16"),
+                                                    (8, "half", "fp32")])
+def test_batched_clip_search_equals_the_sequential_definition(bits, grid, scale_dtype):
+    """search_group_scales evaluates all candidates at once (in row chunks); its stored scales
+    equal the one-candidate-at-a-time loop exactly, ties included (integer-valued and
+    zero-heavy weights make ties common), for GPTQ-sized slices and whole weights."""
+    from lowbit.formats import search_group_scales, weight_global_scale
+
+    fmt = QFormat(bits, grid, 16, scale_dtype)
+    g = torch.Generator().manual_seed(bits)
+    for shape in [(576, 16), (5, 3, 64), (40, 8192)]:  # the last one spans several row chunks
+        for kind in range(3):
+            w = torch.randn(shape, generator=g) * 10.0 ** (kind - 2)
+            if kind == 1:
+                w[..., ::3] = 0
+            if kind == 2:
+                w = w.round()
+            gs = weight_global_scale(w, fmt)
+            for clip in (True, False):
+                got = search_group_scales(w, fmt, gs, clip)
+                assert got.shape == (*shape[:-1], shape[-1] // 16)
+                assert torch.equal(got.float(), _search_one_at_a_time(w, fmt, gs, clip))
