@@ -21,14 +21,15 @@ Two kernels:
   Exact products, fp32 accumulation; the per-row scale, global scale and bias are applied to
   the accumulator. Split K is reduced serially as in :mod:`.w2a16`.
 * ``path="table"`` (``_codebook_gemv_kernel``, the first design, kept as a second, independent
-  implementation; 1.8x slower than "decode" at M=1 on the H200): the kernel never expands W: a program takes R consecutive vectors (a chunk of K) and a
-  block of rows, computes its slice of the table P (R x C dot products of 16 elements: one small
-tensor-core product of the +-1 codebook with x, exact products and fp32 sums), then for each
-row gathers the R table entries its indices point to (``tl.gather``: the table lives in shared
-memory) and adds them. Partial sums of the K chunks are reduced serially as in :mod:`.w2a16`
-(fp32 partial tiles, the last program to arrive sums them in a fixed order and applies the
-scales and bias): deterministic, no memset. Products are exact; rounding happens in the fp32
-table sums and the fp32 reduction only.
+  implementation; 1.8x slower than "decode" at M=1 on the H200): the kernel never expands W:
+  a program takes R consecutive vectors (a chunk of K) and a block of rows, computes its slice
+  of the table P (R x C dot products of 16 elements: one small tensor-core product of the +-1
+  codebook with x, exact products and fp32 sums), then for each row gathers the R table
+  entries its indices point to (``tl.gather``: the table lives in shared memory) and adds
+  them. Partial sums of the K chunks are reduced serially as in :mod:`.w2a16` (fp32 partial
+  tiles, the last program to arrive sums them in a fixed order and applies the scales and
+  bias): deterministic, no memset. Products are exact; rounding happens in the fp32 table
+  sums and the fp32 reduction only.
 
 Bytes per weight: ``c / 16`` of an index (11/16 bit for the ``btc`` preset) plus the row scale:
 about 1/23 of bf16 weights.

@@ -44,9 +44,10 @@ formats never produces, are not special-cased).
 
 Paths
 -----
-* ``skinny`` (M <= 16, the default there) and ``gemm`` (above, off CUDA or below ``DEQUANT_MIN_M``): one tensor-core
-  kernel, ``_w2a16_dot_kernel``, with tile sizes for each. Swap-AB: the dequantized W tile is
-  the wgmma A operand (from registers) and x^T (rows padded to a tile) the B operand. The dot
+* ``skinny`` (M <= 16, the default there) and ``gemm`` (above, where ``dequant`` is not the
+  default): one tensor-core kernel, ``_w2a16_dot_kernel``, with tile sizes for each. Swap-AB:
+  the dequantized W tile is the wgmma A operand (from registers) and x^T (rows padded to a
+  tile) the B operand. The dot
   of code pair i runs over the groups of a tile (the K order of a dot is free) against the
   matching permutation of x, built in registers (``XPERM``) or by ``permute_pairs``. When N has
   too few tiles to fill the GPU, K is split: programs store fp32 partial tiles and the last one
@@ -646,8 +647,8 @@ def w2a16_linear(
 
     ``x``: bf16/fp16 ``[..., K]``; ``w_packed`` uint8 ``[N, Kp/4]``; ``w_scales``
     ``float8_e4m3fn`` ``[N, Kp/16]``; ``w_global`` fp32 (one element); ``grid``: "int" or
-    "half". ``path``: "gemv", "skinny", "gemm", "dequant" or None (by M, :func:`default_path`). ``out_dtype``: x's dtype by
-    default (fp32 gives the accumulator itself, for tests). ``config`` overrides tile sizes.
+    "half". ``path``: "gemv", "skinny", "gemm", "dequant" or None (by M, :func:`default_path`).
+    ``out_dtype``: x's dtype by default (fp32 gives the accumulator itself, for tests). ``config`` overrides tile sizes.
     Tensors may live on the CPU when Triton runs in its interpreter (``TRITON_INTERPRET=1``).
     """
     if x.dtype not in (torch.bfloat16, torch.float16):
