@@ -112,6 +112,9 @@ def main(argv=None):
     p.add_argument("--scale-lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=float, default=0.0, help="fraction of each phase with a linear LR ramp")
     p.add_argument("--grad-clip", type=float, default=0.0, help="global gradient-norm clip (0: off)")
+    p.add_argument("--holdout", type=int, default=0, help="generated sequences kept out of training (held-out KL)")
+    p.add_argument("--eval-every", type=int, default=0, help="end-to-end steps between held-out KL evaluations")
+    p.add_argument("--keep-last", action="store_true", help="end at the last step instead of the best held-out KL")
     p.add_argument("--text", default=None)
     p.add_argument("--chars", type=int, default=200_000)
     p.add_argument("--windows", type=int, default=8)
@@ -164,7 +167,8 @@ def main(argv=None):
             cfg = TrainConfig(stages=stages, block_steps=args.block_steps, e2e_steps=args.e2e_steps,
                               batch_size=args.batch_size, lr=args.lr, scale_lr=args.scale_lr, seed=args.seed,
                               block_samples=args.block_samples, transition=args.transition,
-                              warmup=args.warmup, grad_clip=args.grad_clip)
+                              warmup=args.warmup, grad_clip=args.grad_clip, holdout=args.holdout,
+                              eval_every=args.eval_every, keep_best=not args.keep_last)
             label = name + ("" if variant == "none" else f" {variant}") + f" ({args.init}"
             label += (", " + "->".join(stages) + ")") if len(stages) > 1 else ")"
             sync()
@@ -206,7 +210,9 @@ def main(argv=None):
                   "train_tokens": tokens, "prepare_s": round(prep_s, 1), "train_s": round(train_s, 1),
                   "block_loss_first_last": [blk[0], blk[-1]] if blk else None,
                   "kl_first_last": [e2e[0], sum(e2e[-10:]) / len(e2e[-10:])] if e2e else None,
-                  "kl_curve": _curve(e2e), "block_loss_curve": _curve(blk)})
+                  "kl_curve": _curve(e2e), "block_loss_curve": _curve(blk),
+                  "heldout_kl": [(x["step"], round(x["loss"], 4)) for x in h if x["phase"] == "eval"],
+                  "restored_step": next((x["step"] for x in h if x["phase"] == "restore"), None)})
             del student, frozen, trainer
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -138,7 +138,8 @@ def cmd_train(args) -> int:
                                                                  else "")],
             block_steps=args.block_steps, e2e_steps=args.e2e_steps, batch_size=args.batch_size, lr=args.lr,
             scale_lr=args.scale_lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
-            transition=args.transition, warmup=args.warmup, grad_clip=args.grad_clip)
+            transition=args.transition, warmup=args.warmup, grad_clip=args.grad_clip, holdout=args.holdout,
+            eval_every=args.eval_every, keep_best=not args.keep_last)
         print(f"training data: {args.samples} x {args.seq_len} tokens from "
               f"{'the model itself' if args.data == 'generate' else args.data}", file=sys.stderr)
         data = training_data(model, tokenizer, args.data, args.samples, args.seq_len, seed=args.seed,
@@ -244,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scale-lr", type=float, default=2e-3, help="log group scales")
     t.add_argument("--warmup", type=float, default=0.0, help="fraction of each phase's steps with a linear LR ramp")
     t.add_argument("--grad-clip", type=float, default=0.0, help="clip each step's global gradient norm (0: off)")
+    t.add_argument("--holdout", type=int, default=0, help="sequences kept out of training to evaluate the KL on")
+    t.add_argument("--eval-every", type=int, default=0,
+                   help="end-to-end steps between held-out evaluations; the phase ends at the best one")
+    t.add_argument("--keep-last", action="store_true", help="with --eval-every: end at the last step, not the best")
     t.add_argument("--checkpoint-every", type=int, default=0, help="end-to-end steps between checkpoints")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
     t.add_argument("--device", default="cpu")

@@ -24,9 +24,15 @@ the float model itself (:func:`lowbit.calibration.from_generations`, data-free);
 seeded. Batches are drawn by a generator seeded from (seed, stage, phase, block, step),
 so a resumed run draws the same batches as an uninterrupted one.
 
+Held-out evaluation (optional: ``holdout`` sequences kept out of training, ``eval_every``):
+the end-to-end KL on the held-out sequences is measured before the first end-to-end step and
+every ``eval_every`` steps, and with ``keep_best`` each end-to-end phase ends with the site
+tensors of its lowest held-out KL, so a phase that diverges cannot end worse than it began.
+
 Checkpoints (``out/``, no pickle): ``sites.safetensors`` (the tensors of every trainable
 site), ``optimizer.safetensors`` + ``state.json`` (stage, phase, block, step, formats,
-config, recipe, loss history), ``data.safetensors`` (the token ids). ``train(...,
+config, recipe, loss history), ``data.safetensors`` (the token ids, held-out ones
+included), ``best.safetensors`` (the best site tensors of an end-to-end phase in progress). ``train(...,
 resume=True)`` rebuilds the model from the float one and continues where the checkpoint
 left off; on the CPU the result equals an uninterrupted run bit for bit.
 """
@@ -75,6 +81,9 @@ class TrainConfig:
     scale_lr: float = 2e-3         # log group scales (relative change of a scale per step)
     warmup: float = 0.0            # fraction of each phase's steps with a linear learning-rate ramp
     grad_clip: float = 0.0         # clip the global gradient norm of each step to this (0: off)
+    holdout: int = 0               # sequences at the end of the data kept out of training, to evaluate on
+    eval_every: int = 0            # end-to-end steps between held-out KL evaluations (0: none)
+    keep_best: bool = True         # with evaluations: end each end-to-end phase at its best held-out KL
     temperature: float = 1.0       # of the end-to-end KL
     seed: int = 0
     amp: str = "auto"              # "bf16": autocast on CUDA; "none"; "auto": bf16 on CUDA only
@@ -164,9 +173,17 @@ class Trainer:
     def __init__(self, student: nn.Module, recipe: Recipe, config: TrainConfig, data: torch.Tensor,
                  out: str | Path | None = None, progress: bool = True):
         self.model, self.recipe, self.config = student, recipe, config
-        self.data = data.long()[: data.shape[0] // config.batch_size * config.batch_size]
+        self._all_data = data.long()
+        train_rows = data.shape[0] - config.holdout
+        if config.holdout < 0 or (config.holdout and train_rows < 1):
+            raise ValueError(f"holdout={config.holdout} must leave training sequences (data has {data.shape[0]})")
+        self.eval_data = self._all_data[train_rows:] if config.holdout else None
+        self.data = self._all_data[: train_rows // config.batch_size * config.batch_size]
         if self.data.shape[0] == 0:
-            raise ValueError(f"{data.shape[0]} training sequences, fewer than one batch of {config.batch_size}")
+            raise ValueError(f"{train_rows} training sequences, fewer than one batch of {config.batch_size}")
+        if config.eval_every and self.eval_data is None:
+            raise ValueError("eval_every needs held-out sequences (holdout > 0)")
+        self.best: dict | None = None  # best held-out KL of the current end-to-end phase: loss, step, tensors
         self.out = Path(out) if out else None
         self.progress = progress
         self.device = next(student.parameters()).device
@@ -310,9 +327,46 @@ class Trainer:
         kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean()
         return kl * (t * t)
 
+    @torch.no_grad()
+    def heldout_kl(self) -> float:
+        """Mean end-to-end KL over the held-out sequences (in batches of ``batch_size``)."""
+        total, rows = 0.0, 0
+        for i in range(0, self.eval_data.shape[0], self.config.batch_size):
+            ids = self.eval_data[i:i + self.config.batch_size].to(self.device)
+            total += float(self.e2e_loss(ids)) * ids.shape[0]
+            rows += ids.shape[0]
+        return total / rows
+
+    def _site_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{k}": p.detach().clone() for name, m in fake_quant_sites(self.model).items()
+                for k, p in (("weight", m.weight), ("log_scale", m.log_scale))}
+
+    def _evaluate(self, stage: int, step: int) -> None:
+        """Held-out KL after ``step`` end-to-end steps; remember the site tensors if it is the best."""
+        kl = self.heldout_kl()
+        self.history.append({"stage": stage, "phase": "eval", "block": 0, "step": step, "loss": kl})
+        if self.best is None or kl < self.best["loss"]:
+            self.best = {"loss": kl, "step": step, "tensors": self._site_tensors()}
+
+    def _restore_best(self, stage: int) -> None:
+        sites = fake_quant_sites(self.model)
+        with torch.no_grad():
+            for name, m in sites.items():
+                m.weight.copy_(self.best["tensors"][f"{name}.weight"])
+                m.log_scale.copy_(self.best["tensors"][f"{name}.log_scale"])
+        self.history.append({"stage": stage, "phase": "restore", "block": 0, "step": self.best["step"],
+                             "loss": self.best["loss"]})
+
     def train_e2e(self, stage: int, start_step: int) -> None:
+        """End-to-end KL steps. With ``eval_every``, the held-out KL is measured before the first
+        step and every ``eval_every`` steps; with ``keep_best`` the phase ends with the site
+        tensors of the lowest one (so it never ends worse, on held-out data, than it began)."""
         cfg = self.config
         sites = fake_quant_sites(self.model)
+        evals = cfg.eval_every > 0
+        if evals and start_step == 0:
+            self.best = None
+            self._evaluate(stage, 0)
         self.optimizer = self.make_optimizer(sites)
         if self._pending_optimizer is not None:
             load_optimizer_state(self.optimizer, self._pending_optimizer)
@@ -325,13 +379,21 @@ class Trainer:
             loss = self.e2e_loss(ids)
             self.opt_step(loss, step, cfg.e2e_steps)
             lv = float(loss.detach())
-            bar.set_postfix(kl=f"{lv:.4g}")
             self.history.append({"stage": stage, "phase": "e2e", "block": 0, "step": step, "loss": lv})
+            if evals and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.e2e_steps):
+                self._evaluate(stage, step + 1)
+                bar.set_postfix(kl=f"{lv:.4g}", heldout=f"{self.history[-1]['loss']:.4g}",
+                                best=f"{self.best['loss']:.4g}@{self.best['step']}")
+            else:
+                bar.set_postfix(kl=f"{lv:.4g}")
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.e2e_steps:
                 self.state.update(phase="e2e", step=step + 1)
                 self._checkpoint()
         bar.close()
         self.optimizer = None
+        if evals and cfg.keep_best and self.best is not None and self.best["step"] != cfg.e2e_steps:
+            self._restore_best(stage)
+        self.best = None
 
     # -- the schedule -----------------------------------------------------------------------------------
     def run(self, max_steps: int | None = None) -> nn.Module:
@@ -384,7 +446,12 @@ class Trainer:
                 tensors[f"{name}.{k}"] = v.detach().contiguous().cpu()
         save_file(tensors, str(self.out / "sites.safetensors"))
         if not (self.out / "data.safetensors").exists():
-            save_file({"ids": self.data.contiguous()}, str(self.out / "data.safetensors"))
+            save_file({"ids": self._all_data.contiguous()}, str(self.out / "data.safetensors"))
+        best_meta = None
+        if self.best is not None:
+            save_file({k: v.contiguous().cpu() for k, v in self.best["tensors"].items()},
+                      str(self.out / "best.safetensors"))
+            best_meta = {"loss": self.best["loss"], "step": self.best["step"]}
         opt_meta = None
         if self.optimizer is not None:
             opt_tensors, opt_meta = optimizer_state(self.optimizer)
@@ -393,7 +460,7 @@ class Trainer:
         for name, m in fake_quant_sites(self.model).items():
             formats = {"weight": m.weight_format.to_dict(), "act": m.act_format.to_dict() if m.act_format else None}
             break
-        state = {"state": self.state, "optimizer": opt_meta, "config": self.config.to_dict(),
+        state = {"state": self.state, "optimizer": opt_meta, "best": best_meta, "config": self.config.to_dict(),
                  "recipe": self.recipe.to_dict(), "formats": formats, "history": self.history,
                  "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
         tmp = self.out / "state.json.tmp"
@@ -412,6 +479,9 @@ class Trainer:
         tensors = load_file(str(self.out / "sites.safetensors"), device=str(self.device))
         for name, m in fake_quant_sites(self.model).items():
             m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        if state.get("best") is not None:
+            self.best = dict(state["best"], tensors=load_file(str(self.out / "best.safetensors"),
+                                                              device=str(self.device)))
         if state.get("optimizer") is not None:
             self._pending_optimizer = {"meta": state["optimizer"],
                                        "tensors": load_file(str(self.out / "optimizer.safetensors"),

@@ -228,11 +228,49 @@ def test_warmup_ramp_and_gradient_clipping():
     assert len(trainer.history) == 20 and all(math.isfinite(h["loss"]) for h in trainer.history)
 
 
-def test_resume_from_checkpoint_gives_the_same_state(tmp_path):
+def test_keep_best_ends_the_phase_at_the_lowest_heldout_kl():
+    """A step size that wrecks the model: with keep_best the end-to-end phase ends at the best
+    held-out KL it measured (here the start: the site tensors come back bit for bit);
+    without it the phase ends at its last, worse, state. Held-out rows are never trained on."""
+    model = _tiny_llama(3)
+    data = torch.randint(0, 96, (10, 16), generator=torch.Generator().manual_seed(3))
+    recipe = lowbit.get_recipe("w2a16")
+    ends = {}
+    for keep in (True, False):
+        cfg = TrainConfig(stages=["w2"], e2e_steps=6, batch_size=2, holdout=4, eval_every=2, keep_best=keep,
+                          lr=50.0, scale_lr=1.0)
+        student = prepare_qat(copy.deepcopy(model), recipe, calibration=data[:2], inplace=True, progress=False)
+        trainer = Trainer(student, recipe, cfg, data, progress=False)
+        assert trainer.data.shape[0] == 6 and torch.equal(trainer.eval_data, data[6:])
+        start = {k: v.clone() for k, v in trainer._site_tensors().items()}
+        trainer.run()
+        evals = [h for h in trainer.history if h["phase"] == "eval"]
+        assert [h["step"] for h in evals] == [0, 2, 4, 6]
+        final = trainer.heldout_kl()
+        best = min(h["loss"] for h in evals)
+        ends[keep] = final
+        if keep:
+            assert final == pytest.approx(best, rel=1e-6)
+            if evals[0]["loss"] == best:
+                assert all(torch.equal(v, start[k]) for k, v in trainer._site_tensors().items())
+        else:
+            assert final == pytest.approx(evals[-1]["loss"], rel=1e-6)
+    assert ends[True] < ends[False]
+    with pytest.raises(ValueError, match="held-out"):
+        Trainer(prepare_qat(copy.deepcopy(model), recipe, calibration=data[:2], progress=False), recipe,
+                TrainConfig(stages=["w2"], eval_every=2), data, progress=False)
+
+
+@pytest.mark.parametrize("evaluation", [{}, dict(holdout=2, eval_every=1, lr=0.5)])
+def test_resume_from_checkpoint_gives_the_same_state(tmp_path, evaluation):
+    """Interrupted and resumed twice = uninterrupted, bit for bit; with held-out evaluation the
+    best-so-far site tensors travel in the checkpoint too (a large step size makes the best
+    one an earlier step, so the phase end restores it)."""
     model = _tiny_llama(1)
     data = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1))
     recipe = lowbit.get_recipe("w2a16")
-    cfg = TrainConfig(stages=["w4", "w2"], block_steps=2, e2e_steps=4, batch_size=2, checkpoint_every=2)
+    cfg = TrainConfig(stages=["w4", "w2"], block_steps=2, e2e_steps=4, batch_size=2, checkpoint_every=2,
+                      **evaluation)
     full = train(model, recipe, data, copy.deepcopy(cfg), out=tmp_path / "a", progress=False)
     # stop after the first block of the second stage, resume; stop mid-way through its
     # end-to-end phase (optimizer state saved), resume to the end
@@ -243,8 +281,13 @@ def test_resume_from_checkpoint_gives_the_same_state(tmp_path):
     state = json.loads((tmp_path / "b" / "state.json").read_text())["state"]
     assert state["stage"] == 1 and state["phase"] == "e2e" and state["step"] == 2
     assert (tmp_path / "b" / "optimizer.safetensors").is_file()
+    if evaluation:
+        assert (tmp_path / "b" / "best.safetensors").is_file()
     resumed = train(model, recipe, out=tmp_path / "b", resume=True, progress=False)
-    assert [h["loss"] for h in resumed.lowbit_train_history] == [h["loss"] for h in full.lowbit_train_history]
+    assert [(h["phase"], h["loss"]) for h in resumed.lowbit_train_history] == \
+        [(h["phase"], h["loss"]) for h in full.lowbit_train_history]
+    if evaluation:
+        assert any(h["phase"] == "restore" for h in full.lowbit_train_history)
     a, b = fake_quant_sites(full), fake_quant_sites(resumed)
     for name in a:
         assert a[name].weight_format == b[name].weight_format == recipe.weight
@@ -258,13 +301,16 @@ def test_cli_train_and_resume(tmp_path, capsys):
 
     _stories_data()
     text = str(shared_data_dir() / "text" / "tinystories_val_head.txt")
-    args = ["train", "stories260k", "--recipe", "w2a16", "--out", str(tmp_path), "--data", text, "--samples", "2",
-            "--seq-len", "16", "--e2e-steps", "2", "--batch-size", "2", "--checkpoint-every", "1", "--quiet"]
+    args = ["train", "stories260k", "--recipe", "w2a16", "--out", str(tmp_path), "--data", text, "--samples", "3",
+            "--seq-len", "16", "--e2e-steps", "2", "--batch-size", "2", "--checkpoint-every", "1", "--quiet",
+            "--holdout", "1", "--eval-every", "1"]
     assert main(args + ["--max-steps", "1"]) == 0
     assert "continue with --resume" in capsys.readouterr().out
     assert main(args + ["--resume"]) == 0
     out = capsys.readouterr().out
     assert "e2e loss" in out and "saved to" in out
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert state["config"]["holdout"] == 1 and [h["step"] for h in state["history"] if h["phase"] == "eval"] == [0, 1, 2]
     q = lowbit.load(str(tmp_path))
     assert any(isinstance(m, QuantLinear) for m in q.modules())
 
