@@ -529,9 +529,13 @@ def _dequant_matmul(x2: torch.Tensor, w_packed, w_scales, g, bias, grid: str, ou
     operands elsewhere), then ``* global + bias`` and one rounding to ``out_dtype``."""
     k = x2.shape[1]
     wv = weight_values(w_packed, w_scales, grid, x2.dtype)[:, :k]
+    acc = None
     if x2.is_cuda:
-        acc = torch.mm(x2, wv.t(), out_dtype=torch.float32)
-    else:
+        try:
+            acc = torch.mm(x2, wv.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # a PyTorch without mm's out_dtype
+            acc = None
+    if acc is None:
         acc = x2.float() @ wv.float().t()
     acc = acc * g
     if bias is not None:
