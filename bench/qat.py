@@ -115,6 +115,7 @@ def main(argv=None):
     p.add_argument("--holdout", type=int, default=0, help="generated sequences kept out of training (held-out KL)")
     p.add_argument("--eval-every", type=int, default=0, help="end-to-end steps between held-out KL evaluations")
     p.add_argument("--keep-last", action="store_true", help="end at the last step instead of the best held-out KL")
+    p.add_argument("--compile", action="store_true", help="end-to-end steps through torch.compile")
     p.add_argument("--text", default=None)
     p.add_argument("--chars", type=int, default=200_000)
     p.add_argument("--windows", type=int, default=8)
@@ -168,7 +169,7 @@ def main(argv=None):
                               batch_size=args.batch_size, lr=args.lr, scale_lr=args.scale_lr, seed=args.seed,
                               block_samples=args.block_samples, transition=args.transition,
                               warmup=args.warmup, grad_clip=args.grad_clip, holdout=args.holdout,
-                              eval_every=args.eval_every, keep_best=not args.keep_last)
+                              eval_every=args.eval_every, keep_best=not args.keep_last, compile=args.compile)
             label = name + ("" if variant == "none" else f" {variant}") + f" ({args.init}"
             label += (", " + "->".join(stages) + ")") if len(stages) > 1 else ")"
             sync()

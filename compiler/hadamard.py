@@ -290,6 +290,25 @@ def _base_matrix_cached(m: int, transpose: bool, dtype: torch.dtype, device: tor
     return h.to(device=device, dtype=dtype).contiguous()
 
 
+def _is_fake(x: Tensor) -> bool:
+    """Whether x is a fake tensor of a torch.compile / export trace (the cached real matrix
+    cannot enter such a trace)."""
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode((x,)) is not None
+
+
+def _base_matrix_traced(m: int, transpose: bool, dtype: torch.dtype, like: Tensor) -> Tensor:
+    """The ``m x m`` base matrix as a constant of the trace ``like`` belongs to (same values
+    as :func:`_base_matrix_cached`)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        rows = _base_matrix_int(m).tolist()
+    h = torch.tensor(rows, dtype=dtype, device=like.device)
+    return (h.T if transpose else h).contiguous()
+
+
 def _fwht_last(x: Tensor, p: int) -> Tensor:
     """Unnormalised Sylvester transform ``x @ S_p`` along the last axis of a 2-D tensor.
 
@@ -351,7 +370,8 @@ def hadamard_transform(x: Tensor, scale: float | None = None, *, transpose: bool
     y = y.view(rows, m, p)
     if m > 1:
         # x @ H_n^T  <=>  H_m @ X @ S_p   (X = row viewed as (m, p));  x @ H_n <=> H_m^T @ X @ S_p
-        hm = _base_matrix_cached(m, transpose, compute_dtype, y.device)
+        hm = _base_matrix_traced(m, transpose, compute_dtype, y) if _is_fake(y) else \
+            _base_matrix_cached(m, transpose, compute_dtype, y.device)
         y = torch.matmul(hm, y)
     if scale != 1.0:
         y = y * scale

@@ -84,6 +84,7 @@ class TrainConfig:
     holdout: int = 0               # sequences at the end of the data kept out of training, to evaluate on
     eval_every: int = 0            # end-to-end steps between held-out KL evaluations (0: none)
     keep_best: bool = True         # with evaluations: end each end-to-end phase at its best held-out KL
+    compile: bool = False          # run the end-to-end forward/backward through torch.compile
     temperature: float = 1.0       # of the end-to-end KL
     seed: int = 0
     amp: str = "auto"              # "bf16": autocast on CUDA; "none"; "auto": bf16 on CUDA only
@@ -199,6 +200,9 @@ class Trainer:
             m.log_scale.requires_grad_(True)
         if config.gradient_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
             student.gradient_checkpointing_enable()
+        # the end-to-end phase's network: the model itself, or its torch.compile'd form (the
+        # fake quantizers' many small ops fused; teacher and student are two compiled graphs)
+        self._e2e_net = torch.compile(student) if config.compile else student
 
     # -- helpers ----------------------------------------------------------------------------
     def autocast(self):
@@ -319,9 +323,9 @@ class Trainer:
     def e2e_loss(self, ids: torch.Tensor) -> torch.Tensor:
         t = self.config.temperature
         with torch.no_grad(), float_mode(self.model), self.autocast():
-            teacher = _call_logits(self.model, ids)
+            teacher = _call_logits(self._e2e_net, ids)
         with self.autocast():
-            student = _call_logits(self.model, ids)
+            student = _call_logits(self._e2e_net, ids)
         logp_t = F.log_softmax(teacher.float() / t, -1)
         logp_s = F.log_softmax(student.float() / t, -1)
         kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean()
