@@ -32,9 +32,9 @@ tensors of its lowest held-out KL, so a phase that diverges cannot end worse tha
 Checkpoints (``out/``, no pickle): ``sites.safetensors`` (the tensors of every trainable
 site), ``optimizer.safetensors`` + ``state.json`` (stage, phase, block, step, formats,
 config, recipe, loss history), ``data.safetensors`` (the token ids, held-out ones
-included), ``best.safetensors`` (the best site tensors of an end-to-end phase in progress). ``train(...,
-resume=True)`` rebuilds the model from the float one and continues where the checkpoint
-left off; on the CPU the result equals an uninterrupted run bit for bit.
+included), ``best.safetensors`` (the best site tensors of an end-to-end phase in progress).
+``train(..., resume=True)`` rebuilds the model from the float one and continues where the
+checkpoint left off; on the CPU the result equals an uninterrupted run bit for bit.
 """
 from __future__ import annotations
 
