@@ -214,13 +214,27 @@ def _httpx2_shim():
         sys.meta_path.append(_AliasFinder())
 
 
+def _recipe(spec: str):
+    """A preset or recipe file, with ``+fuse`` appended for the horizontal-fusion pass
+    (``w2a16+fuse``: q/k/v and gate/up as one site each)."""
+    import lowbit
+
+    base, plus, extra = spec.partition("+")
+    if not plus:
+        return spec
+    if extra != "fuse":
+        raise ValueError(f"unknown recipe suffix {extra!r} in {spec!r} (only '+fuse')")
+    return lowbit.get_recipe(base).with_passes({"name": "fuse"})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--new", type=int, default=128, help="decode steps timed")
     ap.add_argument("--max-len", type=int, default=256, help="static KV cache length")
     ap.add_argument("--prefill", type=int, default=2048)
-    ap.add_argument("--recipes", default="w2a16")
+    ap.add_argument("--recipes", default="w2a16", help="comma-separated presets or recipe files; NAME+fuse adds "
+                                                        "the fuse pass, e.g. w2a16,w2a16+fuse")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds: skip the remaining steps after this")
     ap.add_argument("--json", default=None)
@@ -279,7 +293,7 @@ def main(argv=None):
     for recipe in args.recipes.split(","):
         t0 = time.time()
         q = attempt(f"compile_quantized {recipe}",
-                    lambda: lowbit.compile_quantized(base, recipe, backend="triton", progress=False))
+                    lambda: lowbit.compile_quantized(base, _recipe(recipe), backend="triton", progress=False))
         if q is not None:
             meta = q.lowbit_report.meta
             print(f"# compile_quantized(model, {recipe!r}, backend='triton'): {time.time() - t0:.0f} s "
