@@ -75,8 +75,17 @@ def gptq_quantize(
     h = h[perm][:, perm]
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     off = 0.5 if fmt.grid == "half" else 0.0
-    eff = None if not act_order else effective_scales(stored, gscale).double()
     q_all = torch.zeros_like(w)
+    zero_col = torch.zeros(n_out, dtype=w.dtype, device=w.device)
+
+    def group_scales(scale):  # (scale, whether > 0, scale with zeros replaced by 1), per group column(s)
+        pos = scale > 0
+        return scale, pos, torch.where(pos, scale, torch.ones_like(scale))
+
+    if act_order:  # every group's scale is fixed before the loop
+        eff_all, pos_all, safe_all = group_scales(effective_scales(stored, gscale).double())
+    order = perm.tolist()
+    current = None  # (group, scale, pos, safe) of the group being quantized (no act-order)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = w[:, i1:i2].clone()
@@ -84,17 +93,19 @@ def gptq_quantize(
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            orig = int(perm[col])
-            if not act_order and orig % g == 0:  # group start: scale from the updated weights
-                grp = orig // g
-                s = search_group_scales(w1[:, i:i + g].float(), fmt, gscale, clip_search)
-                stored[:, grp] = s[:, 0]
-            scale = (effective_scales(stored[:, orig // g], gscale).double() if not act_order
-                     else eff[:, orig // g])
-            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            orig = order[col]
+            grp = orig // g
+            if act_order:
+                scale, pos, safe = eff_all[:, grp], pos_all[:, grp], safe_all[:, grp]
+            else:
+                if orig % g == 0:  # group start: scale from the updated weights
+                    s = search_group_scales(w1[:, i:i + g].float(), fmt, gscale, clip_search)
+                    stored[:, grp] = s[:, 0]
+                    current = (grp, *group_scales(effective_scales(stored[:, grp], gscale).double()))
+                _, scale, pos, safe = current
             r = w1[:, i] / safe
             code = (torch.floor(r) if fmt.grid == "half" else torch.round(r)).clamp(fmt.qmin, fmt.qmax)
-            q = torch.where(scale > 0, (code + off) * scale, torch.zeros_like(scale))
+            q = torch.where(pos, (code + off) * scale, zero_col)
             q_all[:, col] = q
             e = (w1[:, i] - q) / hinv1[i, i]
             # lazy updates: the error reaches the rest of its chunk of g columns at once, and the
