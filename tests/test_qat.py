@@ -261,6 +261,8 @@ def test_keep_best_ends_the_phase_at_the_lowest_heldout_kl():
                 TrainConfig(stages=["w2"], eval_every=2), data, progress=False)
 
 
+@pytest.mark.skipif(not any(__import__("shutil").which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_end_to_end_steps_match_eager():
     """compile=True runs the end-to-end steps through torch.compile (rotated sites included: the
     Hadamard op's base matrix enters the trace as a constant); the losses and the trained
