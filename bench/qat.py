@@ -26,6 +26,7 @@ import copy
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -116,6 +117,9 @@ def main(argv=None):
     p.add_argument("--eval-every", type=int, default=0, help="end-to-end steps between held-out KL evaluations")
     p.add_argument("--keep-last", action="store_true", help="end at the last step instead of the best held-out KL")
     p.add_argument("--compile", action="store_true", help="end-to-end steps through torch.compile")
+    p.add_argument("--train-variants", default="[{}]",
+                   help='JSON list of TrainConfig overrides trained from the same prepared model (one GPTQ '
+                        'run), e.g. \'[{}, {"warmup": 0.05, "grad_clip": 1.0}]\'')
     p.add_argument("--text", default=None)
     p.add_argument("--chars", type=int, default=200_000)
     p.add_argument("--windows", type=int, default=8)
@@ -126,6 +130,9 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    train_variants = json.loads(args.train_variants)
+    if not (isinstance(train_variants, list) and train_variants and all(isinstance(v, dict) for v in train_variants)):
+        p.error("--train-variants must be a JSON list of objects, e.g. '[{}]'")
 
     torch.manual_seed(args.seed)
     text_path = args.text or str(shared_data_dir() / "text" / "wikitext2_raw_test.txt")
@@ -179,42 +186,51 @@ def main(argv=None):
             sync()
             prep_s = time.perf_counter() - t0
             init_ppl = ppl(student) if len(stages) == 1 else None
-            trainer = Trainer(student, recipe, cfg, data, progress=False)
-            if args.seconds:
-                if steps is None:
-                    pr = probe(trainer)
-                    per_stage = args.seconds / len(stages)
-                    nb = max(1, pr["blocks"])
-                    bsec = args.block_fraction * per_stage
-                    steps = (max(0, int((bsec / nb - pr.get("block_setup", 0)) / pr.get("block_step", 1))),
-                             max(1, int((1 - args.block_fraction) * per_stage / pr["e2e_step"])))
-                    print(json.dumps({"probe": pr, "block_steps": steps[0], "e2e_steps": steps[1]}), flush=True)
-                cfg.block_steps, cfg.e2e_steps = steps
-            sync()
-            t0 = time.perf_counter()
-            trainer.run()
-            sync()
-            train_s = time.perf_counter() - t0
-            h = trainer.history
-            e2e = [x["loss"] for x in h if x["phase"] == "e2e"]
-            blk = [x["loss"] for x in h if x["phase"] == "block"]
-            qat_ppl = ppl(student)
-            nblocks = len(block_names(student))
-            tokens = len(stages) * (cfg.e2e_steps + cfg.block_steps * nblocks) * cfg.batch_size * data.shape[1]
-            frozen = freeze(student)
-            qls = [m for m in frozen.modules() if isinstance(m, lowbit.QuantLinear)]
-            bpw = sum(m.bits_per_weight() * m.in_features * m.out_features for m in qls) / \
-                sum(m.in_features * m.out_features for m in qls)
-            emit({"config": label, "init_perplexity": init_ppl, "qat_perplexity": qat_ppl,
-                  "perplexity": ppl(frozen), "bits_per_weight": bpw,
-                  "block_steps": cfg.block_steps, "e2e_steps": cfg.e2e_steps, "batch": cfg.batch_size,
-                  "train_tokens": tokens, "prepare_s": round(prep_s, 1), "train_s": round(train_s, 1),
-                  "block_loss_first_last": [blk[0], blk[-1]] if blk else None,
-                  "kl_first_last": [e2e[0], sum(e2e[-10:]) / len(e2e[-10:])] if e2e else None,
-                  "kl_curve": _curve(e2e), "block_loss_curve": _curve(blk),
-                  "heldout_kl": [(x["step"], round(x["loss"], 4)) for x in h if x["phase"] == "eval"],
-                  "restored_step": next((x["step"] for x in h if x["phase"] == "restore"), None)})
-            del student, frozen, trainer
+            for vi, tv in enumerate(train_variants):
+                # each training variant starts from its own copy of the same prepared model
+                stud = student if vi == len(train_variants) - 1 else copy.deepcopy(student)
+                vcfg = replace(cfg, **tv)
+                vlabel = label + ("" if not tv else " " + " ".join(f"{k}={v}" for k, v in tv.items()))
+                trainer = Trainer(stud, recipe, vcfg, data, progress=False)
+                if args.seconds:
+                    if steps is None:
+                        pr = probe(trainer)
+                        per_stage = args.seconds / len(stages)
+                        nb = max(1, pr["blocks"])
+                        bsec = args.block_fraction * per_stage
+                        steps = (max(0, int((bsec / nb - pr.get("block_setup", 0)) / pr.get("block_step", 1))),
+                                 max(1, int((1 - args.block_fraction) * per_stage / pr["e2e_step"])))
+                        print(json.dumps({"probe": pr, "block_steps": steps[0], "e2e_steps": steps[1]}),
+                              flush=True)
+                    vcfg.block_steps, vcfg.e2e_steps = steps
+                sync()
+                t0 = time.perf_counter()
+                trainer.run()
+                sync()
+                train_s = time.perf_counter() - t0
+                h = trainer.history
+                e2e = [x["loss"] for x in h if x["phase"] == "e2e"]
+                blk = [x["loss"] for x in h if x["phase"] == "block"]
+                qat_ppl = ppl(stud)
+                nblocks = len(block_names(stud))
+                tokens = len(stages) * (vcfg.e2e_steps + vcfg.block_steps * nblocks) * vcfg.batch_size \
+                    * data.shape[1]
+                frozen = freeze(stud)
+                qls = [m for m in frozen.modules() if isinstance(m, lowbit.QuantLinear)]
+                bpw = sum(m.bits_per_weight() * m.in_features * m.out_features for m in qls) / \
+                    sum(m.in_features * m.out_features for m in qls)
+                emit({"config": vlabel, "train_options": tv, "init_perplexity": init_ppl,
+                      "qat_perplexity": qat_ppl,
+                      "perplexity": ppl(frozen), "bits_per_weight": bpw,
+                      "block_steps": vcfg.block_steps, "e2e_steps": vcfg.e2e_steps, "batch": vcfg.batch_size,
+                      "train_tokens": tokens, "prepare_s": round(prep_s, 1), "train_s": round(train_s, 1),
+                      "block_loss_first_last": [blk[0], blk[-1]] if blk else None,
+                      "kl_first_last": [e2e[0], sum(e2e[-10:]) / len(e2e[-10:])] if e2e else None,
+                      "kl_curve": _curve(e2e), "block_loss_curve": _curve(blk),
+                      "heldout_kl": [(x["step"], round(x["loss"], 4)) for x in h if x["phase"] == "eval"],
+                      "restored_step": next((x["step"] for x in h if x["phase"] == "restore"), None)})
+                del stud, frozen, trainer
+            del student
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     print()
