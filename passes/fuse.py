@@ -26,8 +26,8 @@ module (``...self_attn``), weight dtype and device, and prologue (same configs a
 buffers). Groups have at least ``min_group`` members, in graph order.
 
 Graph and module tree. The fused site is a ``call_module`` of a ``PrologueLinear`` (holding
-the members' prologue, often none) installed at ``<parent>.fused_<leaf1>_<leaf2>...``; each member's uses
-read ``aten.slice`` of it. A ``lowbit.fused.FusedSlice`` is installed at each member's
+the members' prologue, often none) installed at ``<parent>.fused_<leaf1>_<leaf2>...``; each
+member's uses read ``aten.slice`` of it. A ``lowbit.fused.FusedSlice`` is installed at each member's
 name (not called by the graph): materialization moves it, with the fused site module,
 into a Hugging Face model, whose own forward then calls the fused site once per group.
 

@@ -78,14 +78,14 @@ def gptq_quantize(
     q_all = torch.zeros_like(w)
     zero_col = torch.zeros(n_out, dtype=w.dtype, device=w.device)
 
-    def group_scales(scale):  # (scale, whether > 0, scale with zeros replaced by 1), per group column(s)
+    def group_scales(scale):  # (scale, scale > 0, scale with its zeros replaced by 1)
         pos = scale > 0
         return scale, pos, torch.where(pos, scale, torch.ones_like(scale))
 
     if act_order:  # every group's scale is fixed before the loop
         eff_all, pos_all, safe_all = group_scales(effective_scales(stored, gscale).double())
     order = perm.tolist()
-    current = None  # (group, scale, pos, safe) of the group being quantized (no act-order)
+    current = None  # (scale, pos, safe) of the group being quantized (no act-order)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = w[:, i1:i2].clone()
@@ -101,8 +101,8 @@ def gptq_quantize(
                 if orig % g == 0:  # group start: scale from the updated weights
                     s = search_group_scales(w1[:, i:i + g].float(), fmt, gscale, clip_search)
                     stored[:, grp] = s[:, 0]
-                    current = (grp, *group_scales(effective_scales(stored[:, grp], gscale).double()))
-                _, scale, pos, safe = current
+                    current = group_scales(effective_scales(stored[:, grp], gscale).double())
+                scale, pos, safe = current
             r = w1[:, i] / safe
             code = (torch.floor(r) if fmt.grid == "half" else torch.round(r)).clamp(fmt.qmin, fmt.qmax)
             q = torch.where(pos, (code + off) * scale, zero_col)

@@ -25,8 +25,7 @@ def _rel(a, b):
 
 
 def _fuse_recipe(base="w4a16", **kw):
-    r = lowbit.get_recipe(base).with_passes({"name": "fuse", **kw})
-    return r
+    return lowbit.get_recipe(base).with_passes({"name": "fuse", **kw})
 
 
 class _Count:
@@ -67,7 +66,7 @@ def _dequantized_float64(qmodel, float_model):
 
 @pytest.fixture(scope="module")
 def fused_w4a4():
-    """(float model, its w4a4 compile with fuse, calibration ids): tests/conftest.py's tiny Llama."""
+    """(float model, its w4a4 compile with fuse, calibration ids): a two-layer tiny Llama."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
