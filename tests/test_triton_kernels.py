@@ -58,6 +58,10 @@ CASES = [  # path, M, K, N, grid, dtype, weight kind
     ("gemm", 3, 128, 16, "int", torch.float16, "stress"),
     ("dequant", 20, 128, 48, "int", torch.bfloat16, "stress"),
     ("dequant", 3, 64, 16, "half", torch.float16, "rtn"),
+    # N and K off the tiles (the masked, non-EVEN kernels)
+    ("gemv", 2, 96, 40, "half", torch.bfloat16, "stress"),
+    ("skinny", 2, 96, 40, "int", torch.bfloat16, "stress"),
+    ("gemm", 18, 96, 40, "half", torch.float16, "rtn"),
 ]
 
 
@@ -82,7 +86,7 @@ def test_w2a16_against_float64_and_reference_op(path, m, k, n, grid, dtype, kind
     torch.testing.assert_close(y.float(), y_op.float(), rtol=ulp, atol=1e-6 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("variant", [dict(SPLIT_K=2), dict(XPERM=False), dict(SPLIT_K=3, XPERM=False),
+@pytest.mark.parametrize("variant", [dict(SPLIT_K=2), dict(XPERM=False), dict(SPLIT_K=3, XPERM=False), dict(EVEN=False),
                                      dict(ONE_DOT=True), dict(ONE_DOT=True, SPLIT_K=2)])
 def test_dot_kernel_variants(variant):
     """Split-K, the host-permuted x operand and the one-product-per-tile form give the same product."""
@@ -122,15 +126,24 @@ def test_serial_split_k_leaves_counters_at_zero():
     assert all(int(buf.abs().sum()) == 0 for buf in _COUNTERS.values())
 
 
-def test_gemv_split_k():
+@pytest.mark.parametrize("dtype,cfg", [(torch.float16, dict(SPLIT_K=3)), (torch.bfloat16, dict(SPLIT_K=2)),
+                                       (torch.bfloat16, dict(SPLIT_K=2, PAIRS=False, FPS=2)),
+                                       (torch.bfloat16, dict(SPLIT_K=5, BLOCK_G=2))])
+def test_gemv_split_k(dtype, cfg):
+    """The CUDA-core GEMV's serial split-K (x rows and row blocks reduced separately), with x
+    read in bf16 pairs or element by element, and splits that get no tile (K = 256 has 8 tiles
+    of 2 groups for 5 splits)."""
     packed, stored, gscale = _stress_weight(32, 256, seed=6)
     w = dequantize_weight(packed, stored, gscale, QFormat(2))
-    x = torch.randn(1, 256).to(torch.float16)
+    x = torch.randn(3, 256).to(dtype)
     bias = torch.randn(32)
     ref = x.double() @ w.double().T + bias.double()
     y = lt.w2a16_linear(x, packed, stored, gscale, bias, path="gemv", out_dtype=torch.float32,
-                        BLOCK_N=16, BLOCK_G=4, SPLIT_K=3)
+                        **dict(dict(BLOCK_N=16, BLOCK_G=4), **cfg))
     assert _rel(y, ref) < 1e-5
+    y2 = lt.w2a16_linear(x, packed, stored, gscale, bias, path="gemv", out_dtype=torch.float32,
+                         **dict(dict(BLOCK_N=16, BLOCK_G=4), **cfg))
+    assert torch.equal(y, y2)  # deterministic
 
 
 @pytest.mark.parametrize("grid", ["int", "half"])

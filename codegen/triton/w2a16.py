@@ -138,20 +138,41 @@ def _gemv_field(w, xi, i: tl.constexpr, FPS: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.jit
+def _x_field(x_row, x32_row, g, i: tl.constexpr, K, EVEN: tl.constexpr, PAIRS: tl.constexpr):
+    """fp32 ``x[16 g + i]`` (zero beyond K). With ``PAIRS`` (bf16 x, ``EVEN``) the even field's
+    load brings its odd neighbour in the same 32-bit word: returns (x_i, x_{i+1}) from one load,
+    widened by a shift and a mask (a bf16 is the top half of its fp32)."""
+    if PAIRS:
+        v = tl.load(x32_row + g * 8 + i // 2)
+        lo = (v << 16).to(tl.float32, bitcast=True)
+        hi = (v & -65536).to(tl.float32, bitcast=True)
+        return lo, hi
+    k = g * 16 + i
+    if EVEN:
+        xi = tl.load(x_row + k).to(tl.float32)
+    else:
+        xi = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+    return xi, xi
+
+
+@triton.jit
 def _w2a16_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr,
-    M, N, K, GP,
+    x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, GX,
     stride_xm, stride_wn, stride_sn, stride_ym,
     HALF: tl.constexpr, HAS_BIAS: tl.constexpr, FPS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
-    """One program: rows [pid_n*BLOCK_N, +BLOCK_N) of W against one row m of x (a 1/SPLIT_K
-    share of the groups; with SPLIT_K > 1 the fp32 partial sums are added into y atomically).
+    """One program: rows [pid_n*BLOCK_N, +BLOCK_N) of W against row m of x, over a 1/SPLIT_K
+    share of the ``GX = cdiv(K, 16)`` groups (partial sums reduced serially: the last program
+    of a row block to arrive adds them in a fixed order and writes y).
 
-    Per tile of BLOCK_G groups: part[n, g] = sum_i (c_i + f_i[n, g]) x[16g+i], then
-    acc[n, g] += (part - sum_i (c_i + 2 - h) x[16g+i]) * s[n, g]; finally
-    y[m, n] = global * sum_g acc[n, g] + bias[n]. The next tile's words and scales are
-    loaded before the current one is used (register double buffering).
+    Per tile of BLOCK_G groups: part[n, g] = sum_i (c_i + f_i[n, g]) x[16g+i] (one FMA per
+    weight), then acc[n, g] += (part - sum_i (c_i + 2 - h) x[16g+i]) * s[n, g]; finally
+    y[m, n] = global * sum_g acc[n, g] + bias[n]. The next tile's words and scales are loaded
+    before the current one is used (register double buffering). ``EVEN`` (N a multiple of
+    BLOCK_N, K of 16*BLOCK_G): no masks, so loads are vectorized and no predicate is computed.
     """
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -159,50 +180,61 @@ def _w2a16_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_g = tl.arange(0, BLOCK_G)
-    ngroups = tl.cdiv(K, 16)
-    tiles = tl.cdiv(ngroups, BLOCK_G)
+    tiles = tl.cdiv(GX, BLOCK_G)
     per_split = tl.cdiv(tiles, SPLIT_K)
     t_lo = pid_k * per_split
     t_hi = tl.minimum(t_lo + per_split, tiles)
     x_row = x_ptr + m * stride_xm
+    x32_row = x_ptr.to(tl.pointer_type(tl.int32)) + m * (stride_xm // 2)
     w_rows = w_ptr + offs_n[:, None] * stride_wn
     s_rows = s_ptr + offs_n[:, None] * stride_sn
     acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
     g = t_lo * BLOCK_G + offs_g
-    g_end = tl.minimum(GP, t_hi * BLOCK_G)
-    wmask = n_mask[:, None] & (g < g_end)[None, :]
-    w_next = tl.load(w_rows + g[None, :], mask=wmask, other=0)
-    s_next = tl.load(s_rows + g[None, :], mask=wmask, other=0)
+    if EVEN:  # a split may get no tile: then nothing is read
+        first = (g < t_hi * BLOCK_G)[None, :]
+        w_next = tl.load(w_rows + g[None, :], mask=first, other=0)
+        s_next = tl.load(s_rows + g[None, :], mask=first, other=0)
+    else:
+        wmask = n_mask[:, None] & (g < tl.minimum(GX, t_hi * BLOCK_G))[None, :]
+        w_next = tl.load(w_rows + g[None, :], mask=wmask, other=0)
+        s_next = tl.load(s_rows + g[None, :], mask=wmask, other=0)
     for t in range(t_lo, t_hi):
         w = w_next ^ _XOR_HIGH_BITS
         s = _decode_e4m3(s_next.to(tl.int32))
         gn = g + BLOCK_G
-        wmask = n_mask[:, None] & (gn < g_end)[None, :]
-        w_next = tl.load(w_rows + gn[None, :], mask=wmask, other=0)
-        s_next = tl.load(s_rows + gn[None, :], mask=wmask, other=0)
+        if EVEN:
+            more = (gn < t_hi * BLOCK_G)[None, :]  # uniform over BLOCK_G: the loads stay vectorized
+            w_next = tl.load(w_rows + gn[None, :], mask=more, other=0)
+            s_next = tl.load(s_rows + gn[None, :], mask=more, other=0)
+        else:
+            wmask = n_mask[:, None] & (gn < tl.minimum(GX, t_hi * BLOCK_G))[None, :]
+            w_next = tl.load(w_rows + gn[None, :], mask=wmask, other=0)
+            s_next = tl.load(s_rows + gn[None, :], mask=wmask, other=0)
         xoff = tl.zeros([BLOCK_G], dtype=tl.float32)
         part = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
-        for i in tl.static_range(16):
-            k = g * 16 + i
-            if EVEN_K:
-                xi = tl.load(x_row + k).to(tl.float32)
-            else:
-                xi = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
-            prod, xo = _gemv_field(w, xi, i, FPS, HALF)
+        for j in tl.static_range(8):
+            x_even, x_odd = _x_field(x_row, x32_row, g, 2 * j, K, EVEN, PAIRS)
+            if not PAIRS:
+                x_odd, _ = _x_field(x_row, x32_row, g, 2 * j + 1, K, EVEN, PAIRS)
+            prod, xo = _gemv_field(w, x_even, 2 * j, FPS, HALF)
+            part += prod
+            xoff += xo
+            prod, xo = _gemv_field(w, x_odd, 2 * j + 1, FPS, HALF)
             part += prod
             xoff += xo
         acc += (part - xoff[None, :]) * s
         g = gn
-    gscale = tl.load(g_ptr)
-    y = tl.sum(acc, axis=1) * gscale
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if SPLIT_K > 1:
-            bias = bias * (pid_k == 0).to(tl.float32)
-        y += bias
+    y = tl.sum(acc, axis=1) * tl.load(g_ptr)
     if SPLIT_K > 1:
-        tl.atomic_add(y_ptr + m * stride_ym + offs_n, y, mask=n_mask)
+        offs_m = m + tl.arange(0, 1)
+        ymask = n_mask[:, None] & (offs_m < M)[None, :]
+        last, total = _split_k_total(y[:, None], ws_ptr, cnt_ptr, pid_k, pid_n, m, M, offs_n, offs_m, ymask, M, N,
+                                     SPLIT_K, BLOCK_N, 1)
+        if last:
+            _store_tile(total, b_ptr, y_ptr, offs_n, offs_m, n_mask, ymask, stride_ym, HAS_BIAS)
     else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
@@ -374,6 +406,15 @@ def _split_k_total(acc, ws_ptr, cnt_ptr, pid_k, pid_n, pid_m, num_m, offs_n, off
 
 
 @triton.jit
+def _x_tile(x_ptr, x_rows, k, stride_xm, K, EVEN: tl.constexpr):
+    """x[x_rows, k] (zero for k >= K unless ``EVEN``, where every k is in range)."""
+    ptrs = x_ptr + x_rows[:, None] * stride_xm + k[None, :]
+    if EVEN:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=(k < K)[None, :], other=0.0)
+
+
+@triton.jit
 def _w2a16_dot_kernel(
     x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, GX, GP,
@@ -381,6 +422,7 @@ def _w2a16_dot_kernel(
     HALF: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, XPERM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
     GROUP_N: tl.constexpr, SPLIT_K: tl.constexpr, UPCAST_DOT: tl.constexpr, ONE_DOT: tl.constexpr = False,
+    EVEN: tl.constexpr = False,
 ):
     """Swap-AB tensor-core product over ``GX = cdiv(K, 16)`` groups of 16.
 
@@ -393,7 +435,10 @@ def _w2a16_dot_kernel(
     (Triton's CPU interpreter only, whose bf16 dot is wrong) multiplies the exactly upcast
     fp32 operands instead. ``ONE_DOT`` (needs ``XPERM``): one product per tile over all 16
     codes of each group (``_tile_dot``) instead of eight pair products (2x slower on the H200:
-    docs/benchmarks.md).
+    docs/benchmarks.md). ``EVEN`` (N a multiple of BLOCK_N, K of 16*BLOCK_G, x read in natural
+    order): no load masks, so the loads are vectorized. x rows are always read through a row
+    index clamped to M - 1 (padding rows repeat the last row and are never stored), so only
+    the K bound can mask an x load.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -409,6 +454,7 @@ def _w2a16_dot_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
     m_mask = offs_m < M
+    x_rows = tl.minimum(offs_m, M - 1)
     offs_g = tl.arange(0, BLOCK_G)
     offs_c = tl.arange(0, 2 * BLOCK_G)
     offs_k = tl.arange(0, 16 * BLOCK_G)
@@ -419,28 +465,30 @@ def _w2a16_dot_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for t in range(t_lo, t_hi):
         g = t * BLOCK_G + offs_g
-        wmask = n_mask[:, None] & (g < GX)[None, :]
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + g[None, :], mask=wmask, other=0)
-        sb = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=wmask, other=0)
+        if EVEN:
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + g[None, :])
+            sb = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :])
+        else:
+            wmask = n_mask[:, None] & (g < GX)[None, :]
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + g[None, :], mask=wmask, other=0)
+            sb = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=wmask, other=0)
         s = _decode_e4m3(sb.to(tl.int32))
         w = w ^ _XOR_HIGH_BITS
         s1 = s.to(DT)
         soff = (s * (0.5 * HALF - 6.0)).to(DT)
         if ONE_DOT:
             k = t * 16 * BLOCK_G + offs_k
-            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
-                         mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
+            xt = _x_tile(x_ptr, x_rows, k, stride_xm, K, EVEN)
             acc = _tile_dot(acc, w, s, s1, soff, xt, HALF, DT, ASM, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_G)
         else:
             if XPERM:
                 k = t * 16 * BLOCK_G + offs_k
-                xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
-                             mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
+                xt = _x_tile(x_ptr, x_rows, k, stride_xm, K, EVEN)
                 x0, x1, x2, x3, x4, x5, x6, x7 = _x_pairs(xt, BLOCK_M, BLOCK_G)
             else:
                 c = t * 2 * BLOCK_G + offs_c
-                xp = x_ptr + offs_m[:, None] * stride_xm + c[None, :]
-                xmask = m_mask[:, None] & (c < 2 * GX)[None, :]
+                xp = x_ptr + x_rows[:, None] * stride_xm + c[None, :]
+                xmask = (c < 2 * GX)[None, :]
                 x0 = tl.load(xp, mask=xmask, other=0.0)
                 x1 = tl.load(xp + stride_xi, mask=xmask, other=0.0)
                 x2 = tl.load(xp + 2 * stride_xi, mask=xmask, other=0.0)
@@ -553,7 +601,7 @@ DEQUANT_MIN_M = 17  # measured at M = 64, 256, 2048, 4096 on the H200: "dequant"
 _TARGET_PROGRAMS = 256  # about two programs per SM of an H100 (measured best for the skinny path)
 
 _DEFAULTS = {
-    "gemv": dict(BLOCK_N=512, BLOCK_G=4, FPS=3, SPLIT_K=0, num_warps=4, num_stages=1),
+    "gemv": dict(BLOCK_N=32, BLOCK_G=32, FPS=3, SPLIT_K=0, num_warps=4, num_stages=1),
     "skinny": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_G=32, GROUP_N=1, SPLIT_K=0, ASM=True, XPERM=True,
                    num_warps=8, num_stages=3),
     "gemm": dict(BLOCK_M=256, BLOCK_N=128, BLOCK_G=8, GROUP_N=8, SPLIT_K=1, ASM=True, XPERM=True,
@@ -697,18 +745,24 @@ def w2a16_linear(
             raise ValueError("the dequantized weight would exceed 2^31 elements; use path='gemm'")
         return _dequant_matmul(x2, w_packed, w_scales, g, bias, grid, out_dtype).reshape(*lead, n)
     split = cfg["SPLIT_K"]
-    if path == "gemv":
-        y = torch.zeros((m, n), device=x.device, dtype=torch.float32) if split > 1 \
-            else torch.empty((m, n), device=x.device, dtype=out_dtype)
-        launch = (_cdiv(n, cfg["BLOCK_N"]), m, split)
-        _w2a16_gemv_kernel[launch](
-            x2, words, sbytes, g, b, y, m, n, k, gp,
-            x2.stride(0), words.stride(0), sbytes.stride(0), y.stride(0),
-            HALF=half, HAS_BIAS=has_bias, FPS=cfg["FPS"], BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_G"],
-            SPLIT_K=split, EVEN_K=k % (16 * cfg["BLOCK_G"]) == 0,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        return (y if y.dtype == out_dtype else y.to(out_dtype)).reshape(*lead, n)
     gx = _cdiv(k, 16)
+    if path == "gemv":
+        y = torch.empty((m, n), device=x.device, dtype=out_dtype)
+        bn, bg = cfg["BLOCK_N"], cfg["BLOCK_G"]
+        if split > 1:
+            ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+            cnt = _tile_counters(x.device, _cdiv(n, bn) * m)
+        else:
+            ws, cnt = y, g  # unused
+        even = n % bn == 0 and k % (16 * bg) == 0
+        pairs = even and x2.dtype == torch.bfloat16 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0
+        _w2a16_gemv_kernel[(_cdiv(n, bn), m, split)](
+            x2, words, sbytes, g, b, y, ws, cnt, m, n, k, gx,
+            x2.stride(0), words.stride(0), sbytes.stride(0), y.stride(0),
+            HALF=half, HAS_BIAS=has_bias, FPS=cfg["FPS"], BLOCK_N=bn, BLOCK_G=bg,
+            SPLIT_K=split, EVEN=even, PAIRS=pairs and cfg.get("PAIRS", True),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return y.reshape(*lead, n)
     xperm = cfg["XPERM"]
     xk = x2 if xperm else permute_pairs(x2)
     y = torch.empty((m, n), device=x.device, dtype=out_dtype)
@@ -724,5 +778,6 @@ def w2a16_linear(
         HALF=half, HAS_BIAS=has_bias, ASM=cfg["ASM"] and not interp, XPERM=xperm,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_G"], GROUP_N=cfg["GROUP_N"],
         SPLIT_K=split, UPCAST_DOT=interp and x.dtype == torch.bfloat16, ONE_DOT=cfg.get("ONE_DOT", False),
+        EVEN=cfg.get("EVEN", True) and xperm and n % cfg["BLOCK_N"] == 0 and k % (16 * cfg["BLOCK_G"]) == 0,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.reshape(*lead, n)
