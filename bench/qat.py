@@ -77,6 +77,19 @@ def probe(trainer: Trainer) -> dict:
         del x
     for p in model.parameters():
         p.grad = None
+    # the optimizer step, which the passes above leave out: Adam over clones of the trainable
+    # tensors, one group per tensor as the trainer groups them (latent weights per site)
+    clones = [torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
+    for c in clones:
+        c.grad = torch.zeros_like(c)
+    opt = torch.optim.Adam([{"params": [c]} for c in clones], betas=(0.9, 0.95))
+    for _ in range(2):
+        sync()
+        t0 = time.perf_counter()
+        opt.step()
+        sync()
+        out["optimizer_step"] = time.perf_counter() - t0
+    del clones, opt
     out["blocks"] = len(blocks)
     return out
 
@@ -191,15 +204,17 @@ def main(argv=None):
                 stud = student if vi == len(train_variants) - 1 else copy.deepcopy(student)
                 vcfg = replace(cfg, **tv)
                 vlabel = label + ("" if not tv else " " + " ".join(f"{k}={v}" for k, v in tv.items()))
-                trainer = Trainer(stud, recipe, vcfg, data, progress=False)
+                trainer = Trainer(stud, recipe, vcfg, data, progress=True)
                 if args.seconds:
                     if steps is None:
                         pr = probe(trainer)
                         per_stage = args.seconds / len(stages)
                         nb = max(1, pr["blocks"])
                         bsec = args.block_fraction * per_stage
-                        steps = (max(0, int((bsec / nb - pr.get("block_setup", 0)) / pr.get("block_step", 1))),
-                                 max(1, int((1 - args.block_fraction) * per_stage / pr["e2e_step"])))
+                        opt = pr.get("optimizer_step", 0.0)  # a block step updates one block's sites
+                        steps = (max(0, int((bsec / nb - pr.get("block_setup", 0))
+                                            / (pr.get("block_step", 1) + opt / nb))),
+                                 max(1, int((1 - args.block_fraction) * per_stage / (pr["e2e_step"] + opt))))
                         print(json.dumps({"probe": pr, "block_steps": steps[0], "e2e_steps": steps[1]}),
                               flush=True)
                     vcfg.block_steps, vcfg.e2e_steps = steps

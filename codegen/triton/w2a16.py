@@ -58,8 +58,12 @@ Paths
   At large M the product is compute-bound and the extra pass over W (2 bytes per weight,
   written once per call) is small against it.
 * ``gemv``: CUDA-core FMAs on fp32 products, one program per (block of rows, x row, K split;
-  fp32 atomics). Slower than ``skinny`` on an H100 at every measured shape; kept for
-  comparison and as a second, independent implementation.
+  serial split-K as above), x read as bf16 pairs. Slower than ``skinny`` on the H200 at every
+  measured shape (1.26-1.5x cuBLAS against 1.5-2.1x); kept for comparison and as a second,
+  independent implementation.
+
+Both kernels have an ``EVEN`` form, chosen when N and K fall on whole tiles: no load masks
+(x rows beyond M are read through a row index clamped to M - 1 and never stored).
 
 Measurements and the tile sizes' origin: docs/benchmarks.md.
 """
