@@ -160,6 +160,19 @@ def _x_field(x_row, x32_row, g, i: tl.constexpr, K, EVEN: tl.constexpr, PAIRS: t
 
 
 @triton.jit
+def _gemv_tile(w_rows, s_rows, g, n_mask, GX, g_end, EVEN: tl.constexpr):
+    """Words and scale bytes of groups g (zeros from ``g_end`` on: a split's last tile
+    prefetches nothing, and a split may get no tile). With ``EVEN`` the mask is uniform over
+    the tile's BLOCK_G groups (g_end is a multiple of BLOCK_G), so the loads stay vectorized."""
+    if EVEN:
+        mask = (g < g_end)[None, :]
+    else:
+        mask = n_mask[:, None] & (g < tl.minimum(GX, g_end))[None, :]
+    return (tl.load(w_rows + g[None, :], mask=mask, other=0),
+            tl.load(s_rows + g[None, :], mask=mask, other=0))
+
+
+@triton.jit
 def _w2a16_gemv_kernel(
     x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, GX,
@@ -194,26 +207,12 @@ def _w2a16_gemv_kernel(
     s_rows = s_ptr + offs_n[:, None] * stride_sn
     acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
     g = t_lo * BLOCK_G + offs_g
-    if EVEN:  # a split may get no tile: then nothing is read
-        first = (g < t_hi * BLOCK_G)[None, :]
-        w_next = tl.load(w_rows + g[None, :], mask=first, other=0)
-        s_next = tl.load(s_rows + g[None, :], mask=first, other=0)
-    else:
-        wmask = n_mask[:, None] & (g < tl.minimum(GX, t_hi * BLOCK_G))[None, :]
-        w_next = tl.load(w_rows + g[None, :], mask=wmask, other=0)
-        s_next = tl.load(s_rows + g[None, :], mask=wmask, other=0)
+    w_next, s_next = _gemv_tile(w_rows, s_rows, g, n_mask, GX, t_hi * BLOCK_G, EVEN)
     for t in range(t_lo, t_hi):
         w = w_next ^ _XOR_HIGH_BITS
         s = _decode_e4m3(s_next.to(tl.int32))
         gn = g + BLOCK_G
-        if EVEN:
-            more = (gn < t_hi * BLOCK_G)[None, :]  # uniform over BLOCK_G: the loads stay vectorized
-            w_next = tl.load(w_rows + gn[None, :], mask=more, other=0)
-            s_next = tl.load(s_rows + gn[None, :], mask=more, other=0)
-        else:
-            wmask = n_mask[:, None] & (gn < tl.minimum(GX, t_hi * BLOCK_G))[None, :]
-            w_next = tl.load(w_rows + gn[None, :], mask=wmask, other=0)
-            s_next = tl.load(s_rows + gn[None, :], mask=wmask, other=0)
+        w_next, s_next = _gemv_tile(w_rows, s_rows, gn, n_mask, GX, t_hi * BLOCK_G, EVEN)
         xoff = tl.zeros([BLOCK_G], dtype=tl.float32)
         part = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
         for j in tl.static_range(8):
