@@ -189,7 +189,8 @@ def _w2a16_gemv_kernel(
     weight), then acc[n, g] += (part - sum_i (c_i + 2 - h) x[16g+i]) * s[n, g]; finally
     y[m, n] = global * sum_g acc[n, g] + bias[n]. The next tile's words and scales are loaded
     before the current one is used (register double buffering). ``EVEN`` (N a multiple of
-    BLOCK_N, K of 16*BLOCK_G): no masks, so loads are vectorized and no predicate is computed.
+    BLOCK_N, K of 16*BLOCK_G): no per-element masks (only one uniform over a tile), so the loads
+    are vectorized.
     """
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
