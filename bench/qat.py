@@ -78,7 +78,8 @@ def probe(trainer: Trainer) -> dict:
     for p in model.parameters():
         p.grad = None
     # the optimizer step, which the passes above leave out: Adam over clones of the trainable
-    # tensors, one group per tensor as the trainer groups them (latent weights per site)
+    # tensors, one group per tensor (the trainer has one per site's latent weight and one for
+    # all log scales, so this errs on the long side)
     clones = [torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
     for c in clones:
         c.grad = torch.zeros_like(c)
