@@ -38,7 +38,7 @@ from lowbit.eval import perplexity  # noqa: E402
 from lowbit.llama2c import shared_data_dir  # noqa: E402
 from lowbit.models import load_model  # noqa: E402
 from lowbit.qat import freeze, prepare_qat  # noqa: E402
-from lowbit.train import Trainer, TrainConfig, block_names, stage_recipe, training_data  # noqa: E402
+from lowbit.train import GRAPH_WARMUP, Trainer, TrainConfig, block_names, stage_recipe, training_data  # noqa: E402
 from perplexity import VARIANT_PASSES  # noqa: E402
 
 
@@ -47,51 +47,37 @@ def sync():
         torch.cuda.synchronize()
 
 
-def probe(trainer: Trainer) -> dict:
-    """Seconds per block step, per block (input collection) and per end-to-end step."""
-    model = trainer.model
-    blocks = block_names(model)
-    ids = trainer.data[: trainer.config.batch_size].to(trainer.device)
+def probe(trainer: Trainer, steps: int = 10) -> dict:
+    """Seconds per end-to-end step, per block step and per block's setup (input collection and
+    targets), from short runs of the trainer's own phases on a copy of the model: forward,
+    backward, clipping and the optimizer, replayed from CUDA graphs when the config says so."""
+    cfg = replace(trainer.config, block_steps=steps, e2e_steps=steps, eval_every=0, checkpoint_every=0)
+    model = copy.deepcopy(trainer.model)
+    t = Trainer(model, trainer.recipe, cfg, trainer._all_data, progress=False)
+    t._budget, t._steps_done = None, 0
+
+    def per_step():  # median gap between steps after the eager warm-up and the graph capture
+        gaps = [b - a for a, b in zip(t.step_times[GRAPH_WARMUP + 1:], t.step_times[GRAPH_WARMUP + 2:])]
+        return sorted(gaps)[len(gaps) // 2]
+
     out = {}
-    for _ in range(2):  # the second round is timed
-        sync()
-        t0 = time.perf_counter()
-        loss = trainer.e2e_loss(ids)
-        loss.backward()
-        sync()
-        out["e2e_step"] = time.perf_counter() - t0
+    sync()
+    t.train_e2e(0, 0)
+    sync()
+    out["e2e_step"] = per_step()
+    blocks = block_names(model)
     if blocks:
-        block = model.get_submodule(blocks[len(blocks) // 2])
-        t0 = time.perf_counter()
-        x, kw = trainer.block_inputs(block, quantized=True)
-        sync()
-        out["block_setup"] = 3 * (time.perf_counter() - t0)  # inputs twice and the targets
-        for _ in range(2):
-            sync()
-            t0 = time.perf_counter()
-            with trainer.autocast():
-                y = block(x[: trainer.config.batch_size], **kw)
-            (y[0] if isinstance(y, tuple) else y).float().pow(2).mean().backward()
-            sync()
-            out["block_step"] = time.perf_counter() - t0
-        del x
-    for p in model.parameters():
-        p.grad = None
-    # the optimizer step, which the passes above leave out: Adam over clones of the trainable
-    # tensors, one group per tensor (the trainer has one per site's latent weight and one for
-    # all log scales, so this errs on the long side)
-    clones = [torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
-    for c in clones:
-        c.grad = torch.zeros_like(c)
-    opt = torch.optim.Adam([{"params": [c]} for c in clones], betas=(0.9, 0.95))
-    for _ in range(2):
+        t.step_times = []
         sync()
         t0 = time.perf_counter()
-        opt.step()
+        t.train_block(blocks[len(blocks) // 2], 0, len(blocks) // 2, 0)
         sync()
-        out["optimizer_step"] = time.perf_counter() - t0
-    del clones, opt
+        out["block_step"] = per_step()
+        out["block_setup"] = time.perf_counter() - t0 - steps * out["block_step"]
     out["blocks"] = len(blocks)
+    del t, model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return out
 
 
@@ -131,6 +117,7 @@ def main(argv=None):
     p.add_argument("--eval-every", type=int, default=0, help="end-to-end steps between held-out KL evaluations")
     p.add_argument("--keep-last", action="store_true", help="end at the last step instead of the best held-out KL")
     p.add_argument("--compile", action="store_true", help="end-to-end steps through torch.compile")
+    p.add_argument("--cuda-graph", action="store_true", help="replay each phase's step as a CUDA graph")
     p.add_argument("--train-variants", default="[{}]",
                    help='JSON list of TrainConfig overrides trained from the same prepared model (one GPTQ '
                         'run), e.g. \'[{}, {"warmup": 0.05, "grad_clip": 1.0}]\'')
@@ -190,7 +177,8 @@ def main(argv=None):
                               batch_size=args.batch_size, lr=args.lr, scale_lr=args.scale_lr, seed=args.seed,
                               block_samples=args.block_samples, transition=args.transition,
                               warmup=args.warmup, grad_clip=args.grad_clip, holdout=args.holdout,
-                              eval_every=args.eval_every, keep_best=not args.keep_last, compile=args.compile)
+                              eval_every=args.eval_every, keep_best=not args.keep_last, compile=args.compile,
+                              cuda_graph=args.cuda_graph)
             label = name + ("" if variant == "none" else f" {variant}") + f" ({args.init}"
             label += (", " + "->".join(stages) + ")") if len(stages) > 1 else ")"
             sync()
@@ -212,10 +200,8 @@ def main(argv=None):
                         per_stage = args.seconds / len(stages)
                         nb = max(1, pr["blocks"])
                         bsec = args.block_fraction * per_stage
-                        opt = pr.get("optimizer_step", 0.0)  # a block step updates one block's sites
-                        steps = (max(0, int((bsec / nb - pr.get("block_setup", 0))
-                                            / (pr.get("block_step", 1) + opt / nb))),
-                                 max(1, int((1 - args.block_fraction) * per_stage / (pr["e2e_step"] + opt))))
+                        steps = (max(0, int((bsec / nb - pr.get("block_setup", 0)) / pr.get("block_step", 1))),
+                                 max(1, int((1 - args.block_fraction) * per_stage / pr["e2e_step"])))
                         print(json.dumps({"probe": pr, "block_steps": steps[0], "e2e_steps": steps[1]}),
                               flush=True)
                     vcfg.block_steps, vcfg.e2e_steps = steps

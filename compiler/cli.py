@@ -139,7 +139,8 @@ def cmd_train(args) -> int:
             block_steps=args.block_steps, e2e_steps=args.e2e_steps, batch_size=args.batch_size, lr=args.lr,
             scale_lr=args.scale_lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
             transition=args.transition, warmup=args.warmup, grad_clip=args.grad_clip, holdout=args.holdout,
-            eval_every=args.eval_every, keep_best=not args.keep_last, compile=args.compile)
+            eval_every=args.eval_every, keep_best=not args.keep_last, compile=args.compile,
+            cuda_graph=args.cuda_graph)
         print(f"training data: {args.samples} x {args.seq_len} tokens from "
               f"{'the model itself' if args.data == 'generate' else args.data}", file=sys.stderr)
         data = training_data(model, tokenizer, args.data, args.samples, args.seq_len, seed=args.seed,
@@ -250,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end-to-end steps between held-out evaluations; the phase ends at the best one")
     t.add_argument("--keep-last", action="store_true", help="with --eval-every: end at the last step, not the best")
     t.add_argument("--compile", action="store_true", help="end-to-end steps through torch.compile")
+    t.add_argument("--cuda-graph", action="store_true",
+                   help="replay each phase's training step as one CUDA graph (fewer launches; CUDA only)")
     t.add_argument("--checkpoint-every", type=int, default=0, help="end-to-end steps between checkpoints")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
     t.add_argument("--device", default="cpu")

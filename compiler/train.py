@@ -29,6 +29,15 @@ the end-to-end KL on the held-out sequences is measured before the first end-to-
 every ``eval_every`` steps, and with ``keep_best`` each end-to-end phase ends with the site
 tensors of its lowest held-out KL, so a phase that diverges cannot end worse than it began.
 
+Step cost (``cuda_graph``): at the sizes lowbit trains, a step is bound by kernel launches
+(tens of small kernels per site for the fake quantizers, forward and backward, and Adam per
+site). With ``cuda_graph=True`` each phase (an end-to-end phase, or one block of block
+reconstruction) runs its first :data:`GRAPH_WARMUP` steps eagerly, then captures one whole
+step (forward, backward, gradient clipping, Adam with ``capturable=True`` and learning rates
+held in device tensors) as a CUDA graph and replays it for the remaining steps, copying each
+batch into the graph's input tensors. The arithmetic is that of the eager step; only the
+launches go.
+
 Checkpoints (``out/``, no pickle): ``sites.safetensors`` (the tensors of every trainable
 site), ``optimizer.safetensors`` + ``state.json`` (stage, phase, block, step, formats,
 config, recipe, loss history), ``data.safetensors`` (the token ids, held-out ones
@@ -54,6 +63,7 @@ from .formats import QFormat
 from .qat import fake_quant_sites, float_mode, prepare_qat, set_formats
 from .recipes import Recipe, get_recipe
 
+GRAPH_WARMUP = 3  # eager steps of a phase before its step is captured as a CUDA graph
 _STAGE = re.compile(r"^w(\d)(?:a(\d+))?$")
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
 
@@ -85,6 +95,7 @@ class TrainConfig:
     eval_every: int = 0            # end-to-end steps between held-out KL evaluations (0: none)
     keep_best: bool = True         # with evaluations: end each end-to-end phase at its best held-out KL
     compile: bool = False          # run the end-to-end forward/backward through torch.compile
+    cuda_graph: bool = False       # replay each phase's training step as one CUDA graph (CUDA only)
     temperature: float = 1.0       # of the end-to-end KL
     seed: int = 0
     amp: str = "auto"              # "bf16": autocast on CUDA; "none"; "auto": bf16 on CUDA only
@@ -198,6 +209,13 @@ class Trainer:
         for m in fake_quant_sites(student).values():
             m.weight.requires_grad_(True)
             m.log_scale.requires_grad_(True)
+        if config.cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device (it is on {self.device})")
+        if config.cuda_graph and config.compile:
+            raise ValueError("cuda_graph and compile are alternatives: choose one")
+        self._graph: dict | None = None  # the current phase's captured step (see _graph_step)
+        self.step_times: list[float] = []  # perf_counter() after each optimizer step (for timing probes)
+        self.graph_replays = 0  # steps replayed from a captured CUDA graph
         if config.gradient_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
             student.gradient_checkpointing_enable()
         # the end-to-end phase's network: the model itself, or its torch.compile'd form (the
@@ -208,21 +226,34 @@ class Trainer:
     def autocast(self):
         amp = self.config.amp
         if self.device.type == "cuda" and amp in ("auto", "bf16"):
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            # no cast cache under graph capture (it would hold tensors of the capture)
+            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not self.config.cuda_graph)
         return contextlib.nullcontext()
 
     def batch_index(self, *key) -> torch.Tensor:
         g = torch.Generator().manual_seed(hash_key(self.config.seed, *key))
         return torch.randint(0, self.data.shape[0], (self.config.batch_size,), generator=g)
 
-    def make_optimizer(self, sites: dict) -> torch.optim.Optimizer:
+    def make_optimizer(self, sites: dict, saved: dict | None = None) -> torch.optim.Optimizer:
+        """Adam over the sites' latent weights (one group per site, step relative to its weight
+        RMS) and their log scales; ``saved``: a checkpoint's optimizer state to continue. With
+        ``cuda_graph`` the optimizer is capturable and its learning rates are device tensors
+        (a captured step reads them; :meth:`set_lr` fills them in place)."""
         groups = []
         for m in sites.values():
             rms = float(m.float_weight.pow(2).mean().sqrt()) or 1.0
             groups.append({"params": [m.weight], "lr": self.config.lr * rms, "base_lr": self.config.lr * rms})
         groups.append({"params": [m.log_scale for m in sites.values()], "lr": self.config.scale_lr,
                        "base_lr": self.config.scale_lr})
-        return torch.optim.Adam(groups, betas=(0.9, 0.95))
+        graphed = self.config.cuda_graph
+        opt = torch.optim.Adam(groups, betas=(0.9, 0.95), capturable=graphed, foreach=True if graphed else None)
+        if saved is not None:
+            load_optimizer_state(opt, saved)
+        if graphed:
+            for g in opt.param_groups:
+                g["lr"] = torch.tensor(float(g["lr"]), device=self.device)
+        self._graph = None
+        return opt
 
     def set_lr(self, step: int, total: int) -> None:
         """Cosine decay to zero over the phase's ``total`` steps, after a linear ramp over the
@@ -232,17 +263,69 @@ class Trainer:
         if ramp > 0 and step < ramp:
             f *= (step + 1) / (ramp + 1)
         for g in self.optimizer.param_groups:
-            g["lr"] = g["base_lr"] * f
+            if torch.is_tensor(g["lr"]):
+                g["lr"].fill_(g["base_lr"] * f)
+            else:
+                g["lr"] = g["base_lr"] * f
 
-    def opt_step(self, loss: torch.Tensor, step: int, total: int) -> None:
-        self.set_lr(step, total)
-        self.optimizer.zero_grad(set_to_none=True)
+    def _update(self, loss: torch.Tensor) -> None:
+        """Backward, gradient clipping and the optimizer step (gradients must be None before)."""
         loss.backward()
         if self.config.grad_clip > 0:
             params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         self.optimizer.step()
+
+    def train_step(self, loss_fn, inputs: tuple, step: int, total: int) -> torch.Tensor:
+        """One optimizer step on ``loss_fn(*inputs)`` at ``step`` of ``total`` (the learning-rate
+        schedule); returns the loss. With ``cuda_graph`` the step is replayed from a CUDA graph
+        once the phase has run :data:`GRAPH_WARMUP` eager steps."""
+        self.set_lr(step, total)
+        if self.config.cuda_graph:
+            loss = self._graph_step(loss_fn, inputs)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(*inputs)
+            self._update(loss)
         self._steps_done += 1
+        self.step_times.append(time.perf_counter())
+        return loss.detach()
+
+    def _graph_step(self, loss_fn, inputs: tuple) -> torch.Tensor:
+        if self._graph is None:
+            self._graph = {"eager": 0, "graph": None}
+        gs = self._graph
+        if gs["graph"] is None and gs["eager"] < GRAPH_WARMUP:
+            # eager steps on a side stream first, as CUDA graph capture requires (lazy state,
+            # the optimizer's included, is created outside the capture)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(*inputs)
+                self._update(loss)
+            torch.cuda.current_stream().wait_stream(side)
+            gs["eager"] += 1
+            return loss
+        if gs["graph"] is None:
+            static = tuple(x.clone() for x in inputs)
+            self.optimizer.zero_grad(set_to_none=True)  # the captured backward writes fresh gradients
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                loss = loss_fn(*static)
+                self._update(loss)
+            gs.update(graph=graph, static=static, loss=loss)  # capturing runs nothing: replay below
+        for dst, src in zip(gs["static"], inputs):
+            dst.copy_(src)
+        gs["graph"].replay()
+        self.graph_replays += 1
+        return gs["loss"]
+
+    def _end_phase(self) -> None:
+        """Drop the phase's optimizer, captured graph and gradients (their memory is freed)."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer, self._graph = None, None
 
     # -- block reconstruction ------------------------------------------------------------------
     def block_inputs(self, block: nn.Module, quantized: bool, samples: int | None = None):
@@ -295,26 +378,24 @@ class Trainer:
         with torch.no_grad(), float_mode(self.model), self.autocast():
             y_f = torch.cat([_first(block(x_f[i:i + bs], **kw)).float() for i in range(0, x_f.shape[0], bs)])
         del x_f
-        self.optimizer = self.make_optimizer(sites)
-        if self._pending_optimizer is not None:
-            load_optimizer_state(self.optimizer, self._pending_optimizer)
-            self._pending_optimizer = None
+        self.optimizer = self.make_optimizer(sites, self._pending_optimizer)
+        self._pending_optimizer = None
         from tqdm.auto import tqdm
+
+        def block_loss(x, target):
+            with self.autocast():
+                out = _first(block(x, **kw)).float()
+            return (out - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-30)
 
         bar = tqdm(range(start_step, cfg.block_steps), desc=f"stage {stage} {name}", disable=not self.progress,
                    leave=False)
         for step in bar:
-            idx = self.batch_index(stage, 0, block_idx, step) % x_q.shape[0]
-            with self.autocast():
-                out = _first(block(x_q[idx], **kw)).float()
-            target = y_f[idx]
-            loss = (out - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-30)
-            self.opt_step(loss, step, cfg.block_steps)
-            lv = float(loss.detach())
+            idx = self.batch_index(stage, 0, block_idx, step).to(x_q.device) % x_q.shape[0]
+            lv = float(self.train_step(block_loss, (x_q[idx], y_f[idx]), step, cfg.block_steps))
             bar.set_postfix(loss=f"{lv:.4g}")
             self.history.append({"stage": stage, "phase": "block", "block": block_idx, "step": step, "loss": lv})
         bar.close()
-        self.optimizer = None
+        self._end_phase()
         with torch.no_grad(), self.autocast():
             x_next = torch.cat([_first(block(x_q[i:i + bs], **kw)).float() for i in range(0, x_q.shape[0], bs)])
         self._carry = ((stage, block_idx + 1), x_next, y_f)
@@ -371,18 +452,14 @@ class Trainer:
         if evals and start_step == 0:
             self.best = None
             self._evaluate(stage, 0)
-        self.optimizer = self.make_optimizer(sites)
-        if self._pending_optimizer is not None:
-            load_optimizer_state(self.optimizer, self._pending_optimizer)
-            self._pending_optimizer = None
+        self.optimizer = self.make_optimizer(sites, self._pending_optimizer)
+        self._pending_optimizer = None
         from tqdm.auto import tqdm
 
         bar = tqdm(range(start_step, cfg.e2e_steps), desc=f"stage {stage} end-to-end", disable=not self.progress)
         for step in bar:
             ids = self.data[self.batch_index(stage, 1, 0, step)].to(self.device)
-            loss = self.e2e_loss(ids)
-            self.opt_step(loss, step, cfg.e2e_steps)
-            lv = float(loss.detach())
+            lv = float(self.train_step(self.e2e_loss, (ids,), step, cfg.e2e_steps))
             self.history.append({"stage": stage, "phase": "e2e", "block": 0, "step": step, "loss": lv})
             if evals and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.e2e_steps):
                 self._evaluate(stage, step + 1)
@@ -394,7 +471,7 @@ class Trainer:
                 self.state.update(phase="e2e", step=step + 1)
                 self._checkpoint()
         bar.close()
-        self.optimizer = None
+        self._end_phase()
         if evals and cfg.keep_best and self.best is not None and self.best["step"] != cfg.e2e_steps:
             self._restore_best(stage)
         self.best = None
@@ -509,7 +586,7 @@ def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
                 tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
             else:
                 scalars[f"{pid}.{k}"] = v
-    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    groups = [{k: (float(v) if torch.is_tensor(v) else v) for k, v in g.items()} for g in sd["param_groups"]]
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 

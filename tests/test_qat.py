@@ -221,7 +221,7 @@ def test_warmup_ramp_and_gradient_clipping():
 
     trainer.optimizer.step = spy
     trainer._steps_done = 0
-    trainer.opt_step(trainer.e2e_loss(data[:2]), 0, 20)
+    trainer.train_step(trainer.e2e_loss, (data[:2],), 0, 20)
     assert seen and seen[0] <= 1e-3 * (1 + 1e-5)
     trainer.optimizer = None
     trainer.run()
@@ -363,3 +363,12 @@ def test_train_config_comes_from_the_recipe():
     assert TrainConfig.from_recipe(lowbit.get_recipe("w2a16")).stages == ["w2"]
     with pytest.raises(ValueError, match="last stage"):
         train(_tiny_llama(), "w2a16", torch.zeros(2, 4, dtype=torch.long), TrainConfig(stages=["w4"]))
+
+
+def test_cuda_graph_needs_a_cuda_model():
+    model = _tiny_llama(1)
+    data = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(1))
+    recipe = lowbit.get_recipe("w2a16")
+    student = prepare_qat(copy.deepcopy(model), recipe, calibration=data[:2], inplace=True, progress=False)
+    with pytest.raises(ValueError, match="CUDA device"):
+        Trainer(student, recipe, TrainConfig(stages=["w2"], cuda_graph=True), data, progress=False)

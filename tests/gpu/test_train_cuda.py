@@ -1,0 +1,67 @@
+"""Quantization-aware training on the GPU (skipped without CUDA): the CUDA-graph step.
+
+With ``cuda_graph=True`` each phase runs GRAPH_WARMUP eager steps, then replays one captured
+step (forward, backward, clipping, capturable Adam). The replayed steps must train the same
+model as the eager ones: losses and latent weights are compared with an eager run of the same
+schedule (bf16 autocast, so within bf16 rounding rather than bit for bit).
+"""
+import copy
+import math
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+import lowbit  # noqa: E402
+from lowbit.qat import fake_quant_sites, freeze, prepare_qat  # noqa: E402
+from lowbit.train import GRAPH_WARMUP, Trainer, TrainConfig, recipe_stage  # noqa: E402
+
+
+@pytest.mark.parametrize("recipe_name", ["w2a16", "w2a2"])
+def test_cuda_graph_steps_train_like_eager_steps(tiny_llama, recipe_name):
+    data = torch.randint(0, 256, (10, 32), generator=torch.Generator().manual_seed(3))
+    recipe = lowbit.get_recipe(recipe_name).with_passes({"name": "rotate"})
+    prepared = prepare_qat(copy.deepcopy(tiny_llama), recipe, calibration=data[:2], inplace=True,
+                           progress=False).cuda()
+    block_steps, e2e_steps = 6, 12
+    runs = {}
+    for graphed in (False, True):
+        cfg = TrainConfig(stages=[recipe_stage(recipe)],
+                          block_steps=block_steps, e2e_steps=e2e_steps, batch_size=4, warmup=0.2, grad_clip=1.0,
+                          holdout=2, eval_every=5, cuda_graph=graphed)
+        student = copy.deepcopy(prepared)
+        trainer = Trainer(student, recipe, cfg, data, progress=False)
+        trainer.run()
+        runs[graphed] = (trainer, student)
+    (te, se), (tg, sg) = runs[False], runs[True]
+    nblocks = 2
+    # every phase (2 blocks, 1 end-to-end) replayed all but its eager warm-up steps
+    assert tg.graph_replays == nblocks * (block_steps - GRAPH_WARMUP) + e2e_steps - GRAPH_WARMUP
+    assert te.graph_replays == 0
+    le = [h["loss"] for h in te.history]
+    lg = [h["loss"] for h in tg.history]
+    assert [h["phase"] for h in te.history] == [h["phase"] for h in tg.history]
+    assert all(math.isfinite(x) for x in lg)
+    assert lg == pytest.approx(le, rel=2e-2, abs=1e-4)
+    e2e = [h["loss"] for h in tg.history if h["phase"] == "e2e"]
+    assert e2e[-1] < e2e[0]  # the replayed steps train
+    for name, m in fake_quant_sites(sg).items():
+        ref = fake_quant_sites(se)[name]
+        moved = (ref.weight - prepared.get_submodule(name).weight).norm()
+        assert (m.weight - ref.weight).norm() <= 0.05 * moved + 1e-6, name
+    # the frozen graph-trained model computes what its fake-quant form does
+    ids = data[:2].cuda()
+    with torch.no_grad():
+        a = sg(ids).logits.float()
+        b = freeze(copy.deepcopy(sg))(ids).logits.float()
+    assert ((a - b).norm() / a.norm()).item() < 1e-3
+
+
+def test_cuda_graph_is_refused_with_compile(tiny_llama):
+    data = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    recipe = lowbit.get_recipe("w2a16")
+    student = prepare_qat(copy.deepcopy(tiny_llama), recipe, calibration=data[:2], progress=False).cuda()
+    with pytest.raises(ValueError, match="alternatives"):
+        Trainer(student, recipe, TrainConfig(stages=["w2"], cuda_graph=True, compile=True), data, progress=False)
