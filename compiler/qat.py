@@ -251,6 +251,9 @@ class FakeQuantLinear(nn.Module):
         if self.float_mode:
             return F.linear(x, self.float_weight[:, :k].to(x.dtype), None if bias is None else bias.to(x.dtype))
         w = self.quantized_weight()[:, :k]
+        if self.act_format is None and torch.is_autocast_enabled(x.device.type):
+            # autocast casts x to its dtype either way; skipping x.float() saves two copies
+            return F.linear(x, w, bias)
         xa = x.float()
         if self.act_format is not None:
             pad = self.packed_in_features - k

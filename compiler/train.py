@@ -246,7 +246,10 @@ class Trainer:
         groups.append({"params": [m.log_scale for m in sites.values()], "lr": self.config.scale_lr,
                        "base_lr": self.config.scale_lr})
         graphed = self.config.cuda_graph
-        opt = torch.optim.Adam(groups, betas=(0.9, 0.95), capturable=graphed, foreach=True if graphed else None)
+        # on CUDA the fused Adam: one kernel per group instead of ten (the per-site groups made
+        # the multi-tensor kernels a tenth of a step's GPU time)
+        fused = self.device.type == "cuda"
+        opt = torch.optim.Adam(groups, betas=(0.9, 0.95), capturable=graphed, fused=True if fused else None)
         if saved is not None:
             load_optimizer_state(opt, saved)
         if graphed:

@@ -372,3 +372,22 @@ def test_cuda_graph_needs_a_cuda_model():
     student = prepare_qat(copy.deepcopy(model), recipe, calibration=data[:2], inplace=True, progress=False)
     with pytest.raises(ValueError, match="CUDA device"):
         Trainer(student, recipe, TrainConfig(stages=["w2"], cuda_graph=True), data, progress=False)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_forward_of_a_weight_only_site(x_dtype):
+    """Under bf16 autocast a W*A16 site multiplies bf16(x) by bf16(fake-quant weight), whatever
+    dtype x arrives in (the training fast path skips the fp32 copy of x)."""
+    wfmt = QFormat(2, "int", 16, "e4m3")
+    fq, _, _ = _site(24, 48, wfmt, seed=5)
+    x = torch.randn(3, 48, generator=torch.Generator().manual_seed(6)).to(x_dtype)
+    with torch.no_grad():
+        w = fq.quantized_weight()
+        want = (x.float().bfloat16().double() @ w.bfloat16().double().T + fq.bias.bfloat16().double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fq(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.double(), want, rtol=1e-2, atol=1e-2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        same = torch.nn.functional.linear(x.float(), w, fq.bias)  # the path without the shortcut
+    assert torch.equal(got, same)

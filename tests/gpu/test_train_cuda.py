@@ -45,11 +45,11 @@ def test_cuda_graph_steps_train_like_eager_steps(tiny_llama, recipe_name):
     assert [h["phase"] for h in te.history] == [h["phase"] for h in tg.history]
     assert all(math.isfinite(x) for x in lg)
     assert lg == pytest.approx(le, rel=2e-2, abs=1e-4)
-    e2e = [h["loss"] for h in tg.history if h["phase"] == "e2e"]
-    assert e2e[-1] < e2e[0]  # the replayed steps train
-    for name, m in fake_quant_sites(sg).items():
+    for name, m in fake_quant_sites(sg).items():  # the replayed steps move the weights as eager ones do
         ref = fake_quant_sites(se)[name]
-        moved = (ref.weight - prepared.get_submodule(name).weight).norm()
+        start = prepared.get_submodule(name).weight
+        moved = (ref.weight - start).norm()
+        assert moved > 0 and (m.weight - start).norm() > 0.5 * moved, name
         assert (m.weight - ref.weight).norm() <= 0.05 * moved + 1e-6, name
     # the frozen graph-trained model computes what its fake-quant form does
     ids = data[:2].cuda()

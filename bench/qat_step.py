@@ -1,0 +1,154 @@
+"""Cost of one quantization-aware training step, and the kernels that take it.
+
+    python bench/qat_step.py --recipe w2a16 --variant rotate --batch-size 32 --seq-len 512
+
+A SmolLM2-135M-shaped Llama (built from its config with seeded random weights: the cost of a
+step does not depend on the values) is compiled in trainable form (RTN start) and timed:
+
+* ``float step``: forward + backward of the float model in bf16 autocast (a yardstick: what
+  the architecture's arithmetic costs at this batch);
+* ``e2e eager`` / ``e2e graph``: the trainer's end-to-end KL step (teacher forward, student
+  forward and backward, clipping, Adam), eagerly and replayed as a CUDA graph
+  (``TrainConfig.cuda_graph``); the same for a block-reconstruction step;
+
+then one eager end-to-end step runs under ``torch.profiler`` and the kernels with the most
+GPU time are printed. Times are medians of ``--steps`` steps after warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lowbit  # noqa: E402
+from lowbit.qat import prepare_qat  # noqa: E402
+from lowbit.train import GRAPH_WARMUP, Trainer, TrainConfig, block_names, recipe_stage  # noqa: E402
+from perplexity import VARIANT_PASSES  # noqa: E402
+
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                    rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def phase_step_seconds(trainer: Trainer, phase: str) -> float:
+    """Median seconds per step of a short phase on ``trainer`` (after warm-up and capture)."""
+    trainer.step_times = []
+    trainer._budget, trainer._steps_done = None, 0
+    sync()
+    if phase == "e2e":
+        trainer.train_e2e(0, 0)
+    else:
+        blocks = block_names(trainer.model)
+        trainer.train_block(blocks[len(blocks) // 2], 0, len(blocks) // 2, 0)
+    sync()
+    t = trainer.step_times[GRAPH_WARMUP + 1:]
+    return median([b - a for a, b in zip(t, t[1:])])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="w2a16")
+    p.add_argument("--variant", default="rotate", help="none, rotate, ocs-ra, rotate+ocs-ra, ...")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--layers", type=int, default=SMOLLM2_135M["num_hidden_layers"])
+    p.add_argument("--profile-rows", type=int, default=25)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu: a smoke run of the script (no CUDA graphs, no memory figures)")
+    args = p.parse_args(argv)
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**dict(SMOLLM2_135M, num_hidden_layers=args.layers))
+    model = LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, cfg.vocab_size, (args.batch_size * 4, args.seq_len), generator=g)
+    recipe = lowbit.get_recipe(args.recipe)
+    recipe = recipe.with_passes(*[VARIANT_PASSES[v] for v in args.variant.split("+") if v in VARIANT_PASSES])
+    t0 = time.perf_counter()
+    student = prepare_qat(copy.deepcopy(model), recipe, calibration=data[:2], progress=False).to(dev)
+    print(f"prepared {args.recipe} {args.variant} in {time.perf_counter() - t0:.0f} s", flush=True)
+    rows = {}
+
+    # yardstick: the float model's forward + backward in bf16 autocast
+    fmodel = model.to(dev).train()
+    ids = data[: args.batch_size].to(dev)
+    times = []
+    for _ in range(args.steps):
+        sync()
+        t0 = time.perf_counter()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = fmodel(ids, use_cache=False).logits.float().logsumexp(-1).mean()
+        loss.backward()
+        sync()
+        times.append(time.perf_counter() - t0)
+    rows["float step (fwd+bwd, bf16)"] = median(times[2:])
+    del fmodel, model, loss
+
+    base = TrainConfig(stages=[recipe_stage(recipe)], batch_size=args.batch_size, e2e_steps=args.steps,
+                       block_steps=args.steps, warmup=0.05, grad_clip=1.0)
+    for graphed in (False, True) if cuda else (False,):
+        tr = Trainer(copy.deepcopy(student), recipe, replace(base, cuda_graph=graphed), data, progress=False)
+        name = "graph" if graphed else "eager"
+        rows[f"e2e {name}"] = phase_step_seconds(tr, "e2e")
+        rows[f"block {name}"] = phase_step_seconds(tr, "block")
+        del tr
+        if cuda:
+            rows[f"peak GiB ({name})"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    tokens = args.batch_size * args.seq_len
+    print(f"\n{args.recipe} {args.variant}, batch {args.batch_size} x {args.seq_len} tokens, "
+          f"{torch.cuda.get_device_name() if cuda else 'CPU'}")
+    print("| step | seconds | tokens/s | x float step |")
+    print("|---|---|---|---|")
+    fl = rows["float step (fwd+bwd, bf16)"]
+    for k, v in rows.items():
+        if k.startswith("peak"):
+            print(f"| {k} | {v:.1f} | | |")
+        else:
+            print(f"| {k} | {v:.4f} | {tokens / v:,.0f} | {v / fl:.2f} |")
+
+    # where the eager end-to-end step's GPU time goes
+    from torch.profiler import ProfilerActivity, profile
+
+    tr = Trainer(student, recipe, base, data, progress=False)
+    tr.optimizer = tr.make_optimizer(lowbit.qat.fake_quant_sites(student))
+    tr._steps_done = 0
+    for _ in range(2):
+        tr.train_step(tr.e2e_loss, (ids,), 1, 10)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        tr.train_step(tr.e2e_loss, (ids,), 1, 10)
+        sync()
+    avg = prof.key_averages()
+    key = ("self_device_time_total" if hasattr(avg[0], "self_device_time_total") else "self_cuda_time_total") \
+        if cuda else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in avg)
+    print(f"\n{'GPU' if cuda else 'CPU'} time of one eager end-to-end step: {total / 1e3:.1f} ms (sum over ops)")
+    print(avg.table(sort_by=key, row_limit=args.profile_rows, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
