@@ -369,9 +369,34 @@ def run_codebook(with_variants, shapes=CODEBOOK_SHAPES, dtype=torch.bfloat16, in
     return rows
 
 
+HADAMARD_SHAPES = [(16384, 1536, "16384 x 1536 (12 x 128)"), (4096, 8192, "4096 x 8192"),
+                   (16384, 576, "16384 x 576 (36 x 16)"), (1, 8192, "1 x 8192")]
+
+
+def run_hadamard(shapes=HADAMARD_SHAPES, dtype=torch.bfloat16):
+    """The Hadamard transform (``torch.ops.lowbit.hadamard``) with the Triton butterfly kernel
+    against the same transform with the butterfly stages in torch, and against a plain copy of
+    x; outputs compared bit for bit."""
+    import lowbit.codegen.triton  # noqa: F401  (registers the kernel)
+    from lowbit.hadamard import _fwht_last, hadamard_transform
+
+    rows = []
+    for m, n, label in shapes:
+        xs = [torch.randn(m, n, device="cuda", dtype=dtype) for _ in range(4)]
+        same = all(torch.equal(torch.ops.lowbit.hadamard(x), hadamard_transform(x, fwht=_fwht_last)) for x in xs)
+        calls, replays = (10, 10) if m > 1 else (100, 20)
+        t_copy = time_graph(lambda i: xs[i].clone(), len(xs), calls, replays)
+        t_torch = time_graph(lambda i: hadamard_transform(xs[i], fwht=_fwht_last), len(xs), calls, replays)
+        t_kernel = time_graph(lambda i: torch.ops.lowbit.hadamard(xs[i]), len(xs), calls, replays)
+        _row(rows, label, m, n, n, "hadamard, torch butterfly stages (baseline)", t_torch, t_torch)
+        _row(rows, label, m, n, n, f"hadamard, Triton butterfly {'(bit-identical)' if same else '(DIFFERS)'}",
+             t_kernel, t_torch, extra=f"= {t_kernel / t_copy:.2f}x a copy of x ({t_copy:.1f} us)")
+    return rows
+
+
 def table(rows):
     """Markdown table: best Triton time per shape and the defaults, as ratios to cuBLAS."""
-    out = ["| shape (M, K, N) | variant | time (us) | speed-up vs cuBLAS bf16 | rel. error |",
+    out = ["| shape (M, K, N) | variant | time (us) | speed-up vs the baseline (cuBLAS bf16 unless named) | rel. error |",
            "|---|---|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
@@ -386,7 +411,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", action="store_true", help="also time tile-size variants")
     ap.add_argument("--shapes", default="all", help="comma-separated indices into SHAPES (w2a16), or 'all'")
-    ap.add_argument("--suites", default="w2a16,w2a2,codebook", help="comma-separated: w2a16, w2a2, codebook")
+    ap.add_argument("--suites", default="w2a16,w2a2,codebook",
+                    help="comma-separated: w2a16, w2a2, codebook, hadamard")
     ap.add_argument("--json", default=None, help="write all rows to this file")
     ap.add_argument("--extra", default="[]",
                     help='JSON list of w2a16_linear keyword sets timed at every W2A16 shape, e.g. '
@@ -421,6 +447,8 @@ def main(argv=None):
         rows += run_w2a2(args.variants)
     if "codebook" in suites:
         rows += run_codebook(args.variants)
+    if "hadamard" in suites:
+        rows += run_hadamard()
     print()
     print(table(rows))
     if args.json:

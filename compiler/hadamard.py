@@ -111,6 +111,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "register_fwht_kernel",
     "BASE_SIZES",
     "hadamard_matrix",
     "supported_hadamard_size",
@@ -336,7 +337,20 @@ def _fwht_last(x: Tensor, p: int) -> Tensor:
     return x
 
 
-def hadamard_transform(x: Tensor, scale: float | None = None, *, transpose: bool = False) -> Tensor:
+# exact butterfly kernels by device type (see register_fwht_kernel)
+_FWHT_KERNELS: dict = {}
+
+
+def register_fwht_kernel(device_type: str, kernel) -> None:
+    """Run the butterfly stages of :func:`hadamard_transform` on ``device_type`` with
+    ``kernel(x, p)`` (x: a 2-D float32 tensor whose rows have length ``p``, a power of two; returns
+    ``x @ S_p`` in a new tensor) when no gradient is being recorded. The kernel must compute the
+    sums of :func:`_fwht_last` in the same order, so results stay identical bit for bit
+    (``lowbit.codegen.triton`` registers one for CUDA)."""
+    _FWHT_KERNELS[device_type] = kernel
+
+
+def hadamard_transform(x: Tensor, scale: float | None = None, *, transpose: bool = False, fwht=None) -> Tensor:
     """Fast Hadamard transform along the last dimension.
 
     Returns ``scale * (x @ H_n.T)`` (or ``scale * (x @ H_n)`` with ``transpose=True``)
@@ -347,7 +361,9 @@ def hadamard_transform(x: Tensor, scale: float | None = None, *, transpose: bool
     Cost: ``log2(p)`` vectorised butterfly stages plus one ``m x m`` matmul
     (``(m, p) = decompose(n)``).  Accepts any leading shape, float16/bfloat16
     (computed in float32, returned in the input dtype), float32 and float64, on
-    any device.  Differentiable.
+    any device.  Differentiable.  ``fwht``: a kernel for the butterfly stages (see
+    :func:`register_fwht_kernel`; default: the one registered for the device, if any, else
+    the stages in torch).
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"hadamard_transform expects a torch.Tensor, got {type(x).__name__}")
@@ -366,7 +382,11 @@ def hadamard_transform(x: Tensor, scale: float | None = None, *, transpose: bool
     rows = math.prod(lead)
     y = x.to(compute_dtype).reshape(rows * m, p)
     if p > 1:
-        y = _fwht_last(y, p)
+        kernel = fwht or _FWHT_KERNELS.get(y.device.type)
+        if kernel is None or compute_dtype != torch.float32 or _is_fake(y) \
+                or (y.requires_grad and torch.is_grad_enabled()):
+            kernel = _fwht_last
+        y = kernel(y, p)
     y = y.view(rows, m, p)
     if m > 1:
         # x @ H_n^T  <=>  H_m @ X @ S_p   (X = row viewed as (m, p));  x @ H_n <=> H_m^T @ X @ S_p

@@ -12,6 +12,8 @@ A custom op has one CUDA kernel, so each function here dispatches itself:
 * ``quantize_act`` with E4M3 scales and groups of 16: :func:`lowbit.codegen.triton.w2a2.act_quant`
   (bit-identical codes and scales);
 * ``codebook_linear`` with per-row E4M3 scales: :func:`lowbit.codegen.triton.codebook.codebook_linear_triton`;
+* ``hadamard`` (and every ``lowbit.hadamard.hadamard_transform`` on CUDA without autograd):
+  the butterfly stages in one pass, :func:`lowbit.codegen.triton.hadamard.fwht` (bit-identical);
 
 any other format or dtype runs the reference math unchanged.
 """
@@ -24,6 +26,7 @@ import torch
 from lowbit import ops as _ops
 
 from .codebook import codebook_gemv, codebook_unsupported
+from .hadamard import MAX_P, fwht
 from .w2a2 import act_quant, w2a2_linear
 from .w2a16 import _interpreting, w2a16_linear
 
@@ -141,8 +144,20 @@ def codebook_linear_triton(x, indices_packed, codebook_packed, scales, global_sc
     return _cb.codebook_linear._init_fn(*args)
 
 
+def fwht_cuda(x: torch.Tensor, p: int) -> torch.Tensor:
+    """The butterfly stages of the Hadamard transform on CUDA: :func:`fwht` where it applies."""
+    if p <= MAX_P and x.dim() == 2 and x.dtype == torch.float32 and _device_ok(x.device):
+        return fwht(x, p)
+    from lowbit.hadamard import _fwht_last
+
+    return _fwht_last(x, p)
+
+
 def register() -> None:
     """Make the functions above the CUDA kernels of their ops (idempotent)."""
+    from lowbit.hadamard import register_fwht_kernel
+
+    register_fwht_kernel("cuda", fwht_cuda)
     torch.library.register_kernel("lowbit::qlinear", "cuda", qlinear_triton)
     torch.library.register_kernel("lowbit::quantize_act", "cuda", quantize_act_triton)
     from lowbit import codebook as _cb  # noqa: F401  (defines lowbit::codebook_linear)

@@ -203,3 +203,18 @@ def test_codebook_gemv_against_float64(m, c, config):
     assert _rel(y, ref) < 1e-5
     yo = torch.ops.lowbit.codebook_linear(x, idx, cb, sc, gs, bias, 16, c, k, "e4m3")
     assert _rel(yo.float(), ref) < 1e-2
+
+
+@pytest.mark.parametrize("rows,n,dtype", [(4096, 1536, torch.bfloat16), (3, 576, torch.float32),
+                                          (2, 8192, torch.bfloat16), (100, 64, torch.float16),
+                                          (5, 16384, torch.bfloat16)])
+def test_hadamard_op_runs_the_exact_butterfly_kernel(rows, n, dtype):
+    """On CUDA the Hadamard op's butterfly stages run in the Triton kernel (p up to 8192; torch
+    beyond): the output equals the torch stages' bit for bit."""
+    from lowbit.hadamard import _fwht_last, hadamard_transform
+
+    x = torch.randn(rows, n, device="cuda").to(dtype)
+    got = torch.ops.lowbit.hadamard(x)
+    assert torch.equal(got, hadamard_transform(x, fwht=_fwht_last))
+    ref = hadamard_transform(x.cpu().double())
+    assert torch.allclose(got.double().cpu(), ref, rtol=2e-2, atol=2e-2)

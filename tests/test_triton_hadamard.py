@@ -1,0 +1,38 @@
+"""The Triton butterfly kernel of the Hadamard transform (through Triton's interpreter on the CPU):
+bit for bit the torch butterfly stages, and inside hadamard_transform bit for bit the reference."""
+import pytest
+import torch
+
+from lowbit.codegen.triton import fwht
+from lowbit.hadamard import _fwht_last, hadamard_matrix, hadamard_transform
+
+
+@pytest.mark.parametrize("p", [2, 4, 16, 128, 512, 4096])
+@pytest.mark.parametrize("rows", [1, 5, 33])
+def test_fwht_kernel_equals_torch_stages_bit_for_bit(p, rows):
+    g = torch.Generator().manual_seed(p * 100 + rows)
+    x = torch.randn(rows, p, generator=g) * torch.logspace(-3, 3, p)[torch.randperm(p, generator=g)]
+    got = fwht(x, p)
+    want = _fwht_last(x.clone(), p)
+    assert torch.equal(got, want)
+    # and it is the Sylvester transform (float64 matrix product, independent of both)
+    ref = (x.double() @ hadamard_matrix(p).double().T)
+    assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-3 * x.abs().max().item())
+
+
+@pytest.mark.parametrize("n", [64, 576, 1536, 160])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_hadamard_transform_with_the_kernel_is_the_reference(n, dtype, transpose):
+    x = torch.randn(3, 7, n, generator=torch.Generator().manual_seed(n)).to(dtype)
+    want = hadamard_transform(x, transpose=transpose)
+    got = hadamard_transform(x, transpose=transpose, fwht=fwht)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_fwht_rejects_what_it_cannot_do():
+    with pytest.raises(ValueError, match="power-of-two"):
+        fwht(torch.zeros(2, 12), 12)
+    with pytest.raises(ValueError, match="float32"):
+        fwht(torch.zeros(2, 16, dtype=torch.float64), 16)
+    assert fwht(torch.zeros(0, 16), 16).shape == (0, 16)
