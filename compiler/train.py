@@ -158,16 +158,6 @@ def block_names(model: nn.Module) -> list[str]:
     return out
 
 
-def _use_triton_kernels() -> None:
-    """On CUDA, training runs the ops that have bit-identical Triton kernels through them (the
-    activation quantizer of W*A* sites, the Hadamard butterflies of rotated sites): the same
-    values in fewer passes over memory. Without Triton the reference implementations run."""
-    try:
-        import lowbit.codegen.triton  # noqa: F401  (registers the kernels)
-    except ImportError:
-        pass
-
-
 class _Stop(Exception):
     pass
 
@@ -223,8 +213,6 @@ class Trainer:
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device (it is on {self.device})")
         if config.cuda_graph and config.compile:
             raise ValueError("cuda_graph and compile are alternatives: choose one")
-        if self.device.type == "cuda":
-            _use_triton_kernels()
         self._graph: dict | None = None  # the current phase's captured step (see _graph_step)
         self.step_times: list[float] = []  # perf_counter() after each optimizer step (for timing probes)
         self.graph_replays = 0  # steps replayed from a captured CUDA graph

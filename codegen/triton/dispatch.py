@@ -12,8 +12,9 @@ A custom op has one CUDA kernel, so each function here dispatches itself:
 * ``quantize_act`` with E4M3 scales and groups of 16: :func:`lowbit.codegen.triton.w2a2.act_quant`
   (bit-identical codes and scales);
 * ``codebook_linear`` with per-row E4M3 scales: :func:`lowbit.codegen.triton.codebook.codebook_linear_triton`;
-* ``hadamard`` (and every ``lowbit.hadamard.hadamard_transform`` on CUDA without autograd):
-  the butterfly stages in one pass, :func:`lowbit.codegen.triton.hadamard.fwht` (bit-identical);
+* opt-in (:func:`register_hadamard`; its speed is not yet measured on a GPU): the butterfly
+  stages of ``hadamard`` (and of every ``lowbit.hadamard.hadamard_transform`` on CUDA without
+  autograd) in one pass, :func:`lowbit.codegen.triton.hadamard.fwht` (bit-identical);
 
 any other format or dtype runs the reference math unchanged.
 """
@@ -153,11 +154,16 @@ def fwht_cuda(x: torch.Tensor, p: int) -> torch.Tensor:
     return _fwht_last(x, p)
 
 
-def register() -> None:
-    """Make the functions above the CUDA kernels of their ops (idempotent)."""
+def register_hadamard() -> None:
+    """Run the Hadamard transform's butterfly stages on CUDA through :func:`fwht_cuda` (opt-in
+    until it is timed against the torch stages: ``python bench/kernels.py --suites hadamard``)."""
     from lowbit.hadamard import register_fwht_kernel
 
     register_fwht_kernel("cuda", fwht_cuda)
+
+
+def register() -> None:
+    """Make the functions above the CUDA kernels of their ops (idempotent)."""
     torch.library.register_kernel("lowbit::qlinear", "cuda", qlinear_triton)
     torch.library.register_kernel("lowbit::quantize_act", "cuda", quantize_act_triton)
     from lowbit import codebook as _cb  # noqa: F401  (defines lowbit::codebook_linear)

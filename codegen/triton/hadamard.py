@@ -25,17 +25,46 @@ _TILE = 4096  # elements per program
 
 
 @triton.jit
-def _fwht_kernel(x_ptr, y_ptr, rows, P: tl.constexpr, LOG_P: tl.constexpr, BLOCK_R: tl.constexpr):
+def _stage(x, BLOCK_R: tl.constexpr, P: tl.constexpr, H: tl.constexpr):
+    """One butterfly stage: rows viewed as [p / 2h, 2, h]; (u, w) -> (u + w, u - w)."""
+    pairs = tl.permute(tl.reshape(x, (BLOCK_R, P // (2 * H), 2, H)), (0, 1, 3, 2))
+    u, w = tl.split(pairs)
+    return tl.reshape(tl.permute(tl.join(u + w, u - w), (0, 1, 3, 2)), (BLOCK_R, P))
+
+
+@triton.jit
+def _fwht_kernel(x_ptr, y_ptr, rows, P: tl.constexpr, BLOCK_R: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs = r[:, None].to(tl.int64) * P + tl.arange(0, P)[None, :]
     mask = r[:, None] < rows
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    for s in tl.static_range(LOG_P):
-        H: tl.constexpr = 1 << s
-        # [rows, p/2h, 2, h] -> pairs (u, w) on the last axis
-        pairs = tl.permute(tl.reshape(x, (BLOCK_R, P // (2 * H), 2, H)), (0, 1, 3, 2))
-        u, w = tl.split(pairs)
-        x = tl.reshape(tl.permute(tl.join(u + w, u - w), (0, 1, 3, 2)), (BLOCK_R, P))
+    # the stages h = 1, 2, 4, ... < p, in order (unrolled; the branches are resolved at compile time)
+    if P > 1:
+        x = _stage(x, BLOCK_R, P, 1)
+    if P > 2:
+        x = _stage(x, BLOCK_R, P, 2)
+    if P > 4:
+        x = _stage(x, BLOCK_R, P, 4)
+    if P > 8:
+        x = _stage(x, BLOCK_R, P, 8)
+    if P > 16:
+        x = _stage(x, BLOCK_R, P, 16)
+    if P > 32:
+        x = _stage(x, BLOCK_R, P, 32)
+    if P > 64:
+        x = _stage(x, BLOCK_R, P, 64)
+    if P > 128:
+        x = _stage(x, BLOCK_R, P, 128)
+    if P > 256:
+        x = _stage(x, BLOCK_R, P, 256)
+    if P > 512:
+        x = _stage(x, BLOCK_R, P, 512)
+    if P > 1024:
+        x = _stage(x, BLOCK_R, P, 1024)
+    if P > 2048:
+        x = _stage(x, BLOCK_R, P, 2048)
+    if P > 4096:
+        x = _stage(x, BLOCK_R, P, 4096)
     tl.store(y_ptr + offs, x, mask=mask)
 
 
@@ -52,6 +81,5 @@ def fwht(x: torch.Tensor, p: int) -> torch.Tensor:
     if rows == 0:
         return y
     block_r = max(1, min(_TILE // p, triton.next_power_of_2(rows)))
-    _fwht_kernel[(triton.cdiv(rows, block_r),)](x, y, rows, P=p, LOG_P=p.bit_length() - 1, BLOCK_R=block_r,
-                                               num_warps=4)
+    _fwht_kernel[(triton.cdiv(rows, block_r),)](x, y, rows, P=p, BLOCK_R=block_r, num_warps=4)
     return y

@@ -209,10 +209,11 @@ def test_codebook_gemv_against_float64(m, c, config):
                                           (2, 8192, torch.bfloat16), (100, 64, torch.float16),
                                           (5, 16384, torch.bfloat16)])
 def test_hadamard_op_runs_the_exact_butterfly_kernel(rows, n, dtype):
-    """On CUDA the Hadamard op's butterfly stages run in the Triton kernel (p up to 8192; torch
-    beyond): the output equals the torch stages' bit for bit."""
+    """With register_hadamard the Hadamard op's butterfly stages run in the Triton kernel on CUDA
+    (p up to 8192; torch beyond): the output equals the torch stages' bit for bit."""
     from lowbit.hadamard import _fwht_last, hadamard_transform
 
+    lt.register_hadamard()
     x = torch.randn(rows, n, device="cuda").to(dtype)
     got = torch.ops.lowbit.hadamard(x)
     assert torch.equal(got, hadamard_transform(x, fwht=_fwht_last))
