@@ -193,7 +193,7 @@ def compile_quantized(
     context = CompileContext(report=report, calibration=calib, recipe=recipe, progress=progress)
     if recipe.weight_method == "gptq":
         context.max_calibration_rows = int(recipe.weight_options.get("calibration_rows", 8192))
-    if recipe.passes and calib:
+    if recipe.passes and calib and mode == "infer":  # the report's outlier plots; training has no use for them
         record_float_channel_stats(captured, context)
     with torch.no_grad():
         gm = run_passes(captured.graph_module, build_passes(recipe, context, mode), report)

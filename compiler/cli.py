@@ -140,14 +140,15 @@ def cmd_train(args) -> int:
             scale_lr=args.scale_lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
             transition=args.transition, warmup=args.warmup, grad_clip=args.grad_clip, holdout=args.holdout,
             eval_every=args.eval_every, keep_best=not args.keep_last, compile=args.compile,
-            cuda_graph=args.cuda_graph)
+            cuda_graph=args.cuda_graph, block_samples=args.block_samples)
         print(f"training data: {args.samples} x {args.seq_len} tokens from "
               f"{'the model itself' if args.data == 'generate' else args.data}", file=sys.stderr)
         data = training_data(model, tokenizer, args.data, args.samples, args.seq_len, seed=args.seed,
-                             progress=not args.quiet)
+                             batch_size=args.gen_batch, progress=not args.quiet)
     t0 = time.perf_counter()
-    student = train(model, recipe, data, config, out=ckpt, resume=args.resume, progress=not args.quiet,
-                    max_steps=args.max_steps)
+    calibration = None if data is None else data[: args.calib_samples]
+    student = train(model, recipe, data, config, calibration=calibration, out=ckpt, resume=args.resume,
+                    progress=not args.quiet, max_steps=args.max_steps)
     hist = student.lowbit_train_history
     for phase in ("block", "e2e"):
         losses = [h["loss"] for h in hist if h["phase"] == phase]
@@ -239,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default="generate", help="'generate' (the model's own seeded samples) or a text file")
     t.add_argument("--samples", type=int, default=64)
     t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--gen-batch", type=int, default=32, help="sequences generated at once (--data generate)")
+    t.add_argument("--calib-samples", type=int, default=8,
+                   help="first training sequences used to calibrate the passes and GPTQ")
+    t.add_argument("--block-samples", type=int, default=0,
+                   help="sequences used for block reconstruction (0: all)")
     t.add_argument("--block-steps", type=int, default=0, help="block-reconstruction steps per block and stage")
     t.add_argument("--e2e-steps", type=int, default=100, help="end-to-end KL steps per stage")
     t.add_argument("--batch-size", type=int, default=4)

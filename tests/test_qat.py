@@ -326,7 +326,7 @@ def test_cli_train_and_resume(tmp_path, capsys):
     text = str(shared_data_dir() / "text" / "tinystories_val_head.txt")
     args = ["train", "stories260k", "--recipe", "w2a16", "--out", str(tmp_path), "--data", text, "--samples", "3",
             "--seq-len", "16", "--e2e-steps", "2", "--batch-size", "2", "--checkpoint-every", "1", "--quiet",
-            "--holdout", "1", "--eval-every", "1"]
+            "--holdout", "1", "--eval-every", "1", "--calib-samples", "2", "--block-samples", "2"]
     assert main(args + ["--max-steps", "1"]) == 0
     assert "continue with --resume" in capsys.readouterr().out
     assert main(args + ["--resume"]) == 0
@@ -334,6 +334,7 @@ def test_cli_train_and_resume(tmp_path, capsys):
     assert "e2e loss" in out and "saved to" in out
     state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
     assert state["config"]["holdout"] == 1 and [h["step"] for h in state["history"] if h["phase"] == "eval"] == [0, 1, 2]
+    assert state["config"]["block_samples"] == 2
     q = lowbit.load(str(tmp_path))
     assert any(isinstance(m, QuantLinear) for m in q.modules())
 
