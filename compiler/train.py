@@ -519,27 +519,27 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        """Write the checkpoint: every file is written beside its place first, then all are
+        renamed into place, ``state.json`` last, so a run killed while writing (a time limit)
+        leaves the previous checkpoint whole."""
         if self.out is None:
             return
         from safetensors.torch import save_file
 
         self.out.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for name, m in fake_quant_sites(self.model).items():
-            for k, v in m.state_dict().items():
-                tensors[f"{name}.{k}"] = v.detach().contiguous().cpu()
-        save_file(tensors, str(self.out / "sites.safetensors"))
+        files: dict[str, dict] = {}
+        files["sites.safetensors"] = {f"{name}.{k}": v.detach().contiguous().cpu()
+                                      for name, m in fake_quant_sites(self.model).items()
+                                      for k, v in m.state_dict().items()}
         if not (self.out / "data.safetensors").exists():
-            save_file({"ids": self._all_data.contiguous()}, str(self.out / "data.safetensors"))
+            files["data.safetensors"] = {"ids": self._all_data.contiguous()}
         best_meta = None
         if self.best is not None:
-            save_file({k: v.contiguous().cpu() for k, v in self.best["tensors"].items()},
-                      str(self.out / "best.safetensors"))
+            files["best.safetensors"] = {k: v.contiguous().cpu() for k, v in self.best["tensors"].items()}
             best_meta = {"loss": self.best["loss"], "step": self.best["step"]}
         opt_meta = None
         if self.optimizer is not None:
-            opt_tensors, opt_meta = optimizer_state(self.optimizer)
-            save_file(opt_tensors, str(self.out / "optimizer.safetensors"))
+            files["optimizer.safetensors"], opt_meta = optimizer_state(self.optimizer)
         formats = {}
         for name, m in fake_quant_sites(self.model).items():
             formats = {"weight": m.weight_format.to_dict(), "act": m.act_format.to_dict() if m.act_format else None}
@@ -547,9 +547,11 @@ class Trainer:
         state = {"state": self.state, "optimizer": opt_meta, "best": best_meta, "config": self.config.to_dict(),
                  "recipe": self.recipe.to_dict(), "formats": formats, "history": self.history,
                  "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
-        tmp = self.out / "state.json.tmp"
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(self.out / "state.json")
+        for fname, tensors in files.items():
+            save_file(tensors, str(self.out / (fname + ".tmp")))
+        (self.out / "state.json.tmp").write_text(json.dumps(state, indent=1))
+        for fname in [*files, "state.json"]:
+            (self.out / (fname + ".tmp")).replace(self.out / fname)
 
     def load_checkpoint(self) -> None:
         from safetensors.torch import load_file

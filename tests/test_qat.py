@@ -392,3 +392,35 @@ def test_autocast_forward_of_a_weight_only_site(x_dtype):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         same = torch.nn.functional.linear(x.float(), w, fq.bias)  # the path without the shortcut
     assert torch.equal(got, same)
+
+
+def test_a_checkpoint_interrupted_while_writing_leaves_the_last_one_whole(tmp_path, monkeypatch):
+    """Files are written beside their places and renamed at the end (state.json last): a write
+    that fails half-way (a run killed by a time limit) leaves the previous checkpoint as it was."""
+    import safetensors.torch
+
+    model = _tiny_llama(3)
+    data = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(3))
+    recipe = lowbit.get_recipe("w2a16")
+    student = prepare_qat(copy.deepcopy(model), recipe, calibration=data[:2], inplace=True, progress=False)
+    trainer = Trainer(student, recipe, TrainConfig(stages=["w2"], e2e_steps=3, batch_size=2, checkpoint_every=1),
+                      data, out=tmp_path, progress=False)
+    trainer.run(max_steps=1)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert "state.json" in before and not any(n.endswith(".tmp") for n in before)
+    trainer.optimizer = trainer.make_optimizer(fake_quant_sites(student))
+    with torch.no_grad():
+        for m in fake_quant_sites(student).values():
+            m.weight.add_(1.0)  # a state different from the saved one
+    real = safetensors.torch.save_file
+
+    def failing(tensors, path, *a, **k):
+        if "optimizer" in str(path):
+            raise OSError("killed")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing)
+    with pytest.raises(OSError, match="killed"):
+        trainer.save_checkpoint()
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if not p.name.endswith(".tmp")}
+    assert after == before
