@@ -79,6 +79,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu: a smoke run of the script (no CUDA graphs, no memory figures)")
     args = p.parse_args(argv)
+    if args.steps < GRAPH_WARMUP + 3:
+        p.error(f"--steps must be at least {GRAPH_WARMUP + 3} (eager warm-up, capture, then timed replays)")
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     if args.triton:

@@ -29,14 +29,15 @@ the end-to-end KL on the held-out sequences is measured before the first end-to-
 every ``eval_every`` steps, and with ``keep_best`` each end-to-end phase ends with the site
 tensors of its lowest held-out KL, so a phase that diverges cannot end worse than it began.
 
-Step cost (``cuda_graph``): at the sizes lowbit trains, a step is bound by kernel launches
-(tens of small kernels per site for the fake quantizers, forward and backward, and Adam per
-site). With ``cuda_graph=True`` each phase (an end-to-end phase, or one block of block
-reconstruction) runs its first :data:`GRAPH_WARMUP` steps eagerly, then captures one whole
-step (forward, backward, gradient clipping, Adam with ``capturable=True`` and learning rates
-held in device tensors) as a CUDA graph and replays it for the remaining steps, copying each
-batch into the graph's input tensors. The arithmetic is that of the eager step; only the
-launches go.
+Step cost (``cuda_graph``): a step launches tens of small kernels per site (the fake
+quantizers, forward and backward, and Adam per site), about 20,000 in all for a 210-site model.
+With ``cuda_graph=True`` each phase (an end-to-end phase, or one block of block reconstruction)
+runs its first :data:`GRAPH_WARMUP` steps eagerly. It then captures one whole step as a CUDA
+graph and replays it for the remaining steps, copying each batch into the graph's input
+tensors. The step covers forward, backward, gradient clipping and Adam, with
+``capturable=True`` and learning rates held in device tensors. The arithmetic is that of the
+eager step; only the launches go. For SmolLM2 on an H200 that makes end-to-end steps 1.39x
+faster and block steps 2.2x; what remains is GPU time (docs/qat.md).
 
 Checkpoints (``out/``, no pickle): ``sites.safetensors`` (the tensors of every trainable
 site), ``optimizer.safetensors`` + ``state.json`` (stage, phase, block, step, formats,
