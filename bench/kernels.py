@@ -283,6 +283,18 @@ def run_w2a2(with_variants, shapes=W2A2_SHAPES, dtype=torch.bfloat16):
               f"{t_pro / t_copy:5.2f}x the copy", flush=True)
         rows.append(dict(shape=label, m=m, k=k, n=n, variant="prologue / copy", us=t_pro, ratio=t_pro / t_copy,
                          err=0.0 if exact else 1.0))
+        if k & (k - 1) == 0 and k <= 8192:  # the online Hadamard fused in (a rotated site's prologue)
+            h = lowbit_ops.quantize_act._init_fn(torch.ops.lowbit.hadamard(x), 2, "int", 16, "e4m3")
+            got = k2.act_quant(x, hadamard=True)
+            exact_h = all(torch.equal(a.view(torch.uint8) & 0x7F, b.view(torch.uint8) & 0x7F)
+                          if a.dtype == torch.float8_e4m3fn else torch.equal(a, b) for a, b in zip(got, h))
+            t_had = time_graph(lambda i: k2.act_quant(x, fp8_values=True, hadamard=True), 1, calls * 4, replays)
+            t_sep = time_graph(lambda i: k2.act_quant(torch.ops.lowbit.hadamard(x), fp8_values=True), 1, calls * 4,
+                               replays)
+            print(f"{label:28s} {'prologue + online Hadamard, exact=' + str(exact_h):52s} {t_had:9.1f} us  "
+                  f"{t_had / t_copy:5.2f}x the copy (Hadamard op, then prologue: {t_sep:.1f} us)", flush=True)
+            rows.append(dict(shape=label, m=m, k=k, n=n, variant="prologue + Hadamard / copy", us=t_had,
+                             ratio=t_had / t_copy, err=0.0 if exact_h else 1.0))
         wbytes = packed.nbytes + stored.nbytes
         npk = 1 if big else max(1, math.ceil(STREAM_BYTES / wbytes))
         sets = [(packed, stored)] + [(packed.clone(), stored.clone()) for _ in range(npk - 1)]

@@ -87,6 +87,23 @@ def test_w2a2_gemm_against_float64(m, config):
     assert torch.allclose(y.to(x.dtype).float(), yr.float(), rtol=2e-2, atol=1e-2 * yr.abs().max().item())
 
 
+def test_w2a2_linear_with_the_online_hadamard_is_the_rotated_site():
+    """w2a2_linear(hadamard=True) computes, bit for bit, what it computes on hadamard(x); and
+    against float64 it is the rotated site: hadamard(x) quantized, times the weight."""
+    n, k = 24, 64
+    qt = quantize_weight_rtn(torch.randn(n, k), QFormat(2))
+    packed = pack_codes(qt.codes, 2)
+    x = _activation(5, k, seed=21)
+    cfg = dict(PAIRS=False, BLOCK_M=16, BLOCK_N=16, BLOCK_G=4, out_dtype=torch.float32)
+    y = k2.w2a2_linear(x, packed, qt.scales, qt.global_scale, hadamard=True, **cfg)
+    h = torch.ops.lowbit.hadamard(x)
+    assert torch.equal(y, k2.w2a2_linear(h, packed, qt.scales, qt.global_scale, **cfg))
+    codes, sc, gs = lowbit_ops.quantize_act._init_fn(h, 2, "int", 16, "e4m3")
+    xq = (codes.double().view(5, -1, 16) * sc.double().unsqueeze(-1)).view(5, k) * gs.double()
+    ref = xq @ qt.dequantize().double().T
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
 @pytest.mark.parametrize("c,config", [
     (4, dict(path="table", R=16, BLOCK_N=16)),
     (6, dict(path="table", R=4, BLOCK_N=16)),
@@ -103,3 +120,32 @@ def test_codebook_gemv_against_float64(c, config):
     y = kc.codebook_gemv(x, lin.indices_packed, lin.codebook_packed, lin.weight_scales, lin.weight_global, lin.bias,
                          c, lin.packed_in_features, out_dtype=torch.float32, **config)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("n,dtype,bits,grid", [(16, torch.bfloat16, 2, "int"), (64, torch.float16, 2, "half"),
+                                               (256, torch.float32, 4, "int"), (1024, torch.bfloat16, 2, "int")])
+def test_prologue_with_online_hadamard_bit_exact(n, dtype, bits, grid):
+    """hadamard=True: the codes and scales of quantize_act(hadamard(x)), the reference ops
+    composed as a rotated site's prologue runs them, bit for bit."""
+    x = _activation(5, n, seed=n, dtype=dtype)
+    ref = lowbit_ops.quantize_act._init_fn(torch.ops.lowbit.hadamard(x), bits, grid, 16, "e4m3")
+    got = k2.act_quant(x, bits, grid, hadamard=True)
+    assert all(_same(a, b) for a, b in zip(got, ref))
+
+
+def test_prologue_with_online_hadamard_then_split_and_e4m3_values():
+    """The full prologue of a rotated and split site (hadamard, then channel_split, padded):
+    scales bit for bit and E4M3 values equal to codes x stored scales."""
+    n = 64
+    x = _activation(7, n, seed=11)
+    index = torch.tensor(list(range(n)) + [3, 9, 60, 0, 41, 5, 5, 63, 1, 2])
+    scale = torch.where(torch.arange(n + 10) % 3 == 0, 0.5, 1.0)
+    xs = torch.ops.lowbit.channel_split(torch.ops.lowbit.hadamard(x), index, scale)   # [7, 74]
+    codes, sc, gs = lowbit_ops.quantize_act._init_fn(torch.nn.functional.pad(xs, (0, 6)), 2, "int", 16, "e4m3")
+    a8, sc2, gs2 = k2.act_quant(x, 2, "int", 80, index, scale, fp8_values=True, hadamard=True)
+    assert _same(sc2, sc) and torch.equal(gs2, gs)
+    assert torch.equal(a8.float(), (codes.float().view(7, 5, 16) * sc.float().unsqueeze(-1)).view(7, 80))
+    c2, _, _ = k2.act_quant(x, 2, "int", 80, index, scale, hadamard=True)
+    assert torch.equal(c2, codes)
+    with pytest.raises(ValueError, match="power-of-two"):
+        k2.act_quant(x[:, :48], 2, "int", hadamard=True)

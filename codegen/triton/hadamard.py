@@ -34,12 +34,9 @@ def _stage(x, BLOCK_R: tl.constexpr, P: tl.constexpr, H: tl.constexpr):
 
 
 @triton.jit
-def _fwht_kernel(x_ptr, y_ptr, rows, P: tl.constexpr, BLOCK_R: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs = r[:, None].to(tl.int64) * P + tl.arange(0, P)[None, :]
-    mask = r[:, None] < rows
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # the stages h = 1, 2, 4, ... < p, in order (unrolled; the branches are resolved at compile time)
+def fwht_tile(x, BLOCK_R: tl.constexpr, P: tl.constexpr):
+    """``x @ S_p`` of the rows of a [BLOCK_R, P] float32 tile in registers: the stages
+    h = 1, 2, 4, ... < p in order (unrolled; the branches are resolved at compile time)."""
     if P > 1:
         x = _stage(x, BLOCK_R, P, 1)
     if P > 2:
@@ -66,7 +63,16 @@ def _fwht_kernel(x_ptr, y_ptr, rows, P: tl.constexpr, BLOCK_R: tl.constexpr):
         x = _stage(x, BLOCK_R, P, 2048)
     if P > 4096:
         x = _stage(x, BLOCK_R, P, 4096)
-    tl.store(y_ptr + offs, x, mask=mask)
+    return x
+
+
+@triton.jit
+def _fwht_kernel(x_ptr, y_ptr, rows, P: tl.constexpr, BLOCK_R: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs = r[:, None].to(tl.int64) * P + tl.arange(0, P)[None, :]
+    mask = r[:, None] < rows
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, fwht_tile(x, BLOCK_R, P), mask=mask)
 
 
 def fwht(x: torch.Tensor, p: int) -> torch.Tensor:

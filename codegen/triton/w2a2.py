@@ -7,9 +7,15 @@ the arithmetic of :mod:`lowbit.formats` and ``torch.ops.lowbit.qlinear``.
 Prologue (``_act_quant_kernel``)
 --------------------------------
 One pass over the activation: each program holds whole rows in registers (the row's global
-scale needs every group scale of the row), optionally gathers split channels on the way in
-(``x[..., index] * scale``, ``torch.ops.lowbit.channel_split``), and computes, exactly as
-``lowbit.formats.quantize(x, fmt, per_row=True)``:
+scale needs every group scale of the row). On the way in it can apply the site's prologue:
+* ``hadamard=True``: the online Hadamard transform (``torch.ops.lowbit.hadamard``) for
+  power-of-two widths. The butterflies of :func:`lowbit.codegen.triton.hadamard.fwht_tile` run
+  in fp32, the result is multiplied by ``1/sqrt(n)`` and rounded to x's dtype, with bf16
+  rounded on the bits;
+* split channels (``x[..., index] * scale``, ``torch.ops.lowbit.channel_split``), gathered from
+  the transformed row when both are on: the order of a rotated and split site.
+
+It then computes, exactly as ``lowbit.formats.quantize(x, fmt, per_row=True)``:
 
 * group scale ``s = max(max(x) / hi, min(x) / lo, 0)``;
 * row global ``g = max_groups(s) / scale_max`` (1 where it is 0); these three divisions by
@@ -39,9 +45,13 @@ against register permutations of the activation tile) or the natural column orde
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
+
+from .hadamard import MAX_P, fwht_tile
 
 from .w2a16 import (_XOR_HIGH_BITS, _decode_e4m3, _dequant_field, _dequant_pair, _interpreting, _natural_tile,
                     _split_k_total, _store_tile, _tile_counters, _words, _x_pairs)
@@ -64,6 +74,14 @@ def _e4m3_code(v):
 
 
 @triton.jit
+def _round_bf16(x):
+    """fp32 -> the fp32 value of its bf16 rounding (nearest, ties to even; finite x)."""
+    b = x.to(tl.uint32, bitcast=True)
+    b = b + 0x7FFF + ((b >> 16) & 1)
+    return (b & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _act_quant_kernel(
     x_ptr, idx_ptr, sc_ptr, out_ptr, s_ptr, g_ptr,
     M, K, KP, stride_xm, stride_om, stride_sm,
@@ -71,15 +89,32 @@ def _act_quant_kernel(
     HALF: tl.constexpr, SPLIT: tl.constexpr, FP8_OUT: tl.constexpr, RECIP: tl.constexpr,
     INV_LO: tl.constexpr, INV_HI: tl.constexpr, INV_SCALE_MAX: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_G: tl.constexpr,
+    HADAMARD: tl.constexpr = False, HP: tl.constexpr = 1, HSCALE: tl.constexpr = 1.0,
+    IN_BF16: tl.constexpr = False,
 ):
-    """Rows [pid*ROWS, +ROWS): BLOCK_G (a power of two >= KP/16) groups of 16 per row."""
+    """Rows [pid*ROWS, +ROWS): BLOCK_G (a power of two >= KP/16) groups of 16 per row.
+    ``HADAMARD``: the input rows (HP wide, a power of two) go through ``torch.ops.lowbit.hadamard``
+    first (butterflies in fp32, times HSCALE, rounded to x's dtype), then the optional split."""
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_G * 16)
     rmask = rows < M
     cmask = cols < K
     mask = rmask[:, None] & cmask[None, :]
-    if SPLIT:
+    if HADAMARD:
+        hcols = tl.arange(0, HP)
+        xh = tl.load(x_ptr + rows[:, None] * stride_xm + hcols[None, :], mask=rmask[:, None], other=0.0)
+        xf = fwht_tile(xh.to(tl.float32), ROWS, HP) * HSCALE
+        if IN_BF16:  # rounded to bf16 on the bits (Triton's interpreter truncates its own cast)
+            xf = _round_bf16(xf)
+        xh = xf.to(xh.dtype)
+        if SPLIT:
+            src = tl.load(idx_ptr + cols, mask=cmask, other=0)
+            xg = tl.gather(xh, tl.broadcast_to(src[None, :], (ROWS, BLOCK_G * 16)), 1)
+            xv = (xg.to(tl.float32) * tl.load(sc_ptr + cols, mask=cmask, other=0.0)[None, :]).to(xh.dtype)
+        else:  # HP == K == BLOCK_G * 16
+            xv = xh
+    elif SPLIT:
         src = tl.load(idx_ptr + cols, mask=cmask, other=0)
         xv = tl.load(x_ptr + rows[:, None] * stride_xm + src[None, :], mask=mask, other=0.0)
         # x * scale rounded to x's dtype, as the op computes it (a product in fp32, then rounded)
@@ -251,12 +286,15 @@ def _fmt_constants(bits: int, grid: str, cuda: bool):
 
 def act_quant(x: torch.Tensor, bits: int = 2, grid: str = "int", padded_width: int | None = None,
               split_index: torch.Tensor | None = None, split_scale: torch.Tensor | None = None,
-              fp8_values: bool = False, rows_per_program: int | None = None):
+              fp8_values: bool = False, rows_per_program: int | None = None, hadamard: bool = False):
     """Dynamic per-row activation quantization in groups of 16 with E4M3 scales, in one pass.
 
-    ``x`` [..., K_in] (any float dtype); with ``split_index``/``split_scale`` ([K]) the
-    quantized activation is ``x[..., index] * scale`` (``torch.ops.lowbit.channel_split``),
-    else x itself (K = K_in). Columns K..padded_width are zeros. Returns ``(out, scales,
+    ``x`` [..., K_in] (any float dtype); with ``hadamard`` the rows first go through the online
+    Hadamard transform (``torch.ops.lowbit.hadamard``; K_in a power of two from 16 to
+    :data:`MAX_P`); with ``split_index``/``split_scale`` ([K]) the quantized activation is then
+    ``x[..., index] * scale`` (``torch.ops.lowbit.channel_split``), else x itself (K = K_in).
+    The order is the one the rotate and split_outliers passes give a site's prologue. Columns
+    K..padded_width are zeros. Returns ``(out, scales,
     global)``: ``out`` int8 codes [..., Kp] (``fp8_values=False``: equal to
     ``torch.ops.lowbit.quantize_act``) or the ``float8_e4m3fn`` values ``q * stored``
     (2-bit ``int`` grid only); scales ``float8_e4m3fn`` [..., Kp/16]; global fp32 [..., 1].
@@ -267,6 +305,12 @@ def act_quant(x: torch.Tensor, bits: int = 2, grid: str = "int", padded_width: i
     kp = padded_width or -(-k // 16) * 16
     if kp % 16 or kp < k:
         raise ValueError(f"padded width {kp} must be a multiple of 16 and >= {k}")
+    n_in = x.shape[-1]
+    if hadamard and (n_in & (n_in - 1) or not 16 <= n_in <= MAX_P or x.dtype == torch.float64):
+        raise ValueError(f"the fused Hadamard needs a power-of-two width from 16 to {MAX_P} and a half or "
+                         f"float32 x (got {n_in}, {x.dtype}); run torch.ops.lowbit.hadamard first")
+    if hadamard and split_index is None and kp != n_in:
+        raise ValueError(f"the fused Hadamard without a split writes {n_in} columns; padded_width {kp} differs")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
@@ -277,14 +321,17 @@ def act_quant(x: torch.Tensor, bits: int = 2, grid: str = "int", padded_width: i
     gscale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
     if m:
         block_g = triton.next_power_of_2(kp // 16)
-        rows = rows_per_program or max(1, min(16, 4096 // (16 * block_g)))
+        tile = 16 * block_g + (n_in if hadamard else 0)
+        rows = rows_per_program or max(1, min(16, 4096 // tile))
         split = split_index is not None
         idx = split_index.to(torch.int32).contiguous() if split else gscale
         sc = split_scale.to(torch.float32).contiguous() if split else gscale
-        nw = 4 if block_g * 16 * rows <= 4096 else 8
+        nw = 4 if tile * rows <= 4096 else 8
         _act_quant_kernel[(triton.cdiv(m, rows),)](
             x2, idx, sc, out, scales, gscale, m, k, kp, x2.stride(0), out.stride(0), scales.stride(0),
             **_fmt_constants(bits, grid, x.is_cuda), SPLIT=split, FP8_OUT=fp8_values, ROWS=rows, BLOCK_G=block_g,
+            HADAMARD=hadamard, HP=n_in if hadamard else 1, HSCALE=1.0 / math.sqrt(n_in) if hadamard else 1.0,
+            IN_BF16=x.dtype == torch.bfloat16,
             num_warps=nw)
     out = out.view(torch.float8_e4m3fn) if fp8_values else out
     return (out.reshape(*lead, kp), scales.view(torch.float8_e4m3fn).reshape(*lead, kp // 16),
@@ -368,14 +415,14 @@ def w2a2_gemm(a8: torch.Tensor, a_global: torch.Tensor, w_packed: torch.Tensor, 
 def w2a2_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, w_global: torch.Tensor,
                 bias: torch.Tensor | None = None, split_index: torch.Tensor | None = None,
                 split_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                path: str | None = None, **config) -> torch.Tensor:
+                path: str | None = None, hadamard: bool = False, **config) -> torch.Tensor:
     """``torch.ops.lowbit.qlinear`` for 2-bit int-grid weights and activations (groups of 16,
-    E4M3 scales): the prologue (:func:`act_quant`, optionally gathering split channels) then
-    the FP8 GEMM (:func:`w2a2_gemm`). ``x`` [..., K]; output [..., N] in x's dtype (or
-    ``out_dtype``)."""
+    E4M3 scales): the prologue (:func:`act_quant`, optionally with the online Hadamard and
+    gathering split channels) then the FP8 GEMM (:func:`w2a2_gemm`). ``x`` [..., K]; output
+    [..., N] in x's dtype (or ``out_dtype``)."""
     n, gp = w_scales.shape
     lead = x.shape[:-1]
-    a8, _, ga = act_quant(x, 2, "int", gp * 16, split_index, split_scale, fp8_values=True)
+    a8, _, ga = act_quant(x, 2, "int", gp * 16, split_index, split_scale, fp8_values=True, hadamard=hadamard)
     a8 = a8.reshape(-1, gp * 16)
     out_dtype = out_dtype or x.dtype
     if a8.shape[0] == 0:

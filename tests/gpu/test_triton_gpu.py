@@ -156,6 +156,25 @@ def test_prologue_split_gather_and_e4m3_values():
     assert torch.equal(a8.float(), (codes.float().view(64, -1, 16) * sc.float().unsqueeze(-1)).view(64, -1))
 
 
+@pytest.mark.parametrize("k,split,dtype", [(8192, False, torch.bfloat16), (1024, True, torch.bfloat16),
+                                           (4096, False, torch.float16), (256, False, torch.float32)])
+def test_prologue_with_online_hadamard_bit_exact(k, split, dtype):
+    """act_quant(hadamard=True): codes, scales and globals of the reference ops composed as a
+    rotated (and split) site's prologue runs them on CUDA, bit for bit."""
+    x = _activation(512, k, dtype, seed=k)
+    h = torch.ops.lowbit.hadamard(x)
+    kp, index, scale = k, None, None
+    if split:
+        index = torch.cat([torch.arange(k), torch.randint(0, k, (24,))]).to(DEV)
+        scale = torch.where(torch.arange(k + 24) % 7 == 0, 0.5, 1.0).to(DEV)
+        h, kp = torch.ops.lowbit.channel_split(h, index, scale), k + 32
+    ref = lowbit_ops.quantize_act._init_fn(torch.nn.functional.pad(h, (0, kp - h.shape[-1])), 2, "int", 16, "e4m3")
+    got = k2.act_quant(x, 2, "int", kp, index, scale, hadamard=True)
+    assert torch.equal(got[0], ref[0])
+    assert torch.equal(got[1].view(torch.uint8) & 0x7F, ref[1].view(torch.uint8) & 0x7F)
+    assert torch.equal(got[2], ref[2])
+
+
 @pytest.mark.parametrize("m,config", [(4096, {}), (300, dict(PAIRS=True, BLOCK_G=16)), (1, {}), (16, dict(SPLIT_K=1)),
                                       (5, dict(PAIRS=False, BLOCK_G=8)), (200, dict(path="scaled_mm"))])
 def test_w2a2_gemm_against_float64(m, config):
