@@ -121,6 +121,10 @@ def cmd_train(args) -> int:
     import lowbit
     from .train import TrainConfig, train, training_data
 
+    if args.cuda_graph and not str(args.device).startswith("cuda"):
+        raise SystemExit(f"--cuda-graph needs --device cuda (got --device {args.device})")
+    if args.cuda_graph and args.compile:
+        raise SystemExit("--cuda-graph and --compile are alternatives: choose one")
     model, tokenizer = _load(args.model)
     model = model.to(args.device)
     recipe = lowbit.get_recipe(args.recipe)

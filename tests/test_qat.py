@@ -339,6 +339,13 @@ def test_cli_train_and_resume(tmp_path, capsys):
     assert any(isinstance(m, QuantLinear) for m in q.modules())
 
 
+def test_cli_train_refuses_cuda_graph_off_cuda():
+    from lowbit.cli import main
+
+    with pytest.raises(SystemExit, match="--device cuda"):
+        main(["train", "stories260k", "--cuda-graph", "--device", "cpu", "--out", "unused"])
+
+
 def test_prologue_ops_have_gradients():
     """Training through rotated/split sites needs the prologue ops' gradients (finite differences)."""
     import lowbit.qat  # noqa: F401  (registers them)
