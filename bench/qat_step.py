@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lowbit  # noqa: E402
 from lowbit.qat import prepare_qat  # noqa: E402
-from lowbit.train import GRAPH_WARMUP, Trainer, TrainConfig, block_names, recipe_stage  # noqa: E402
+from lowbit.train import GRAPH_WARMUP, Trainer, TrainConfig, recipe_stage  # noqa: E402
 from perplexity import VARIANT_PASSES  # noqa: E402
+from qat import probe  # noqa: E402
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
@@ -47,21 +48,6 @@ def sync():
 def median(xs):
     xs = sorted(xs)
     return xs[len(xs) // 2]
-
-
-def phase_step_seconds(trainer: Trainer, phase: str) -> float:
-    """Median seconds per step of a short phase on ``trainer`` (after warm-up and capture)."""
-    trainer.step_times = []
-    trainer._budget, trainer._steps_done = None, 0
-    sync()
-    if phase == "e2e":
-        trainer.train_e2e(0, 0)
-    else:
-        blocks = block_names(trainer.model)
-        trainer.train_block(blocks[len(blocks) // 2], 0, len(blocks) // 2, 0)
-    sync()
-    t = trainer.step_times[GRAPH_WARMUP + 1:]
-    return median([b - a for a, b in zip(t, t[1:])])
 
 
 def main(argv=None):
@@ -119,10 +105,11 @@ def main(argv=None):
     base = TrainConfig(stages=[recipe_stage(recipe)], batch_size=args.batch_size, e2e_steps=args.steps,
                        block_steps=args.steps, warmup=0.05, grad_clip=1.0)
     for graphed in (False, True) if cuda else (False,):
-        tr = Trainer(copy.deepcopy(student), recipe, replace(base, cuda_graph=graphed), data, progress=False)
+        tr = Trainer(student, recipe, replace(base, cuda_graph=graphed), data, progress=False)
+        pr = probe(tr, args.steps)  # short phases on a copy of the model
         name = "graph" if graphed else "eager"
-        rows[f"e2e {name}"] = phase_step_seconds(tr, "e2e")
-        rows[f"block {name}"] = phase_step_seconds(tr, "block")
+        rows[f"e2e {name}"] = pr["e2e_step"]
+        rows[f"block {name}"] = pr["block_step"]
         del tr
         if cuda:
             rows[f"peak GiB ({name})"] = torch.cuda.max_memory_allocated() / 2 ** 30

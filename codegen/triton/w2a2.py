@@ -52,7 +52,6 @@ import triton
 import triton.language as tl
 
 from .hadamard import MAX_P, fwht_tile
-
 from .w2a16 import (_XOR_HIGH_BITS, _decode_e4m3, _dequant_field, _dequant_pair, _interpreting, _natural_tile,
                     _split_k_total, _store_tile, _tile_counters, _words, _x_pairs)
 
