@@ -139,13 +139,32 @@ def stage_recipe(recipe: Recipe, spec: str) -> Recipe:
 
 def training_data(model, tokenizer, source: str = "generate", samples: int = 64, seq_len: int = 256,
                   seed: int = 0, batch_size: int = 32, progress: bool = True) -> torch.Tensor:
-    """[samples, seq_len] token ids: the model's own seeded samples (``"generate"``) or
+    """[samples, seq_len] token ids: the model's own seeded samples (``"generate"``), the
+    ``ids`` tensor of a ``.safetensors`` file (a checkpoint's ``data.safetensors``: data
+    generated once, trained on again; its first ``samples`` rows, cut to ``seq_len``), or
     windows at seeded offsets of a text file (any other value is a path)."""
     from . import calibration
 
     if source == "generate":
         return calibration.from_generations(model, samples, seq_len, seed=seed, batch_size=batch_size,
                                             progress=progress)
+    if str(source).endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(source), framework="pt") as f:
+            if "ids" not in f.keys():
+                raise ValueError(f"{source}: no 'ids' tensor (has {sorted(f.keys())})")
+            ids = f.get_tensor("ids")
+        if ids.dim() != 2 or ids.dtype.is_floating_point:
+            raise ValueError(f"{source}: 'ids' must be [sequences, tokens] integers, got {ids.dtype} "
+                             f"{list(ids.shape)}")
+        if ids.shape[0] < samples or ids.shape[1] < seq_len:
+            raise ValueError(f"{source} holds {ids.shape[0]} x {ids.shape[1]} tokens; asked for "
+                             f"{samples} x {seq_len}")
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(f"{source}: token ids outside the model's vocabulary of {vocab}")
+        return ids[:samples, :seq_len].long().clone()
     return calibration.from_text(tokenizer, Path(source), samples, seq_len, seed=seed)
 
 

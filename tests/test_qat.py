@@ -339,6 +339,31 @@ def test_cli_train_and_resume(tmp_path, capsys):
     assert any(isinstance(m, QuantLinear) for m in q.modules())
 
 
+def test_training_data_from_a_checkpoints_token_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from lowbit.llama2c import shared_data_dir
+    from lowbit.train import training_data
+
+    from lowbit.models import load_model
+
+    _stories_data()
+    model, tok = load_model("stories260k")
+    text = shared_data_dir() / "text" / "tinystories_val_head.txt"
+    windows = training_data(model, tok, str(text), samples=6, seq_len=20, seed=3)
+    save_file({"ids": windows}, str(tmp_path / "data.safetensors"))
+    again = training_data(model, tok, str(tmp_path / "data.safetensors"), samples=4, seq_len=12)
+    assert torch.equal(again, windows[:4, :12])
+    with pytest.raises(ValueError, match="holds 6 x 20"):
+        training_data(model, tok, str(tmp_path / "data.safetensors"), samples=7, seq_len=20)
+    save_file({"ids": windows + model.config.vocab_size}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="vocabulary"):
+        training_data(model, tok, str(tmp_path / "bad.safetensors"), samples=2, seq_len=4)
+    save_file({"tokens": windows}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="no 'ids'"):
+        training_data(model, tok, str(tmp_path / "other.safetensors"), samples=2, seq_len=4)
+
+
 def test_cli_train_refuses_cuda_graph_off_cuda():
     from lowbit.cli import main
 
