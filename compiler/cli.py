@@ -125,6 +125,8 @@ def cmd_train(args) -> int:
         raise SystemExit(f"--cuda-graph needs --device cuda (got --device {args.device})")
     if args.cuda_graph and args.compile:
         raise SystemExit("--cuda-graph and --compile are alternatives: choose one")
+    if args.finish and not args.resume:
+        raise SystemExit("--finish ends a run from its checkpoint: add --resume")
     model, tokenizer = _load(args.model)
     model = model.to(args.device)
     recipe = lowbit.get_recipe(args.recipe)
@@ -152,7 +154,8 @@ def cmd_train(args) -> int:
     t0 = time.perf_counter()
     calibration = None if data is None else data[: args.calib_samples]
     student = train(model, recipe, data, config, calibration=calibration, out=ckpt, resume=args.resume,
-                    progress=not args.quiet, max_steps=args.max_steps)
+                    progress=not args.quiet, max_steps=args.max_steps, seconds=args.time_limit,
+                    finish=args.finish)
     hist = student.lowbit_train_history
     for phase in ("block", "e2e"):
         losses = [h["loss"] for h in hist if h["phase"] == phase]
@@ -160,7 +163,7 @@ def cmd_train(args) -> int:
             print(f"{phase} loss: first {losses[0]:.4g}, last {losses[-1]:.4g} ({len(losses)} steps)")
     state = json.loads((ckpt / "state.json").read_text())["state"]
     if state["stage"] < len(json.loads((ckpt / "state.json").read_text())["config"]["stages"]):
-        print(f"stopped at {state}; continue with --resume")
+        print(f"stopped at {state}; continue with --resume (or end it there with --resume --finish)")
         return 0
     with torch.no_grad():
         qmodel = lowbit.freeze(student)
@@ -266,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replay each phase's training step as one CUDA graph (fewer launches; CUDA only)")
     t.add_argument("--checkpoint-every", type=int, default=0, help="end-to-end steps between checkpoints")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
+    t.add_argument("--time-limit", type=float, default=None,
+                   help="seconds of training, then a checkpoint and exit (continue with --resume)")
+    t.add_argument("--finish", action="store_true",
+                   help="with --resume: end the run at its checkpoint (the end-to-end phase at its best held-out "
+                        "KL) and save the artifact")
     t.add_argument("--device", default="cpu")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -490,7 +490,8 @@ class Trainer:
                                 best=f"{self.best['loss']:.4g}@{self.best['step']}")
             else:
                 bar.set_postfix(kl=f"{lv:.4g}")
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.e2e_steps:
+            if step + 1 < cfg.e2e_steps and (self._out_of_time() or (
+                    cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
                 self.state.update(phase="e2e", step=step + 1)
                 self._checkpoint()
         bar.close()
@@ -500,20 +501,45 @@ class Trainer:
         self.best = None
 
     # -- the schedule -----------------------------------------------------------------------------------
-    def run(self, max_steps: int | None = None) -> nn.Module:
-        """Run (or continue) the stages; ``max_steps`` stops early after that many
-        optimizer steps of the whole schedule (at a checkpoint boundary), for tests."""
+    def run(self, max_steps: int | None = None, seconds: float | None = None) -> nn.Module:
+        """Run (or continue) the stages. ``max_steps`` stops early after that many optimizer
+        steps of the whole schedule (at a checkpoint boundary), for tests; ``seconds`` stops
+        at the first end-to-end step or block end after that much time, with a checkpoint
+        written there (a run that must fit a time limit, continued later with ``resume``)."""
         self._budget, self._steps_done = max_steps, 0
+        self._deadline = None if seconds is None else time.monotonic() + seconds
+        self.interrupted = False
         try:
             self._run()
         except _Interrupted:
-            pass
+            self.interrupted = True
         return self.model
+
+    def _out_of_time(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
 
     def _checkpoint(self) -> None:
         self.save_checkpoint()
-        if self._budget is not None and self._steps_done >= self._budget:
+        if (self._budget is not None and self._steps_done >= self._budget) or self._out_of_time():
             raise _Interrupted
+
+    def finish(self) -> None:
+        """End the run at its checkpoint: the end-to-end phase in progress ends now, at its best
+        held-out evaluation with ``keep_best``, and the phases left are skipped. Only in the
+        last stage: earlier stages are at other formats than the recipe's."""
+        cfg, stage = self.config, self.state["stage"]
+        if stage >= len(cfg.stages):
+            return
+        if stage != len(cfg.stages) - 1 or self.state["formats_stage"] != stage:
+            raise ValueError(f"the run is in stage {stage} ({cfg.stages[stage]}); it can only be finished early in "
+                             f"its last stage ({cfg.stages[-1]}): continue it with resume")
+        if self.state["phase"] == "e2e" and cfg.keep_best and self.best is not None:
+            self._restore_best(stage)
+        self.best, self._pending_optimizer = None, None
+        self.history.append({"stage": stage, "phase": "finish", "block": self.state["block"],
+                             "step": self.state["step"], "loss": None})
+        self.state.update(stage=stage + 1, phase="block", block=0, step=0)
+        self.save_checkpoint()
 
     def _run(self) -> None:
         cfg = self.config
@@ -628,7 +654,7 @@ def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict) -> None:
 
 def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, config: TrainConfig | None = None,
           calibration=None, out: str | Path | None = None, resume: bool = False, progress: bool = True,
-          max_steps: int | None = None) -> nn.Module:
+          max_steps: int | None = None, seconds: float | None = None, finish: bool = False) -> nn.Module:
     """Quantization-aware training of ``model`` (float, not modified) for ``recipe``.
 
     ``data``: [S, T] token ids (see :func:`training_data`); on resume it is read from the
@@ -665,7 +691,12 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
     trainer = Trainer(student, recipe, config, data.to(torch.long), out=out, progress=progress)
     if resume:
         trainer.load_checkpoint()
-    trainer.run(max_steps=max_steps)
+    if finish:
+        if not resume:
+            raise ValueError("finish=True ends a run from its checkpoint: it needs resume=True")
+        trainer.finish()
+    else:
+        trainer.run(max_steps=max_steps, seconds=seconds)
     student.lowbit_recipe = recipe
     student.lowbit_train_history = trainer.history
     return student

@@ -318,6 +318,43 @@ def test_resume_from_checkpoint_gives_the_same_state(tmp_path, evaluation):
             assert torch.equal(v, b[name].state_dict()[k]), (name, k)
 
 
+def test_time_limit_checkpoints_and_finish_ends_at_the_best_evaluation(tmp_path, monkeypatch):
+    """A run out of time writes a checkpoint and stops; ``finish`` ends it there: the site
+    tensors become those of the best held-out evaluation so far, and the run counts as done."""
+    from safetensors.torch import load_file
+
+    import lowbit.train as train_mod
+
+    model = _tiny_llama(1)
+    data = torch.randint(0, 96, (10, 16), generator=torch.Generator().manual_seed(2))
+    recipe = lowbit.get_recipe("w2a16")
+    cfg = TrainConfig(stages=["w4", "w2"], block_steps=1, e2e_steps=6, batch_size=2, lr=2.0, holdout=2,
+                      eval_every=1)
+    train(model, recipe, data, copy.deepcopy(cfg), out=tmp_path, progress=False, max_steps=1)
+    with pytest.raises(ValueError, match="only be finished early in its last stage"):
+        train(model, recipe, out=tmp_path, resume=True, finish=True, progress=False)
+    # a clock that moves one second per reading: 14 s run out within stage 2's end-to-end phase
+    clock = iter(range(10**6))
+    monkeypatch.setattr(train_mod.time, "monotonic", lambda: float(next(clock)))
+    train(model, recipe, out=tmp_path, resume=True, progress=False, seconds=14)
+    monkeypatch.undo()
+    saved = json.loads((tmp_path / "state.json").read_text())
+    state = saved["state"]
+    assert state["stage"] == 1 and state["phase"] == "e2e" and 0 < state["step"] < cfg.e2e_steps
+    evals = [h for h in saved["history"] if h["phase"] == "eval" and h["stage"] == 1]
+    best = min(evals, key=lambda h: h["loss"])
+    assert saved["best"]["step"] == best["step"] and saved["best"]["loss"] == best["loss"]
+    assert best["step"] < state["step"]  # the large steps overshoot: finishing goes back
+    best_tensors = load_file(str(tmp_path / "best.safetensors"))
+    done = train(model, recipe, out=tmp_path, resume=True, finish=True, progress=False)
+    assert json.loads((tmp_path / "state.json").read_text())["state"]["stage"] == len(cfg.stages)
+    assert done.lowbit_train_history[-1]["phase"] == "finish"
+    for name, m in fake_quant_sites(done).items():
+        assert torch.equal(m.weight, best_tensors[f"{name}.weight"])
+        assert torch.equal(m.log_scale, best_tensors[f"{name}.log_scale"])
+        assert m.weight_format == recipe.weight
+
+
 def test_cli_train_and_resume(tmp_path, capsys):
     from lowbit.cli import main
     from lowbit.llama2c import shared_data_dir
