@@ -236,6 +236,8 @@ class Trainer:
         self._graph: dict | None = None  # the current phase's captured step (see _graph_step)
         self.step_times: list[float] = []  # perf_counter() after each optimizer step (for timing probes)
         self.graph_replays = 0  # steps replayed from a captured CUDA graph
+        self._budget, self._steps_done, self._deadline = None, 0, None  # limits of run()
+        self.interrupted = False  # run() stopped at a limit (max_steps, seconds) before the end
         if config.gradient_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
             student.gradient_checkpointing_enable()
         # the end-to-end phase's network: the model itself, or its torch.compile'd form (the
