@@ -116,6 +116,7 @@ def cmd_report(args) -> int:
 
 def cmd_train(args) -> int:
     """Quantization-aware training (``lowbit.train``), then the frozen artifact in --out."""
+    started = time.perf_counter()
     import torch
 
     import lowbit
@@ -154,7 +155,8 @@ def cmd_train(args) -> int:
     t0 = time.perf_counter()
     calibration = None if data is None else data[: args.calib_samples]
     student = train(model, recipe, data, config, calibration=calibration, out=ckpt, resume=args.resume,
-                    progress=not args.quiet, max_steps=args.max_steps, seconds=args.time_limit,
+                    progress=not args.quiet, max_steps=args.max_steps,
+                    seconds=None if args.time_limit is None else args.time_limit - (time.perf_counter() - started),
                     finish=args.finish)
     hist = student.lowbit_train_history
     for phase in ("block", "e2e"):
@@ -270,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=0, help="end-to-end steps between checkpoints")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
     t.add_argument("--time-limit", type=float, default=None,
-                   help="seconds of training, then a checkpoint and exit (continue with --resume)")
+                   help="wall-clock seconds for the whole command (loading, data, preparation, training): "
+                        "training stops at a checkpoint once they have passed (continue with --resume)")
     t.add_argument("--finish", action="store_true",
                    help="with --resume: end the run at its checkpoint (the end-to-end phase at its best held-out "
                         "KL) and save the artifact")

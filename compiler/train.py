@@ -43,8 +43,13 @@ Checkpoints (``out/``, no pickle): ``sites.safetensors`` (the tensors of every t
 site), ``optimizer.safetensors`` + ``state.json`` (stage, phase, block, step, formats,
 config, recipe, loss history), ``data.safetensors`` (the token ids, held-out ones
 included), ``best.safetensors`` (the best site tensors of an end-to-end phase in progress).
-``train(..., resume=True)`` rebuilds the model from the float one and continues where the
-checkpoint left off; on the CPU the result equals an uninterrupted run bit for bit.
+They are written at each stage's end, every ``checkpoint_every`` end-to-end steps and (with
+``checkpoint_every``) at each block's end, and when a limit of ``run`` is reached
+(``max_steps``, or ``seconds``: a run that must fit a time slot). ``train(..., resume=True)``
+rebuilds the model from the float one and continues where the checkpoint left off; on the
+CPU the result equals an uninterrupted run bit for bit. ``train(..., resume=True,
+finish=True)`` ends a run in its last stage at the checkpoint instead, at the best held-out
+evaluation of the end-to-end phase in progress.
 """
 from __future__ import annotations
 
@@ -101,7 +106,7 @@ class TrainConfig:
     seed: int = 0
     amp: str = "auto"              # "bf16": autocast on CUDA; "none"; "auto": bf16 on CUDA only
     gradient_checkpointing: bool = False
-    checkpoint_every: int = 0      # end-to-end steps between checkpoints (0: at phase ends only)
+    checkpoint_every: int = 0      # end-to-end steps between checkpoints; >0 also at each block end (0: stage ends)
     transition: str = "nested"     # between stages: "nested" codes, or "refit" scales to the latent weights
 
     @classmethod
@@ -520,9 +525,12 @@ class Trainer:
     def _out_of_time(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline
 
-    def _checkpoint(self) -> None:
-        self.save_checkpoint()
-        if (self._budget is not None and self._steps_done >= self._budget) or self._out_of_time():
+    def _checkpoint(self, due: bool = True) -> None:
+        """Write a checkpoint if one is ``due`` or a limit of :meth:`run` is reached; stop at a limit."""
+        limit = (self._budget is not None and self._steps_done >= self._budget) or self._out_of_time()
+        if due or limit:
+            self.save_checkpoint()
+        if limit:
             raise _Interrupted
 
     def finish(self) -> None:
@@ -556,7 +564,7 @@ class Trainer:
                 for b in range(self.state["block"], len(blocks)):
                     self.train_block(blocks[b], stage, b, self.state["step"] if b == self.state["block"] else 0)
                     self.state.update(block=b + 1, step=0)
-                    self._checkpoint()
+                    self._checkpoint(due=bool(cfg.checkpoint_every))
             self._carry = None
             if self.state["phase"] == "block":
                 self.state.update(phase="e2e", step=0)

@@ -406,6 +406,8 @@ def test_cli_train_refuses_cuda_graph_off_cuda():
 
     with pytest.raises(SystemExit, match="--device cuda"):
         main(["train", "stories260k", "--cuda-graph", "--device", "cpu", "--out", "unused"])
+    with pytest.raises(SystemExit, match="add --resume"):
+        main(["train", "stories260k", "--finish", "--out", "unused"])
 
 
 def test_prologue_ops_have_gradients():
