@@ -129,6 +129,8 @@ def main(argv=None):
     p.add_argument("--prepare-device", default="cpu",
                    help="where compile_quantized runs the passes and GPTQ (cpu, or the training device)")
     p.add_argument("--json", default=None)
+    p.add_argument("--save-data", default=None,
+                   help="write the training token ids to this .safetensors file (reuse: --data FILE)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     train_variants = json.loads(args.train_variants)
@@ -158,6 +160,10 @@ def main(argv=None):
     data = training_data(model, tok, args.data, args.samples, args.seq_len, seed=args.seed,
                          batch_size=args.gen_batch, progress=False)
     gen_s = time.perf_counter() - t0
+    if args.save_data:
+        from safetensors.torch import save_file
+
+        save_file({"ids": data.contiguous()}, args.save_data)
     emit({"config": "float", "perplexity": ppl(model), "data": args.data, "data_tokens": data.numel(),
           "data_seconds": round(gen_s, 1)})
     calib = data[: args.calib_samples]

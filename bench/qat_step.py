@@ -12,9 +12,10 @@ step does not depend on the values) is compiled in trainable form (RTN start) an
   (``TrainConfig.cuda_graph``); the same for a block-reconstruction step;
 
 then one eager end-to-end step runs under ``torch.profiler`` and the kernels with the most
-GPU time are printed. Times are medians of ``--steps`` steps after warm-up. ``--triton`` runs
-the ops that have bit-identical Triton kernels through them (``import lowbit.codegen.triton``:
-the activation quantizer of W*A* sites; ``register_hadamard``: the Hadamard butterflies).
+GPU time are printed. Times are medians of ``--steps`` steps after warm-up. On CUDA the trainer
+runs the ops that have bit-identical Triton kernels through them (the activation quantizer of
+W*A* sites, the Hadamard butterflies); ``--torch-hadamard`` takes the butterflies back to the
+stages in torch, for comparison.
 """
 from __future__ import annotations
 
@@ -59,9 +60,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--layers", type=int, default=SMOLLM2_135M["num_hidden_layers"])
     p.add_argument("--profile-rows", type=int, default=25)
-    p.add_argument("--triton", action="store_true",
-                   help="run the ops that have bit-identical Triton kernels through them (activation "
-                        "quantizer, Hadamard butterflies)")
+    p.add_argument("--torch-hadamard", action="store_true",
+                   help="the Hadamard butterflies as stages in torch instead of the Triton kernel")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu: a smoke run of the script (no CUDA graphs, no memory figures)")
     args = p.parse_args(argv)
@@ -69,10 +69,11 @@ def main(argv=None):
         p.error(f"--steps must be at least {GRAPH_WARMUP + 3} (eager warm-up, capture, then timed replays)")
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
-    if args.triton:
-        import lowbit.codegen.triton as lt  # registers the quantize_act prologue
+    if cuda:
+        from lowbit.codegen import triton as _kernels  # noqa: F401  (what the trainer imports on CUDA)
 
-        lt.register_hadamard()
+        if args.torch_hadamard:
+            lowbit.hadamard.register_fwht_kernel("cuda", None)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)

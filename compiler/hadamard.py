@@ -346,8 +346,11 @@ def register_fwht_kernel(device_type: str, kernel) -> None:
     ``kernel(x, p)`` (x: a 2-D float32 tensor whose rows have length ``p``, a power of two; returns
     ``x @ S_p`` in a new tensor) when no gradient is being recorded. The kernel must compute the
     sums of :func:`_fwht_last` in the same order, so results stay identical bit for bit
-    (``lowbit.codegen.triton.register_hadamard()`` registers one for CUDA)."""
-    _FWHT_KERNELS[device_type] = kernel
+    (importing ``lowbit.codegen.triton`` registers one for CUDA); ``kernel=None`` removes it."""
+    if kernel is None:
+        _FWHT_KERNELS.pop(device_type, None)
+    else:
+        _FWHT_KERNELS[device_type] = kernel
 
 
 def hadamard_transform(x: Tensor, scale: float | None = None, *, transpose: bool = False, fwht=None) -> Tensor:

@@ -234,6 +234,11 @@ class Trainer:
         for m in fake_quant_sites(student).values():
             m.weight.requires_grad_(True)
             m.log_scale.requires_grad_(True)
+        if self.device.type == "cuda":
+            try:  # the CUDA kernels of the ops the fake quantizers share (bit-identical: Hadamard, act. quantizer)
+                import lowbit.codegen.triton  # noqa: F401
+            except ImportError:
+                pass
         if config.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device (it is on {self.device})")
         if config.cuda_graph and config.compile:

@@ -36,3 +36,16 @@ def test_fwht_rejects_what_it_cannot_do():
     with pytest.raises(ValueError, match="float32"):
         fwht(torch.zeros(2, 16, dtype=torch.float64), 16)
     assert fwht(torch.zeros(0, 16), 16).shape == (0, 16)
+
+
+def test_the_kernel_is_the_cuda_butterflies_once_registered_and_can_be_removed(monkeypatch):
+    """Importing lowbit.codegen.triton makes the kernel the CUDA butterflies; a CPU tensor keeps
+    the torch stages; removing the registration goes back to them."""
+    import lowbit.hadamard as lh
+    from lowbit.codegen.triton.dispatch import fwht_cuda
+
+    assert lh._FWHT_KERNELS.get("cuda") is fwht_cuda
+    assert "cpu" not in lh._FWHT_KERNELS
+    monkeypatch.setattr(lh, "_FWHT_KERNELS", dict(lh._FWHT_KERNELS))
+    lh.register_fwht_kernel("cuda", None)
+    assert "cuda" not in lh._FWHT_KERNELS

@@ -3,8 +3,8 @@
 Importing this package registers them: ``torch.ops.lowbit.qlinear`` on CUDA tensors then runs
 :func:`qlinear_triton` (the W2A16 or W2A2 kernels where they apply, the op's reference
 implementation elsewhere), ``quantize_act`` the Triton prologue and ``codebook_linear`` the
-codebook GEMV; :func:`register_hadamard` (opt-in) runs the Hadamard transform's butterfly
-stages through :func:`fwht`.
+codebook GEMV, and the Hadamard transform's butterfly stages run through :func:`fwht`
+(:func:`register_hadamard`).
 ``import lowbit.codegen.triton`` is what ``backend="triton"`` needs.
 
 On the CPU the kernels run through Triton's interpreter (``TRITON_INTERPRET=1`` before Triton

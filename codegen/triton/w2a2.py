@@ -12,8 +12,10 @@ scale needs every group scale of the row). On the way in it can apply the site's
   power-of-two widths. The butterflies of :func:`lowbit.codegen.triton.hadamard.fwht_tile` run
   in fp32, the result is multiplied by ``1/sqrt(n)`` and rounded to x's dtype, with bf16
   rounded on the bits;
-* split channels (``x[..., index] * scale``, ``torch.ops.lowbit.channel_split``), gathered from
-  the transformed row when both are on: the order of a rotated and split site.
+* or split channels (``x[..., index] * scale``, ``torch.ops.lowbit.channel_split``), loaded
+  by index. A site with both (rotated, then split: that order) runs the Hadamard op first
+  and this kernel for the split: gathering from the butterflies' registers (``tl.gather``)
+  is exact in the interpreter and Triton 3.9, but Triton 3.6 fails to compile it for sm_90.
 
 It then computes, exactly as ``lowbit.formats.quantize(x, fmt, per_row=True)``:
 
@@ -93,7 +95,7 @@ def _act_quant_kernel(
 ):
     """Rows [pid*ROWS, +ROWS): BLOCK_G (a power of two >= KP/16) groups of 16 per row.
     ``HADAMARD``: the input rows (HP wide, a power of two) go through ``torch.ops.lowbit.hadamard``
-    first (butterflies in fp32, times HSCALE, rounded to x's dtype), then the optional split."""
+    first (butterflies in fp32, times HSCALE, rounded to x's dtype); not together with SPLIT."""
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_G * 16)
@@ -101,18 +103,13 @@ def _act_quant_kernel(
     cmask = cols < K
     mask = rmask[:, None] & cmask[None, :]
     if HADAMARD:
+        tl.static_assert(not SPLIT, "the split after a fused Hadamard is a second pass (act_quant)")
         hcols = tl.arange(0, HP)
         xh = tl.load(x_ptr + rows[:, None] * stride_xm + hcols[None, :], mask=rmask[:, None], other=0.0)
         xf = fwht_tile(xh.to(tl.float32), ROWS, HP) * HSCALE
         if IN_BF16:  # rounded to bf16 on the bits (Triton's interpreter truncates its own cast)
             xf = _round_bf16(xf)
-        xh = xf.to(xh.dtype)
-        if SPLIT:
-            src = tl.load(idx_ptr + cols, mask=cmask, other=0)
-            xg = tl.gather(xh, tl.broadcast_to(src[None, :], (ROWS, BLOCK_G * 16)), 1)
-            xv = (xg.to(tl.float32) * tl.load(sc_ptr + cols, mask=cmask, other=0.0)[None, :]).to(xh.dtype)
-        else:  # HP == K == BLOCK_G * 16
-            xv = xh
+        xv = xf.to(xh.dtype)  # HP == K == BLOCK_G * 16, no split (act_quant runs that separately)
     elif SPLIT:
         src = tl.load(idx_ptr + cols, mask=cmask, other=0)
         xv = tl.load(x_ptr + rows[:, None] * stride_xm + src[None, :], mask=mask, other=0.0)
@@ -310,6 +307,8 @@ def act_quant(x: torch.Tensor, bits: int = 2, grid: str = "int", padded_width: i
                          f"float32 x (got {n_in}, {x.dtype}); run torch.ops.lowbit.hadamard first")
     if hadamard and split_index is None and kp != n_in:
         raise ValueError(f"the fused Hadamard without a split writes {n_in} columns; padded_width {kp} differs")
+    if hadamard and split_index is not None:  # two passes: see the module docstring
+        x, hadamard, n_in = torch.ops.lowbit.hadamard(x), False, x.shape[-1]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:

@@ -227,14 +227,13 @@ def test_codebook_gemv_against_float64(m, c, config):
 @pytest.mark.parametrize("rows,n,dtype", [(4096, 1536, torch.bfloat16), (3, 576, torch.float32),
                                           (2, 8192, torch.bfloat16), (100, 64, torch.float16),
                                           (5, 16384, torch.bfloat16)])
-def test_hadamard_op_runs_the_exact_butterfly_kernel(rows, n, dtype, monkeypatch):
-    """With register_hadamard the Hadamard op's butterfly stages run in the Triton kernel on CUDA
-    (p up to 8192; torch beyond): the output equals the torch stages' bit for bit."""
+def test_hadamard_op_runs_the_exact_butterfly_kernel(rows, n, dtype):
+    """With lowbit.codegen.triton imported, the Hadamard op's butterfly stages run in the Triton
+    kernel on CUDA (p up to 8192; torch beyond): the output equals the torch stages' bit for bit."""
     import lowbit.hadamard as lh
     from lowbit.hadamard import _fwht_last, hadamard_transform
 
-    monkeypatch.setattr(lh, "_FWHT_KERNELS", dict(lh._FWHT_KERNELS))  # the registration ends with the test
-    lt.register_hadamard()
+    assert lh._FWHT_KERNELS.get("cuda") is lt.dispatch.fwht_cuda
     x = torch.randn(rows, n, device="cuda").to(dtype)
     got = torch.ops.lowbit.hadamard(x)
     assert torch.equal(got, hadamard_transform(x, fwht=_fwht_last))
