@@ -57,6 +57,7 @@ import contextlib
 import json
 import math
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -533,8 +534,13 @@ class Trainer:
     def _checkpoint(self, due: bool = True) -> None:
         """Write a checkpoint if one is ``due`` or a limit of :meth:`run` is reached; stop at a limit."""
         limit = (self._budget is not None and self._steps_done >= self._budget) or self._out_of_time()
+        if limit and self.progress and self.out is not None:
+            print(f"limit reached at {self.state}: writing the checkpoint", file=sys.stderr, flush=True)
         if due or limit:
+            t0 = time.perf_counter()
             self.save_checkpoint()
+            if limit and self.progress and self.out is not None:
+                print(f"checkpoint written in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         if limit:
             raise _Interrupted
 
