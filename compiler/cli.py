@@ -246,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="between stages: nested codes, or group scales searched anew for the latent weights")
     t.add_argument("--passes", help="passes before quantization, e.g. rotate,split_outliers")
     t.add_argument("--gptq", action="store_true", help="start from GPTQ weights instead of RTN")
-    t.add_argument("--data", default="generate", help="'generate' (the model's own seeded samples), token ids in a .safetensors file "
-                   "(a checkpoint's data.safetensors) or a text file")
+    t.add_argument("--data", default="generate",
+                   help="'generate' (the model's own seeded samples), token ids in a .safetensors file "
+                        "(a checkpoint's data.safetensors) or a text file")
     t.add_argument("--samples", type=int, default=64)
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--gen-batch", type=int, default=32, help="sequences generated at once (--data generate)")
