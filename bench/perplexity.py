@@ -32,6 +32,7 @@ from lowbit.models import load_model
 VARIANT_PASSES = {
     "rotate": {"name": "rotate"},
     "rotate-noR1": {"name": "rotate", "r1": False},
+    "rotate-noonline": {"name": "rotate", "online": []},  # R1, R2; no online Hadamard before down_proj
     "fold": {"name": "fold_norms"},
     "ocs-plain": {"name": "split_outliers", "rounding_aware": False},
     "ocs-ra": {"name": "split_outliers", "rounding_aware": True},
