@@ -150,8 +150,11 @@ def cmd_train(args) -> int:
             cuda_graph=args.cuda_graph, block_samples=args.block_samples)
         print(f"training data: {args.samples} x {args.seq_len} tokens from "
               f"{'the model itself' if args.data == 'generate' else args.data}", file=sys.stderr)
+        t0 = time.perf_counter()
         data = training_data(model, tokenizer, args.data, args.samples, args.seq_len, seed=args.seed,
                              batch_size=args.gen_batch, progress=not args.quiet)
+        if not args.quiet:
+            print(f"training data ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     t0 = time.perf_counter()
     calibration = None if data is None else data[: args.calib_samples]
     student = train(model, recipe, data, config, calibration=calibration, out=ckpt, resume=args.resume,

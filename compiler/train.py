@@ -707,8 +707,12 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
         first = replace(first, weight_method="rtn")
     # compiled on the CPU (the passes' calibration runs there), then moved to the model's device
     device = next(model.parameters()).device
+    t0 = time.perf_counter()
     student = prepare_qat(copy.deepcopy(model).cpu(), first, calibration=calibration.cpu(), inplace=True,
                           progress=progress).to(device)
+    if progress:
+        print(f"{'rebuilt' if resume else 'prepared'} the trainable model ({first.weight_method}) in "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     trainer = Trainer(student, recipe, config, data.to(torch.long), out=out, progress=progress)
     if resume:
         trainer.load_checkpoint()
