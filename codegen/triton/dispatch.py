@@ -12,9 +12,9 @@ A custom op has one CUDA kernel, so each function here dispatches itself:
 * ``quantize_act`` with E4M3 scales and groups of 16: :func:`lowbit.codegen.triton.w2a2.act_quant`
   (bit-identical codes and scales);
 * ``codebook_linear`` with per-row E4M3 scales: :func:`lowbit.codegen.triton.codebook.codebook_linear_triton`;
-* opt-in (:func:`register_hadamard`; its speed is not yet measured on a GPU): the butterfly
-  stages of ``hadamard`` (and of every ``lowbit.hadamard.hadamard_transform`` on CUDA without
-  autograd) in one pass, :func:`lowbit.codegen.triton.hadamard.fwht` (bit-identical);
+* the butterfly stages of ``hadamard`` (and of every ``lowbit.hadamard.hadamard_transform`` on
+  CUDA without autograd) in one pass, :func:`lowbit.codegen.triton.hadamard.fwht`
+  (bit-identical; :func:`register_hadamard`);
 
 any other format or dtype runs the reference math unchanged.
 """
