@@ -95,6 +95,7 @@ def cmd_eval(args) -> int:
             model = lowbit.compile_quantized(model, recipe=args.recipe, calibration=calib, inplace=True,
                                              progress=not args.quiet)
             label += f" {args.recipe}"
+    model = model.to(args.device)
     text = Path(args.text).read_text()
     if args.chars:
         text = text[: args.chars]
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--windows", type=int, default=8)
     e.add_argument("--window-len", type=int, default=512)
     e.add_argument("--json", action="store_true")
+    e.add_argument("--device", default="cpu", help="where the model runs (cuda: the Triton kernels)")
     common(e)
     e.set_defaults(func=cmd_eval)
 

@@ -595,9 +595,11 @@ class Trainer:
 
         self.out.mkdir(parents=True, exist_ok=True)
         files: dict[str, dict] = {}
+        # the float weights (the teacher) are left out: a resumed run rebuilds them, bit for bit,
+        # from the model and the recipe's passes (a fifth of the checkpoint's size)
         files["sites.safetensors"] = {f"{name}.{k}": v.detach().contiguous().cpu()
                                       for name, m in fake_quant_sites(self.model).items()
-                                      for k, v in m.state_dict().items()}
+                                      for k, v in m.state_dict().items() if k not in _REBUILT}
         if not (self.out / "data.safetensors").exists():
             files["data.safetensors"] = {"ids": self._all_data.contiguous()}
         best_meta = None
@@ -631,7 +633,11 @@ class Trainer:
             set_formats(self.model, QFormat.from_dict(f["weight"]), QFormat.from_dict(f["act"]) if f["act"] else None)
         tensors = load_file(str(self.out / "sites.safetensors"), device=str(self.device))
         for name, m in fake_quant_sites(self.model).items():
-            m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+            saved = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            missing, unexpected = m.load_state_dict(saved, strict=False)
+            if unexpected or set(missing) - _REBUILT:
+                raise ValueError(f"{self.out / 'sites.safetensors'}: site {name} does not match the rebuilt model "
+                                 f"(missing {sorted(set(missing) - _REBUILT)}, unexpected {unexpected})")
         if state.get("best") is not None:
             self.best = dict(state["best"], tensors=load_file(str(self.out / "best.safetensors"),
                                                               device=str(self.device)))
@@ -639,6 +645,9 @@ class Trainer:
             self._pending_optimizer = {"meta": state["optimizer"],
                                        "tensors": load_file(str(self.out / "optimizer.safetensors"),
                                                             device=str(self.device))}
+
+
+_REBUILT = {"float_weight"}  # site buffers a checkpoint does not hold (rebuilt on resume)
 
 
 def hash_key(*parts: int) -> int:
