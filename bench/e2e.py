@@ -33,6 +33,7 @@ process, on the same random weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -227,6 +228,23 @@ def _recipe(spec: str):
     return lowbit.get_recipe(base).with_passes({"name": "fuse"})
 
 
+NO_GLUON = " [no Gluon]"
+
+
+@contextlib.contextmanager
+def _w2a16_kernels(model_name: str):
+    """For the ``[no Gluon]`` rows: W2A16 calls run the Triton ``tl.dot`` kernel at every row count."""
+    from lowbit.codegen.triton import dispatch
+
+    saved = dispatch.GLUON_MAX_M
+    if model_name.endswith(NO_GLUON):
+        dispatch.GLUON_MAX_M = 0
+    try:
+        yield
+    finally:
+        dispatch.GLUON_MAX_M = saved
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32)
@@ -238,6 +256,9 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds: skip the remaining steps after this")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--compare-gluon", action="store_true",
+                    help="also time each lowbit model's decode with the Gluon W2A16 path off (the Triton "
+                         "tl.dot kernel at every row count)")
     ap.add_argument("--skinny-config", default=None,
                     help='JSON overrides of the W2A16 skinny defaults for this run, e.g. \'{"ONE_DOT": true, "BLOCK_G": 16}\'')
     args = ap.parse_args(argv)
@@ -300,6 +321,8 @@ def main(argv=None):
                   f"(capture {meta.get('capture_method')} {meta.get('capture_seconds', 0):.0f} s)", flush=True)
             models.append((f"lowbit {recipe}", q))
     torch.cuda.empty_cache()
+    if args.compare_gluon:
+        models += [(name + NO_GLUON, m) for name, m in models if name.startswith("lowbit")]
 
     decs = {}
     for name, m in models:
@@ -312,10 +335,13 @@ def main(argv=None):
     for name, m in models:
         dec = decs[name]
         for variant, graph in (("eager", False), ("eager + CUDA graph", True)):
-            v = attempt(f"{name} decode {variant}", lambda: decode_tps(dec, dec.step, args.new, graph))
+            with _w2a16_kernels(name):
+                v = attempt(f"{name} decode {variant}", lambda: decode_tps(dec, dec.step, args.new, graph))
             if v is not None:
                 record(name, "decode", variant, v)
     for name, m in models:
+        if name.endswith(NO_GLUON):
+            continue  # prefill rows are above the Gluon path's row limit either way
         v = attempt(f"{name} prefill eager", lambda: prefill_tps(m, m.config.vocab_size, args.prefill))
         if v is not None:
             record(name, "prefill", "eager", v)
@@ -324,12 +350,15 @@ def main(argv=None):
             dec = decs[name]
             t0 = time.time()
             cstep = torch.compile(dec.step)
-            v = attempt(f"{name} decode torch.compile + CUDA graph",
-                        lambda: decode_tps(dec, cstep, args.new, True))
+            with _w2a16_kernels(name):
+                v = attempt(f"{name} decode torch.compile + CUDA graph",
+                            lambda: decode_tps(dec, cstep, args.new, True))
             if v is not None:
                 record(name, "decode", "torch.compile + CUDA graph", v, dict(compile_and_run_s=time.time() - t0))
             torch._dynamo.reset()
         for name, m in models:
+            if name.endswith(NO_GLUON):
+                continue
             t0 = time.time()
             cfwd = torch.compile(m.forward)
             v = attempt(f"{name} prefill torch.compile", lambda: prefill_tps(cfwd, m.config.vocab_size, args.prefill))

@@ -6,7 +6,9 @@ A custom op has one CUDA kernel, so each function here dispatches itself:
 
 * ``qlinear``: the W2A16 case (2-bit ``int``/``half`` weights, groups of 16, E4M3 scales,
   bf16/fp16 activations, no activation quantization) goes to
-  :func:`lowbit.codegen.triton.w2a16.w2a16_linear`; the W2A2 case (2-bit ``int`` weights and
+  :func:`lowbit.codegen.triton.w2a16_gluon.w2a16_gluon` for decode-sized bf16 calls (at most
+  ``GLUON_MAX_M`` rows, K a multiple of 256, N of 128; the weight is repacked once per tensor
+  and kept) and to :func:`lowbit.codegen.triton.w2a16.w2a16_linear` otherwise; the W2A2 case (2-bit ``int`` weights and
   activations, groups of 16, E4M3 scales) to :func:`lowbit.codegen.triton.w2a2.w2a2_linear`
   (prologue + FP8 GEMM);
 * ``quantize_act`` with E4M3 scales and groups of 16: :func:`lowbit.codegen.triton.w2a2.act_quant`
@@ -30,8 +32,11 @@ from .codebook import codebook_gemv, codebook_unsupported
 from .hadamard import MAX_P, fwht
 from .w2a2 import act_quant, w2a2_linear
 from .w2a16 import _interpreting, w2a16_linear
+from .w2a16_gluon import MAX_M as _GLUON_MAX_M
+from .w2a16_gluon import gluon_unsupported, repacked, w2a16_gluon
 
 _MIN_CAPABILITY = (8, 0)  # bf16x2 FMA in the dequantization
+GLUON_MAX_M = _GLUON_MAX_M  # W2A16 calls of at most this many rows run the Gluon kernel (0: never)
 
 
 def _reference_qlinear(*args):
@@ -113,6 +118,8 @@ def qlinear_triton(
     """``lowbit::qlinear`` on CUDA: the Triton W2A16 kernel or the reference implementation."""
     if w2a16_unsupported(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, group_size, w_scale_dtype,
                          a_bits) is None:
+        if gluon_unsupported(x, w_packed, GLUON_MAX_M) is None:
+            return w2a16_gluon(x, repacked(w_packed), w_scales, w_global, bias, grid=w_grid)
         return w2a16_linear(x, w_packed, w_scales, w_global, bias, grid=w_grid)
     if a_bits and w2a2_unsupported(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, group_size,
                                    w_scale_dtype, a_bits, a_grid, a_group_size, a_scale_dtype) is None:

@@ -1,0 +1,795 @@
+"""W2A16 decode kernel (M <= 16) in Triton's Gluon dialect: the dequantized weight is built
+directly in the tensor-core operand registers, with no layout conversion. ``lowbit::qlinear``
+runs it on CUDA for bf16 calls of at most ``MAX_M`` = 8 rows (:func:`gluon_unsupported`), on
+weights repacked once per tensor (:func:`repacked`).
+
+Measured on an H200 (2026-12-01, ``python bench/gluon_w2a16.py``, M=1, against cuBLAS bf16 in
+the same run): 13.6 us at K=N=8192 (2.48x cuBLAS; the Triton ``tl.dot`` kernel 1.83x), 7.1 us
+at 4096 (1.77x), 41.1 us at 8192 -> 28672 (2.68x), 11.4 / 12.1 us at 4096 <-> 11008 (2.16x /
+2.30x). At M=16 (MP=16) it is 2.3x slower than the ``tl.dot`` kernel, hence the 8-row limit.
+
+Triton's CPU interpreter does not run Gluon: the CPU tests (tests/test_gluon_repack.py) check
+the repacked format and replay the kernel's layouts and arithmetic in torch, thread by thread;
+tests/gpu/test_gluon_w2a16.py runs the kernel itself.
+
+Same math as :mod:`lowbit.codegen.triton.w2a16` (read its docstring first): code ``q`` of
+group ``g`` (16 consecutive elements of a row) of row ``n`` has the value
+``(q + h) * e4m3(S[n, g]) * global``, and ``y[m, n] = sum_k x[m, k] * value[n, k] + bias[n]``,
+accumulated in fp32 and rounded once to the output dtype.
+
+Why Gluon
+---------
+The Triton ``tl.dot`` kernel (``_w2a16_dot_kernel``) dequantizes in a layout of Triton's
+choosing and then converts it to the tensor-core operand layout through shared memory (STSM,
+barrier, LDSM) once per code pair, waiting for each product. Gluon states every layout, so
+here the words are *loaded* in a layout chosen such that, after the register-only reshapes
+below, the dequantized tile already *is* the ``mma.sync`` A operand layout:
+``gl.convert_layout(..., assert_trivial=True)`` proves at compile time that the conversion
+moves no data (it raises otherwise).
+
+Repacked weight (:func:`repack_w2a16`, offline)
+----------------------------------------------
+One int32 word per group of 16 codes, same place as lowbit's packed format ([N, Kp/16], the
+scales stay as they are), but inside the word
+
+* field ``i`` (bits ``2i, 2i+1``, i < 8) holds code ``2i`` and field ``i + 8`` (bits
+  ``16+2i, 17+2i``) holds code ``2i + 1``: the two codes of "pair i" sit 16 bits apart (one
+  bf16x2 lane each) AND are the K-adjacent elements ``16g + 2i, 16g + 2i + 1``, so they meet
+  the natural bf16 pair ``x[m, 16g + 2i : 16g + 2i + 2]`` (x needs no permutation: it is
+  read as it is, 16 bytes per load);
+* each field stores ``f = q + 2`` in [0, 3] (the ``^ 0xAAAAAAAA`` of w2a16.py done offline).
+
+Dequantization (inline PTX, exact; see w2a16.py). A shift moves the two fields of pair i to
+bits 5-6 and 21-22, ``lop3`` ORs in the exponent of 4 (bf16x2 ``{4 + f_lo, 4 + f_hi}``, the
+fields in the top mantissa bits) and one ``fma.rn.bf16x2`` with ``{s, s}`` and
+``{-(6 - h) s, ..}`` gives ``(q + h) s`` for both codes. On the int grid (h = 0) two pairs
+share one shift: after a shift by ``2i - 3`` (i even) pair i sits at bits 3-4 / 19-20, where
+the exponent of 16 makes ``16 + f``, and pair i + 1 at bits 5-6 / 21-22; the FMA offset
+``-18 s`` is exact too (18 has 4 significant bits, s at most 4, bf16 keeps 8). So a word costs
+4 shifts + 8 LOP3 + 8 HFMA2 on the int grid (1.25 instructions per weight) and 8 + 8 + 8 on
+the half grid (where ``17.5 s`` would not be exact in bf16). Every value is exact in bf16, so
+the tensor-core products are exact and only the fp32 accumulation rounds; the global scale
+multiplies the fp32 accumulator at the end. ptxas folds the ``{s, s}`` broadcasts into the
+HFMA2 operand selectors (``R.H0_H0``): no extra instruction.
+
+Scale decoding (inline PTX, exact, subnormals and signs included). A thread reads the four
+E4M3 bytes of its four groups of a row as one int32 word. One ``prmt`` per two groups puts
+bytes u and u + 1 in the low bytes of the two halves and sign-replicated copies in the high
+bytes; ``<< 4`` and ``& 0x87F0`` leave the bf16 bits ``(b & 0x7F) << 4 | (b & 0x80) << 8``,
+which are the E4M3 value times ``2^-120`` (a bf16 subnormal for E4M3 subnormals); one
+``fma.rn.bf16x2`` by ``2^120`` (bf16 arithmetic keeps subnormals) gives ``{s_u, s_u+1}`` and one
+more per offset ``{-(6 - h) s, ..}`` / ``{-18 s, ..}``: 12 instructions per 4 groups.
+
+Layouts (swap-AB ``mma.sync.m16n8k16``, ``mma_v2``; W rows are the MMA M dimension)
+----------------------------------------------------------------------------------
+PTX's fragments for lane ``L`` (``gid = L >> 2``, ``t = L & 3``): A (16 x 16) registers
+``a0,a1`` = (row gid, k 2t, 2t+1), ``a2,a3`` = (row gid+8, same k), ``a4,a5`` = (row gid,
+k 2t+8, 2t+9), ``a6,a7`` = (row gid+8, k 2t+8, 2t+9); B (16 x 8): ``b0,b1`` = (k 2t, 2t+1,
+col gid), ``b2,b3`` = (k 2t+8, 2t+9, col gid); C (16 x 8): ``c0,c1`` = (row gid, col 2t,
+2t+1), ``c2,c3`` = (row gid+8, ...).
+
+The order of K inside a product is free (the same on both sides). One *tile* covers 16 groups
+(256 elements of K) of ``BLOCK_N`` rows; group ``g = 4t + u`` of the tile goes to the lanes
+with ``t = L & 3`` (u < 4 in registers). Tile word (row, g) is loaded by the thread with
+``gid = row % 8`` and ``t = g // 4`` (four consecutive words of a row: one 16-byte load), rows
+``gid + 8h + 16 warp + 16 num_warps r`` (h, r: registers). For each ``u`` one ``mma_v2`` over
+64 logical K indices
+
+    k = j + 2 t + 8 i0 + 16 i1 + 32 i2   <->   actual K  16 (g0 + 4t + u) + 2i + j,
+
+``i = i0 + 2 i1 + 4 i2`` the pair and ``j`` its half: bits j, i0 land in A's registers (the
+bf16x2 halves and a4..a7), t in the lanes, (i1, i2) pick one of the four k16 steps, so the
+thread's own word (row, 4t + u) feeds exactly its own A registers. On the x side the same
+k is ``x[m, 16 (g0 + 4t + u) + 2i + j]``: the thread with ``t`` loads the 64 consecutive
+elements ``[64t, 64t + 64)`` of the tile as 32 bf16 pairs (eight 16-byte loads; the B column
+``m = gid``, rows clamped to M - 1 and never stored beyond M) and each pair already is a B
+register (``b0,b1`` for even i, ``b2,b3`` for odd i).
+
+In Gluon terms (:func:`layout_bases`): words [BLOCK_N, 16] are loaded in the
+``DistributedLinearLayout`` ``WL`` (reg bases: g 1, 2, row 8, row repetitions; lanes: g 4, 8,
+rows 1, 2, 4; warps: rows 16, 32, ...), scale words [BLOCK_N, 4] in ``SL`` (the same without
+the g registers), x words [MP, 128] in ``XL`` (reg: word 1, 2, 4 (pair i), 8, 16 (u), col 8
+if MP = 16; lanes: word 32, 64 (t), cols 1, 2, 4; warps: broadcast). ``gl.split`` separates
+the four words of a row (a register dimension), the eight pairs are ``gl.join``-ed and
+``gl.permute`` + ``gl.reshape`` relabel them to the logical k above; these only rename
+registers, and every ``convert_layout`` (to the ``DotOperandLayout`` of A and B, and of the
+scales to the words' layout) is asserted trivial at compile time. Emulations in pure torch
+check the reasoning on the CPU (tests/test_gluon_repack.py): :func:`emulate_tile_ops` replays
+the kernel's op chain on whole tensors, :func:`emulate_fragments` the data flow per thread
+and register into PTX's fragments.
+
+K is split across programs (``SPLIT_K``): each stores its fp32 partial tile, the last to arrive
+sums them in a fixed order (the serial reduction of w2a16.py; no memset, deterministic). With
+``PREFETCH`` the next tile's words, scales and x are loaded before the current tile is used;
+``UNROLL2`` (two tiles per iteration, set where every split has an even tile count) removes
+the register copies of that double buffer. Shapes: N a multiple of BLOCK_N, K of 256 (the
+kernel has no masked tail), M <= 16, bf16 x.
+
+Compile facts (Triton 3.6, sm_90, compiled without a GPU; BLOCK_N=64, 4 warps, split-K 4,
+MP=8, int grid, UNROLL2): 86 registers, no spills, 4 bytes of shared memory (the broadcast of
+the split-K counter's atomic); no st.shared / ld.shared / ldmatrix / stmatrix for W or x. Main
+loop: 225 SASS instructions per tile = 1.76 per weight (128 weights per thread and tile:
+64 HFMA2 + 68 LOP3 + 24 shifts of the dequantization, 16 HMMA, 12 LDG (2 x 16 B of words, 2 x
+4 B of scales, 8 x 16 B of x), 12 scale-decoding instructions per word, addressing). Half
+grid 1.97, MP=16 2.02 per weight. For comparison the Triton skinny kernel: 3.8 per weight
+and a shared-memory round trip per code pair.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:  # Gluon exists from Triton 3.4 on; keep the module importable without it (CPU tests)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    HAVE_GLUON = True
+except Exception:  # pragma: no cover - no triton or too old
+    HAVE_GLUON = False
+
+
+
+# ----------------------------------------------------------------------------------------
+# repacked weight format (pure torch)
+# ----------------------------------------------------------------------------------------
+
+def _codes_of(packed: torch.Tensor) -> torch.Tensor:
+    """int8 [N, Kp] two's complement codes of lowbit's packed uint8 [N, Kp/4] format."""
+    from lowbit.formats import unpack_codes
+
+    return unpack_codes(packed, 2)
+
+
+def repack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """int32 [N, Kp/16] repacked words of int8 codes [N, Kp] in [-2, 1] (module docstring):
+    field i holds ``code[16g + 2i] + 2``, field i + 8 holds ``code[16g + 2i + 1] + 2``."""
+    n, kp = codes.shape
+    if kp % 16:
+        raise ValueError(f"K ({kp}) must be a multiple of 16")
+    f = (codes.to(torch.int64) + 2).reshape(n, kp // 16, 8, 2)  # [..., i, j] = code 2i + j
+    if bool(((f < 0) | (f > 3)).any()):
+        raise ValueError("2-bit codes must lie in [-2, 1]")
+    shifts = 2 * torch.arange(8, dtype=torch.int64, device=codes.device)
+    word = (f[..., 0] << shifts).sum(-1) + ((f[..., 1] << shifts).sum(-1) << 16)
+    word = torch.where(word >= 2**31, word - 2**32, word)
+    return word.to(torch.int32)
+
+
+def repack_w2a16(packed: torch.Tensor) -> torch.Tensor:
+    """Repack lowbit's uint8 [N, Kp/4] 2-bit weight into the int32 [N, Kp/16] words of the
+    Gluon kernel (offline; the E4M3 scales and the global scale are used unchanged)."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise TypeError(f"expected lowbit's packed uint8 [N, Kp/4] weight, got {packed.dtype} {tuple(packed.shape)}")
+    return repack_codes(_codes_of(packed))
+
+
+def unpack_repacked(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`repack_codes`: int8 codes [N, 16 * words.shape[1]]."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = 2 * torch.arange(8, dtype=torch.int64, device=words.device)
+    lo = (w.unsqueeze(-1) >> shifts) & 3           # [N, G, i]: code 2i + 2
+    hi = (w.unsqueeze(-1) >> (shifts + 16)) & 3    # code 2i + 1 + 2
+    return (torch.stack([lo, hi], -1) - 2).reshape(words.shape[0], -1).to(torch.int8)
+
+
+# ----------------------------------------------------------------------------------------
+# layouts (host side, passed to the kernel as constexprs)
+# ----------------------------------------------------------------------------------------
+
+def _lg(v: int) -> int:
+    b = v.bit_length() - 1
+    if v <= 0 or (1 << b) != v:
+        raise ValueError(f"{v} is not a power of two")
+    return b
+
+
+def layout_bases(block_n: int, mp: int, num_warps: int) -> dict:
+    """Linear-layout bases (lists of [row, col] per register / lane / warp bit) of the tiles the
+    kernel loads (module docstring): words ``w`` [BLOCK_N, 16] (g = 4t + u), scale words ``s``
+    [BLOCK_N, 4] (word t = bytes of groups 4t..4t+3) and x words ``x`` [MP, 128] (bf16 pairs:
+    x word 32t + 8u + i holds elements 16(4t + u) + 2i + (0, 1)). Plain lists, also used by
+    :func:`emulate_fragments`."""
+    rb = block_n // (16 * num_warps)
+    if rb < 1 or rb * 16 * num_warps != block_n:
+        raise ValueError(f"BLOCK_N ({block_n}) must be 16 * num_warps ({num_warps}) * a power of two")
+    if mp not in (8, 16):
+        raise ValueError("MP must be 8 or 16")
+    rows = [[1, 0], [2, 0], [4, 0]]
+    row_reps = [[16 * num_warps << r, 0] for r in range(_lg(rb))]
+    warps = [[16 << b, 0] for b in range(_lg(num_warps))]
+    w = dict(reg=[[0, 1], [0, 2], [8, 0]] + row_reps, lane=[[0, 4], [0, 8]] + rows, warp=warps, shape=[block_n, 16])
+    sc = dict(reg=[[8, 0]] + row_reps, lane=[[0, 1], [0, 2]] + rows, warp=warps, shape=[block_n, 4])
+    x = dict(reg=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 16]] + ([[8, 0]] if mp == 16 else []),
+             lane=[[0, 32], [0, 64]] + rows, warp=[[0, 0] for _ in range(_lg(num_warps))], shape=[mp, 128])
+    return dict(w=w, s=sc, x=x)
+
+
+def _layouts(block_n: int, mp: int, num_warps: int):
+    b = layout_bases(block_n, mp, num_warps)
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
+    a_l = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_l = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    lin = {key: gl.DistributedLinearLayout(reg_bases=v["reg"], lane_bases=v["lane"], warp_bases=v["warp"],
+                                           block_bases=[], shape=v["shape"]) for key, v in b.items()}
+    return lin["w"], lin["s"], lin["x"], mma, a_l, b_l
+
+
+# ----------------------------------------------------------------------------------------
+# kernel
+# ----------------------------------------------------------------------------------------
+
+if HAVE_GLUON:
+
+    _SCALE_ASM = """{
+            .reg .b32 a, b, c, z, sa, sb, oa, ob, pa, pb;
+            prmt.b32 a, $12, 0, 0x9180;
+            prmt.b32 b, $12, 0, 0xB3A2;
+            shl.b32 a, a, 4;
+            shl.b32 b, b, 4;
+            and.b32 a, a, 0x87F087F0;
+            and.b32 b, b, 0x87F087F0;
+            mov.b32 c, 0x7B807B80;
+            mov.b32 z, 0x80008000;
+            fma.rn.bf16x2 sa, a, c, z;
+            fma.rn.bf16x2 sb, b, c, z;
+            mov.b32 c, OFF4;
+            fma.rn.bf16x2 oa, sa, c, z;
+            fma.rn.bf16x2 ob, sb, c, z;
+            mov.b32 c, OFF16;
+            fma.rn.bf16x2 pa, sa, c, z;
+            fma.rn.bf16x2 pb, sb, c, z;
+            mov.b32 {$0, $1}, sa;
+            mov.b32 {$2, $3}, sb;
+            mov.b32 {$4, $5}, oa;
+            mov.b32 {$6, $7}, ob;
+            mov.b32 {$8, $9}, pa;
+            mov.b32 {$10, $11}, pb;
+            }"""
+    # int grid: -(4 + 2) s and -(16 + 2) s; half grid: -(4 + 2 - 1/2) s (the C = 16 fields are not used)
+    _SCALE_ASM_INT = gl.constexpr(_SCALE_ASM.replace("OFF4", "0xC0C0C0C0").replace("OFF16", "0xC190C190"))
+    _SCALE_ASM_HALF = gl.constexpr(_SCALE_ASM.replace("OFF4", "0xC0B0C0B0").replace("OFF16", "0xC0B0C0B0"))
+
+    @gluon.jit
+    def _scales4(sw, HALF: gl.constexpr):
+        """bf16 ``s_u``, ``-(6 - h) s_u`` and ``-18 s_u`` (u < 4) of int32 words ``sw`` holding
+        four E4M3 bytes (byte u = group u). A ``prmt`` puts bytes u, u+1 in the low bytes of the
+        two halves of a word and their sign-replicated copies in the high bytes; a shift by 4 and
+        an AND with 0x87F0 leave the bf16 bits ``(b & 0x7F) << 4 | (b & 0x80) << 8`` (the E4M3
+        value times 2^-120, a bf16 subnormal for E4M3 subnormals) in both halves; one bf16x2
+        FMA by 2^120 (then one per offset) per two groups. All exact."""
+        if HALF:
+            asm: gl.constexpr = _SCALE_ASM_HALF
+        else:
+            asm: gl.constexpr = _SCALE_ASM_INT
+        return gl.inline_asm_elementwise(
+            asm=asm, constraints="=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r", args=[sw],
+            dtype=(gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16,
+                   gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16, gl.bfloat16),
+            is_pure=True, pack=1)
+
+    @gluon.jit
+    def _halves(v):
+        """bf16 (low half, high half) of int32 v (a register rename)."""
+        return gl.inline_asm_elementwise(asm="mov.b32 {$0, $1}, $2;", constraints="=h,=h,r", args=[v],
+                                         dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+
+    _PAIR_ASM = """{
+            .reg .b32 t, c, d, r;
+            lop3.b32 t, $2, MASK, EXPO, 0xEA;
+            mov.b32 c, {$3, $3};
+            mov.b32 d, {$4, $4};
+            fma.rn.bf16x2 r, t, c, d;
+            mov.b32 {$0, $1}, r;
+            }"""
+    _PAIR_ASM_C4 = gl.constexpr(_PAIR_ASM.replace("MASK", "0x00600060").replace("EXPO", "0x40804080"))
+    _PAIR_ASM_C16 = gl.constexpr(_PAIR_ASM.replace("MASK", "0x00180018").replace("EXPO", "0x41804180"))
+
+    @gluon.jit
+    def _shift(w, SH: gl.constexpr):
+        """w >> SH (SH < 0: w << -SH); bits shifted in are masked away later."""
+        if SH < 0:
+            v = w << (-SH)
+        elif SH > 0:
+            v = w >> SH
+        else:
+            v = w
+        return v
+
+    @gluon.jit
+    def _pair(v, s, o, C16: gl.constexpr):
+        """[.., 2] bf16 ``(q + h) s`` of the two fields at bits 5-6 and 21-22 of v (``C16``: bits
+        3-4 and 19-20): lop3 makes the bf16x2 ``C + f`` (C = 4 or 16, the fields in the top
+        mantissa bits under the exponent of C) and fma.rn.bf16x2 gives ``(C + f) s + o`` with
+        ``o = -(C + 2 - h) s``."""
+        if C16:
+            asm: gl.constexpr = _PAIR_ASM_C16
+        else:
+            asm: gl.constexpr = _PAIR_ASM_C4
+        lo, hi = gl.inline_asm_elementwise(asm=asm, constraints="=h,=h,r,h,h", args=[v, s, o],
+                                           dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+        return gl.join(lo, hi)
+
+    @gluon.jit
+    def _step(acc, w, s, o4, o16, xu, HALF: gl.constexpr, BLOCK_N: gl.constexpr, MP: gl.constexpr,
+              AL: gl.constexpr, BL: gl.constexpr):
+        """acc + one mma_v2 over the 4 groups (one per lane t) of words w [BLOCK_N, 4] against
+        xu [MP, 4, 16] (x elements of those groups, natural order). Pair i (codes 2i, 2i+1 in
+        fields i, i+8) is shifted so that its fields reach bits 5-6 / 21-22 (C = 4). On the int
+        grid the even pairs use bits 3-4 / 19-20 (C = 16, exact there since 18 s fits bf16) and
+        share the shift of the odd pair after them: 4 shifts per word instead of 8."""
+        if HALF:
+            p0 = _pair(_shift(w, -5), s, o4, False)
+            p1 = _pair(_shift(w, -3), s, o4, False)
+            p2 = _pair(_shift(w, -1), s, o4, False)
+            p3 = _pair(_shift(w, 1), s, o4, False)
+            p4 = _pair(_shift(w, 3), s, o4, False)
+            p5 = _pair(_shift(w, 5), s, o4, False)
+            p6 = _pair(_shift(w, 7), s, o4, False)
+            p7 = _pair(_shift(w, 9), s, o4, False)
+        else:
+            v = _shift(w, -3)
+            p0 = _pair(v, s, o16, True)
+            p1 = _pair(v, s, o4, False)
+            v = _shift(w, 1)
+            p2 = _pair(v, s, o16, True)
+            p3 = _pair(v, s, o4, False)
+            v = _shift(w, 5)
+            p4 = _pair(v, s, o16, True)
+            p5 = _pair(v, s, o4, False)
+            v = _shift(w, 9)
+            p6 = _pair(v, s, o16, True)
+            p7 = _pair(v, s, o4, False)
+        # dims (n, t, j, i0, i1, i2) -> (n, i2, i1, i0, t, j): k = j + 2t + 8 i0 + 16 i1 + 32 i2
+        a = gl.join(gl.join(gl.join(p0, p1), gl.join(p2, p3)), gl.join(gl.join(p4, p5), gl.join(p6, p7)))
+        a = gl.reshape(gl.permute(a, (0, 5, 4, 3, 1, 2)), [BLOCK_N, 64])
+        a = gl.convert_layout(a, AL, assert_trivial=True)
+        # x: (m, t, c = 2i + j) -> (m, i, t, j), then transposed to [64, MP]
+        xb = gl.permute(gl.reshape(xu, [MP, 4, 8, 2]), (0, 2, 1, 3))
+        xb = gl.permute(gl.reshape(xb, [MP, 64]), (1, 0))
+        xb = gl.convert_layout(xb, BL, assert_trivial=True)
+        return mma_v2(a, xb, acc)
+
+    @gluon.jit
+    def _tile(acc, w, sw, xw, HALF: gl.constexpr, BLOCK_N: gl.constexpr, MP: gl.constexpr,
+              AL: gl.constexpr, BL: gl.constexpr):
+        """acc + the products of one tile of 16 groups: words w [BLOCK_N, 16] (group g = 4t + u),
+        scale words sw [BLOCK_N, 4] (byte u of word t: group 4t + u), x words xw [MP, 128]
+        (bf16 pairs of the 256 x elements)."""
+        s0, s1, s2, s3, o0, o1, o2, o3, q0, q1, q2, q3 = _scales4(sw, HALF)
+        # u = 2a + b: the first split takes b (the last dimension), the second a
+        we, wo = gl.split(gl.reshape(w, [BLOCK_N, 4, 2, 2]))
+        w0, w2 = gl.split(we)
+        w1, w3 = gl.split(wo)
+        lay: gl.constexpr = w0.type.layout
+        s0 = gl.convert_layout(s0, lay, assert_trivial=True)
+        s1 = gl.convert_layout(s1, lay, assert_trivial=True)
+        s2 = gl.convert_layout(s2, lay, assert_trivial=True)
+        s3 = gl.convert_layout(s3, lay, assert_trivial=True)
+        o0 = gl.convert_layout(o0, lay, assert_trivial=True)
+        o1 = gl.convert_layout(o1, lay, assert_trivial=True)
+        o2 = gl.convert_layout(o2, lay, assert_trivial=True)
+        o3 = gl.convert_layout(o3, lay, assert_trivial=True)
+        q0 = gl.convert_layout(q0, lay, assert_trivial=True)
+        q1 = gl.convert_layout(q1, lay, assert_trivial=True)
+        q2 = gl.convert_layout(q2, lay, assert_trivial=True)
+        q3 = gl.convert_layout(q3, lay, assert_trivial=True)
+        # x: pairs -> elements; k = 64 t + 16 u + c -> (m, t, c, u)
+        xlo, xhi = _halves(xw)
+        xt = gl.reshape(gl.join(xlo, xhi), [MP, 256])
+        xr = gl.permute(gl.reshape(xt, [MP, 4, 4, 16]), (0, 1, 3, 2))
+        xe, xo = gl.split(gl.reshape(xr, [MP, 4, 16, 2, 2]))
+        x0, x2 = gl.split(xe)
+        x1, x3 = gl.split(xo)
+        acc = _step(acc, w0, s0, o0, q0, x0, HALF, BLOCK_N, MP, AL, BL)
+        acc = _step(acc, w1, s1, o1, q1, x1, HALF, BLOCK_N, MP, AL, BL)
+        acc = _step(acc, w2, s2, o2, q2, x2, HALF, BLOCK_N, MP, AL, BL)
+        acc = _step(acc, w3, s3, o3, q3, x3, HALF, BLOCK_N, MP, AL, BL)
+        return acc
+
+    @gluon.jit
+    def _w2a16_gluon_kernel(
+        x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+        M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+        HALF: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, MP: gl.constexpr,
+        SPLIT_K: gl.constexpr, PREFETCH: gl.constexpr, UNROLL2: gl.constexpr,
+        WL: gl.constexpr, SL: gl.constexpr, XL: gl.constexpr, MMA: gl.constexpr, AL: gl.constexpr,
+        BL: gl.constexpr,
+    ):
+        """One program: rows [pid_n * BLOCK_N, +BLOCK_N) over a 1/SPLIT_K share of the K tiles
+        (256 elements each; module docstring). ``x_ptr``, ``s_ptr``: int32 views (bf16 pairs,
+        four E4M3 bytes); strides in int32 words. ``PREFETCH``: the next tile's words, scales
+        and x are loaded before the current tile is used (register double buffering)."""
+        pid_n = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        tiles = K // 256
+        per = (tiles + SPLIT_K - 1) // SPLIT_K
+        t_lo = pid_k * per
+        t_hi = gl.minimum(t_lo + per, tiles)
+        offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WL))
+        offs_g = gl.arange(0, 16, layout=gl.SliceLayout(0, WL))
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_g[None, :]
+        offs_sn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, SL))
+        offs_st = gl.arange(0, 4, layout=gl.SliceLayout(0, SL))
+        s_ptrs = s_ptr + offs_sn[:, None] * stride_sn + offs_st[None, :]
+        rows_x = gl.minimum(gl.arange(0, MP, layout=gl.SliceLayout(1, XL)), M - 1)
+        offs_k = gl.arange(0, 128, layout=gl.SliceLayout(0, XL))
+        x_ptrs = x_ptr + rows_x[:, None] * stride_xm + offs_k[None, :]
+        acc = gl.zeros([BLOCK_N, MP], gl.float32, layout=MMA)
+        if PREFETCH:
+            t0 = gl.minimum(t_lo, tiles - 1)
+            wa = gl.load(w_ptrs + t0 * 16)
+            sa = gl.load(s_ptrs + t0 * 4)
+            xa = gl.load(x_ptrs + t0 * 128)
+            if UNROLL2:
+                # two tiles per iteration, alternating register sets (no copies between them);
+                # the launcher sets UNROLL2 only where every split has an even tile count
+                for t in range(t_lo, t_hi, 2):
+                    tb = gl.minimum(t + 1, t_hi - 1)
+                    wb = gl.load(w_ptrs + tb * 16)
+                    sb = gl.load(s_ptrs + tb * 4)
+                    xb = gl.load(x_ptrs + tb * 128)
+                    acc = _tile(acc, wa, sa, xa, HALF, BLOCK_N, MP, AL, BL)
+                    ta = gl.minimum(t + 2, t_hi - 1)
+                    wa = gl.load(w_ptrs + ta * 16)
+                    sa = gl.load(s_ptrs + ta * 4)
+                    xa = gl.load(x_ptrs + ta * 128)
+                    acc = _tile(acc, wb, sb, xb, HALF, BLOCK_N, MP, AL, BL)
+            else:
+                for t in range(t_lo, t_hi):
+                    w = wa
+                    sw = sa
+                    xw = xa
+                    tn = gl.minimum(t + 1, t_hi - 1)
+                    wa = gl.load(w_ptrs + tn * 16)
+                    sa = gl.load(s_ptrs + tn * 4)
+                    xa = gl.load(x_ptrs + tn * 128)
+                    acc = _tile(acc, w, sw, xw, HALF, BLOCK_N, MP, AL, BL)
+        else:
+            for t in range(t_lo, t_hi):
+                w = gl.load(w_ptrs + t * 16)
+                sw = gl.load(s_ptrs + t * 4)
+                xw = gl.load(x_ptrs + t * 128)
+                acc = _tile(acc, w, sw, xw, HALF, BLOCK_N, MP, AL, BL)
+        acc = acc * gl.load(g_ptr)
+        yn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+        ym = gl.arange(0, MP, layout=gl.SliceLayout(0, MMA))
+        ymask = (ym < M)[None, :] & (yn < N)[:, None]
+        if SPLIT_K > 1:
+            tile_mn = ym[None, :] * N + yn[:, None]
+            gl.store(ws_ptr + pid_k * M * N + tile_mn, acc, mask=ymask)
+            gl.thread_barrier()
+            arrived = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                total = gl.zeros([BLOCK_N, MP], gl.float32, layout=MMA)
+                for kk in gl.static_range(SPLIT_K):
+                    total += gl.load(ws_ptr + kk * M * N + tile_mn, mask=ymask, other=0.0, cache_modifier=".cg")
+                gl.atomic_xchg(cnt_ptr + pid_n, 0)
+                if HAS_BIAS:
+                    total += gl.load(b_ptr + yn).to(gl.float32)[:, None]
+                gl.store(y_ptr + ym[None, :] * stride_ym + yn[:, None], total.to(y_ptr.dtype.element_ty), mask=ymask)
+        else:
+            if HAS_BIAS:
+                acc += gl.load(b_ptr + yn).to(gl.float32)[:, None]
+            gl.store(y_ptr + ym[None, :] * stride_ym + yn[:, None], acc.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+# ----------------------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------------------
+
+# H200 sweep (2026-12-01, M=1, docs/benchmarks.md): BLOCK_N=128 with 4 warps beat 64 and 256
+# at every shape; split-K 8 was best up to 64 row blocks (N <= 8192: 13.6 us at 8192x8192
+# against 17.3 for BLOCK_N=64 / split 4), split-K 4 above (N = 11008 and 28672).
+DEFAULTS = dict(BLOCK_N=128, SPLIT_K=0, PREFETCH=True, UNROLL2=True, num_warps=4)
+TILE_K = 256            # K elements per tile (16 groups: one 16-byte word load per row and thread)
+MAX_M = 8               # rows routed here by torch.ops.lowbit.qlinear (MP = 8; at M = 16 the
+                        # Triton skinny kernel is 2.3x faster)
+
+
+def default_config(m: int, n: int, k: int, **over) -> dict:
+    """Tile sizes. ``SPLIT_K=0``: 8 up to 64 row blocks, 4 above (measured; at least one tile
+    per split); ``MP`` (the padded M of the MMA: 8 or 16) from M; ``UNROLL2`` (two tiles per
+    loop iteration) only where every split has an even number of tiles."""
+    cfg = dict(DEFAULTS)
+    cfg.update({a: b for a, b in over.items() if b is not None})
+    if cfg.get("MP") is None:
+        cfg["MP"] = 8 if m <= 8 else 16
+    tiles = max(k // TILE_K, 1)
+    if not cfg["SPLIT_K"]:
+        cfg["SPLIT_K"] = max(1, min(tiles, 8 if n // cfg["BLOCK_N"] <= 64 else 4))
+    split = cfg["SPLIT_K"]
+    cfg["UNROLL2"] = bool(cfg["UNROLL2"] and cfg["PREFETCH"] and tiles % split == 0 and (tiles // split) % 2 == 0)
+    return cfg
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_layouts(block_n, mp, num_warps):
+    return _layouts(block_n, mp, num_warps)
+
+
+def w2a16_gluon(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor,
+                bias: torch.Tensor | None = None, grid: str = "int", out_dtype: torch.dtype | None = None,
+                **config) -> torch.Tensor:
+    """``x @ dequant(W)^T + bias`` for bf16 x [..., K] (M <= 16 rows after flattening).
+
+    ``packed``: the repacked int32 words [N, Kp/16] of :func:`repack_w2a16` (pass these: a
+    uint8 lowbit-packed weight is accepted too but is then repacked on every call, in torch);
+    ``scales``: ``float8_e4m3fn`` [N, Kp/16] (lowbit's, unchanged); ``global_scale``: fp32
+    (one element); ``bias``: [N] (any float dtype, added in fp32); ``grid``: "int" or "half";
+    ``out_dtype``: x's by default (fp32 returns the accumulator, for tests). ``config``:
+    BLOCK_N (16 * num_warps * 2^r), SPLIT_K (0: automatic), PREFETCH, UNROLL2, num_warps, MP
+    (8 or 16).
+    The kernel needs N % BLOCK_N == 0 and K % 256 == 0.
+    """
+    if not HAVE_GLUON:
+        raise RuntimeError("w2a16_gluon needs triton.experimental.gluon")
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"the Gluon kernel takes bf16 activations, got {x.dtype}")
+    if grid not in ("int", "half"):
+        raise ValueError(f"grid must be 'int' or 'half', got {grid!r}")
+    if packed.dtype == torch.uint8:
+        packed = repack_w2a16(packed)
+    n, gp = scales.shape
+    if packed.shape != (n, gp) or packed.dtype != torch.int32:
+        raise ValueError(f"repacked weight {tuple(packed.shape)} {packed.dtype} does not match scales "
+                         f"{tuple(scales.shape)} (expected int32 [{n}, {gp}])")
+    if scales.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"expected E4M3 group scales, got {scales.dtype}")
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m > 16:
+        raise ValueError(f"the Gluon kernel handles M <= 16 rows, got {m}")
+    out_dtype = out_dtype or x.dtype
+    if m == 0:
+        return x.new_empty((*lead, n), dtype=out_dtype)
+    cfg = default_config(m, n, k, **config)
+    bn, split, nw, mp = cfg["BLOCK_N"], cfg["SPLIT_K"], cfg["num_warps"], cfg["MP"]
+    if n % bn or k % TILE_K or k > gp * 16:
+        raise ValueError(f"N ({n}) must be a multiple of BLOCK_N ({bn}) and K ({k}) of {TILE_K}")
+    if m > mp:
+        raise ValueError(f"M ({m}) > MP ({mp})")
+    if max(m, split) * max(n, k) * 16 >= 2**31 or n * gp >= 2**31:
+        raise ValueError("too large for 32-bit indexing")
+    words = packed if packed.stride(-1) == 1 else packed.contiguous()
+    sc = scales if scales.stride(-1) == 1 else scales.contiguous()
+    if words.stride(0) % 4 or words.data_ptr() % 16 or sc.stride(0) % 4 or sc.data_ptr() % 4:
+        raise ValueError("the words need 16-byte aligned rows and the scales 4-byte aligned rows")
+    s32 = sc.view(torch.uint8).view(torch.int32)   # four E4M3 bytes per word
+    x32 = x2.view(torch.int32)                      # bf16 pairs
+    g = global_scale.reshape(1).float()
+    y = torch.empty((m, n), device=x.device, dtype=out_dtype)
+    if split > 1:
+        from lowbit.codegen.triton.w2a16 import _tile_counters
+
+        ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+        cnt = _tile_counters(x.device, n // bn)
+    else:
+        ws, cnt = y, g  # unused
+    w_l, s_l, x_l, mma, a_l, b_l = _cached_layouts(bn, mp, nw)
+    _w2a16_gluon_kernel[(n // bn, split)](
+        x32, words, s32, g, bias if bias is not None else g, y, ws, cnt,
+        m, n, k, x32.stride(0), words.stride(0), s32.stride(0), y.stride(0),
+        HALF=grid == "half", HAS_BIAS=bias is not None, BLOCK_N=bn, MP=mp,
+        SPLIT_K=split, PREFETCH=bool(cfg["PREFETCH"]), UNROLL2=cfg["UNROLL2"], WL=w_l, SL=s_l, XL=x_l, MMA=mma, AL=a_l, BL=b_l,
+        num_warps=nw)
+    return y.reshape(*lead, n)
+
+
+def gluon_unsupported(x: torch.Tensor, packed: torch.Tensor, max_m: int = MAX_M) -> str | None:
+    """Why ``torch.ops.lowbit.qlinear`` does not route this W2A16 call to the Gluon kernel, or
+    None: it takes CUDA bf16 x with at most ``max_m`` rows, K a multiple of 256 and N of the
+    default BLOCK_N (the caller has already checked the 2-bit packed format)."""
+    import os
+
+    if not HAVE_GLUON:
+        return "no triton.experimental.gluon"
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return "Triton's interpreter does not run Gluon"
+    if x.device.type != "cuda":
+        return f"{x.device.type} activations (Gluon path: CUDA)"
+    return _shape_problem(x, packed, max_m)
+
+
+def _shape_problem(x: torch.Tensor, packed: torch.Tensor, max_m: int) -> str | None:
+    if x.dtype != torch.bfloat16:
+        return f"{x.dtype} activations (Gluon path: bf16)"
+    m = x.numel() // max(x.shape[-1], 1)
+    if m > max_m:
+        return f"{m} rows (Gluon path: at most {max_m})"
+    n, k = packed.shape[0], x.shape[-1]
+    if k % TILE_K or n % DEFAULTS["BLOCK_N"]:
+        return f"K={k}, N={n} (Gluon path: K a multiple of {TILE_K}, N of {DEFAULTS['BLOCK_N']})"
+    if packed.dim() != 2 or packed.shape[1] % 16:
+        return "packed rows not a multiple of 64 codes (16-byte aligned repacked rows)"
+    return None
+
+
+_REPACKED: dict = {}
+
+
+def repacked(packed: torch.Tensor) -> torch.Tensor:
+    """:func:`repack_w2a16` of a weight, computed once and kept while that tensor lives and is
+    not modified in place (keyed by the tensor's identity and version counter), so inference
+    repacks each weight on its first call only (before any CUDA-graph capture that replays it)."""
+    import weakref
+
+    key = id(packed)
+    hit = _REPACKED.get(key)
+    if hit is not None:
+        ref, version, words = hit
+        if ref() is packed and version == packed._version:
+            return words
+    words = repack_w2a16(packed)
+    _REPACKED[key] = (weakref.ref(packed, lambda _, k=key: _REPACKED.pop(k, None)), packed._version, words)
+    return words
+
+
+# ----------------------------------------------------------------------------------------
+# pure-torch emulations (CPU tests: tests/test_gluon_repack.py)
+# ----------------------------------------------------------------------------------------
+
+def decode_scale_bits(b: torch.Tensor) -> torch.Tensor:
+    """float64 values of E4M3 bytes b (int64), as the scale PTX computes them: bf16 bits
+    ``(b & 0x7F) << 4 | (b & 0x80) << 8`` (sign-replicated prmt, shift, AND 0x87F0) times 2^120."""
+    bits = (((b & 0xFF) | torch.where((b & 0x80) != 0, 0xFF00, 0)) << 4) & 0x87F0
+    v = (bits.to(torch.int32) << 16).view(torch.float32).double()  # a bf16 is the top half of an fp32
+    return v * 2.0 ** 120
+
+
+def _shift_emul(w: torch.Tensor, sh: int) -> torch.Tensor:
+    """int64 32-bit pattern of the kernel's ``w >> sh`` (arithmetic) / ``w << -sh``."""
+    w = w.to(torch.int64)
+    w = torch.where(w >= 2**31, w - 2**32, w)  # signed view
+    v = (w << -sh) if sh < 0 else (w >> sh)
+    return v & 0xFFFFFFFF
+
+
+def _pair_emul(v: torch.Tensor, s: torch.Tensor, c16: bool, half: bool) -> torch.Tensor:
+    """[.., 2] float64 ``(C + f) s - (C + 2 - h) s`` of the two fields the lop3 picks from v."""
+    pos, c = (3, 16) if c16 else (5, 4)
+    h = 0.5 if half else 0.0
+    f = torch.stack([(v >> pos) & 3, (v >> (16 + pos)) & 3], -1).double()
+    return (c + f) * s.unsqueeze(-1) - (c + 2 - h) * s.unsqueeze(-1)
+
+
+def _pairs_of_step(w: torch.Tensor, s: torch.Tensor, half: bool) -> list:
+    """The eight [.., 2] pair tiles of ``_step`` (same shifts and C as the kernel)."""
+    if half:
+        return [_pair_emul(_shift_emul(w, 2 * i - 5), s, False, True) for i in range(8)]
+    out = []
+    for sh in (-3, 1, 5, 9):
+        v = _shift_emul(w, sh)
+        out += [_pair_emul(v, s, True, False), _pair_emul(v, s, False, False)]
+    return out
+
+
+def emulate_tile_ops(w: torch.Tensor, sw: torch.Tensor, xw: torch.Tensor, mp: int, half: bool = False):
+    """Replay ``_tile`` / ``_step`` on whole tensors with the torch equivalents of the Gluon ops
+    (``gl.join`` = stack on a new last dim, ``gl.split`` = unbind the last dim, reshape and
+    permute as in torch): w int32 [BN, 16] words, sw int32 [BN, 4] scale words, xw int32
+    [MP, 128] x words (bf16 pairs). Returns the four (A [BN, 64], B [64, MP]) operand pairs of
+    the tile's ``mma_v2`` calls, float64."""
+    bn = w.shape[0]
+    sb = torch.stack([(sw.to(torch.int64) >> (8 * u)) & 0xFF for u in range(4)], -1)  # [BN, 4(t), 4(u)]
+    scales = decode_scale_bits(sb)
+    we, wo = torch.reshape(w.to(torch.int64) & 0xFFFFFFFF, (bn, 4, 2, 2)).unbind(-1)
+    w0, w2 = we.unbind(-1)
+    w1, w3 = wo.unbind(-1)
+    ws = [w0, w1, w2, w3]
+    x16 = torch.stack([xw.to(torch.int64) & 0xFFFF, (xw.to(torch.int64) >> 16) & 0xFFFF], -1)  # join(lo, hi)
+    xt = (x16.to(torch.int32) << 16).view(torch.float32).double().reshape(mp, 256)
+    xr = xt.reshape(mp, 4, 4, 16).permute(0, 1, 3, 2)
+    xe, xo = xr.reshape(mp, 4, 16, 2, 2).unbind(-1)
+    x0, x2 = xe.unbind(-1)
+    x1, x3 = xo.unbind(-1)
+    xs = [x0, x1, x2, x3]
+    out = []
+    for u in range(4):
+        p = _pairs_of_step(ws[u], scales[..., u], half)
+        j = lambda a, b: torch.stack([a, b], -1)  # noqa: E731
+        a = j(j(j(p[0], p[1]), j(p[2], p[3])), j(j(p[4], p[5]), j(p[6], p[7])))
+        a = a.permute(0, 5, 4, 3, 1, 2).reshape(bn, 64)
+        xb = xs[u].reshape(mp, 4, 8, 2).permute(0, 2, 1, 3).reshape(mp, 64).permute(1, 0)
+        out.append((a, xb))
+    return out
+
+
+def _coord(bases: dict, reg: int, lane: int, warp: int) -> list:
+    """Tensor coordinate held by (register, lane, warp) in a linear layout: the XOR of the
+    bases of the set bits (module docstring / :func:`layout_bases`)."""
+    coord = [0] * len(bases["shape"])
+    for level, idx in (("reg", reg), ("lane", lane), ("warp", warp)):
+        for b, basis in enumerate(bases[level]):
+            if (idx >> b) & 1:
+                coord = [c ^ v for c, v in zip(coord, basis)]
+    return coord
+
+
+def emulate_fragments(words: torch.Tensor, scale_bytes: torch.Tensor, x: torch.Tensor, n0: int, tile: int,
+                      block_n: int = 64, mp: int = 8, num_warps: int = 4, half: bool = False):
+    """Replay one tile of one program thread by thread, from the layout reasoning of the module
+    docstring and independently of Triton: each thread's registers of the loaded tiles (their
+    coordinates from :func:`layout_bases`), the values its inline PTX makes of them, the
+    ``mma.sync.m16n8k16`` A and B fragment registers they are claimed to be (A register
+    ``4 i0 + 2 h + j`` of step ``i >> 1`` from pair i of word u, row half h; B register ``2 i0 + j``
+    from x pair i of group u), and the products as PTX defines the fragments.
+
+    ``words`` int32 [N, G] (repacked), ``scale_bytes`` uint8 [N, G] (E4M3 bits), ``x`` bf16
+    [M, K]. Returns the float64 [BLOCK_N, MP] tile of sum_k A B over the tile's 256 K (rows
+    n0.., x rows clamped to M - 1 as in the kernel). Raises if the two operands of a product
+    disagree on the actual K of a logical k, or if a thread would hold a word or x element
+    its fragments do not need.
+    """
+    bases = layout_bases(block_n, mp, num_warps)
+    wb, sbs, xb = bases["w"], bases["s"], bases["x"]
+    g0, kw0 = tile * 16, tile * 128
+    m_rows = x.shape[0]
+    x32 = x.contiguous().view(torch.int32)
+    acc = torch.zeros(block_n, mp, dtype=torch.float64)
+    rb = block_n // (16 * num_warps)
+    for warp in range(num_warps):
+        afr, akk, bfr, bkk = {}, {}, {}, {}
+        for lane in range(32):
+            gid, t = lane >> 2, lane & 3
+            sc = {}  # (row, u) -> scale from this thread's scale words
+            for r in range(1 << len(sbs["reg"])):
+                row, tt = _coord(sbs, r, lane, warp)
+                assert tt == t and row % 8 == gid
+                for u in range(4):
+                    sc[(row, u)] = float(decode_scale_bits(torch.tensor(int(scale_bytes[n0 + row, g0 + 4 * tt + u]))))
+            for r in range(1 << len(wb["reg"])):
+                row, g = _coord(wb, r, lane, warp)
+                tt, u = divmod(g, 4)
+                assert tt == t and row % 8 == gid, "a word outside the thread's fragments"
+                h, rep = (row >> 3) & 1, row // (16 * num_warps)
+                assert row == gid + 8 * h + 16 * warp + 16 * num_warps * rep
+                word = torch.tensor([int(words[n0 + row, g0 + g]) & 0xFFFFFFFF])
+                vals = _pairs_of_step(word, torch.tensor([sc[(row, u)]], dtype=torch.float64), half)
+                for i in range(8):
+                    key = (rep, u, i >> 1)
+                    fr = afr.setdefault((lane,) + key, [None] * 8)
+                    kk = akk.setdefault((lane,) + key, [None] * 8)
+                    for j in range(2):
+                        e = 4 * (i & 1) + 2 * h + j
+                        fr[e] = float(vals[i][0, j])
+                        kk[e] = 16 * (g0 + g) + 2 * i + j
+            for r in range(1 << len(xb["reg"])):
+                mcol, kw = _coord(xb, r, lane, warp)
+                tt, rest = divmod(kw, 32)
+                u, i = divmod(rest, 8)
+                assert tt == t and mcol % 8 == gid, "an x word outside the thread's fragments"
+                v = int(x32[min(mcol, m_rows - 1), kw0 + kw]) & 0xFFFFFFFF
+                for j in range(2):
+                    bits = torch.tensor([(v >> (16 * j)) & 0xFFFF], dtype=torch.int32) << 16
+                    key = (lane, u, i >> 1, mcol // 8)
+                    bfr.setdefault(key, [None] * 4)[2 * (i & 1) + j] = float(bits.view(torch.float32))
+                    bkk.setdefault(key, [None] * 4)[2 * (i & 1) + j] = 16 * (g0 + 4 * tt + u) + 2 * i + j
+        for rep in range(rb):
+            for u in range(4):
+                for step in range(4):
+                    for nt in range(mp // 8):
+                        A = torch.zeros(16, 16, dtype=torch.float64)
+                        Ak = torch.full((16, 16), -1, dtype=torch.int64)
+                        B = torch.zeros(16, 8, dtype=torch.float64)
+                        Bk = torch.full((16, 8), -2, dtype=torch.int64)
+                        for lane in range(32):
+                            gid, t = lane >> 2, lane & 3
+                            apos = [(gid, 2 * t), (gid, 2 * t + 1), (gid + 8, 2 * t), (gid + 8, 2 * t + 1),
+                                    (gid, 2 * t + 8), (gid, 2 * t + 9), (gid + 8, 2 * t + 8), (gid + 8, 2 * t + 9)]
+                            for e, (rr, cc) in enumerate(apos):
+                                A[rr, cc] = afr[(lane, rep, u, step)][e]
+                                Ak[rr, cc] = akk[(lane, rep, u, step)][e]
+                            bpos = [(2 * t, gid), (2 * t + 1, gid), (2 * t + 8, gid), (2 * t + 9, gid)]
+                            for e, (kk, cc) in enumerate(bpos):
+                                B[kk, cc] = bfr[(lane, u, step, nt)][e]
+                                Bk[kk, cc] = bkk[(lane, u, step, nt)][e]
+                        if not bool((Ak == Bk[:, 0].unsqueeze(0)).all()) or not bool((Bk == Bk[:, :1]).all()):
+                            raise AssertionError(f"A and B disagree on K (warp {warp}, rep {rep}, u {u}, step {step})")
+                        r0 = 16 * warp + 16 * num_warps * rep
+                        acc[r0:r0 + 16, 8 * nt:8 * nt + 8] += A @ B
+    return acc
