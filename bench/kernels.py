@@ -4,6 +4,7 @@
     python bench/kernels.py                 # default configurations, all shapes, all suites
     python bench/kernels.py --suites w2a2   # w2a16, w2a2, codebook (comma-separated)
     python bench/kernels.py --variants      # also the tile-size variants (slower: more compiles)
+    python bench/kernels.py --suites codebook --variants --codebook-variants table  # table path tiles
     python bench/kernels.py --json out.json # full numbers
 
 Every timing replays a CUDA graph of many calls (launch gaps out of the way) that cycle
@@ -330,10 +331,23 @@ CODEBOOK_VARIANTS = [_DEC, _V8, dict(_DEC, BLOCK_V=4), dict(_V8, SPLIT_K=8), dic
                      dict(_V8, BLOCK_N=64, num_warps=4), dict(_V8, BLOCK_N=64, num_warps=4, SPLIT_K=8),
                      dict(_V8, num_stages=2), dict(_V8, num_stages=4), dict(_V8, ONE_DOT=False),
                      dict(_DEC, BLOCK_V=4, SPLIT_K=16)]
+# table lookups (codegen/triton/codebook.py, _codebook_table_kernel): defaults R=16, BLOCK_N=256,
+# TABLE="shared", LOADS="words", PREFETCH=8, RED=64, SPLIT_N=0 (about one program per SM). TABLE="shared"
+# refuses BLOCK_N > 32 * num_warps (Triton would convert layouts through the table's shared memory in the loop),
+# so wider row blocks run with TABLE="global"
+_TAB = dict(path="table")
+CODEBOOK_TABLE_VARIANTS = [dict(_TAB, R=8), dict(_TAB, R=8, PREFETCH=0), dict(_TAB, PREFETCH=0),
+                           dict(_TAB, PREFETCH=16), dict(_TAB, R=4), dict(_TAB, LOADS="rotated"),
+                           dict(_TAB, SPLIT_N=4), dict(_TAB, RED=16), dict(_TAB, BLOCK_N=128, num_warps=4),
+                           dict(_TAB, TABLE="global"), dict(_TAB, BLOCK_N=512, TABLE="global"),
+                           dict(_TAB, R=8, TABLE="gather", BLOCK_N=1024)]
 
 
-def run_codebook(with_variants, shapes=CODEBOOK_SHAPES, dtype=torch.bfloat16, index_bits=11):
-    """Codebook GEMV (v=16, c=11, per-row E4M3 scales: the btc preset) against cuBLAS bf16."""
+def run_codebook(with_variants, shapes=CODEBOOK_SHAPES, dtype=torch.bfloat16, index_bits=11, which="all"):
+    """Codebook GEMV (v=16, c=11, per-row E4M3 scales: the btc preset) against cuBLAS bf16:
+    the default (path=None), the decode path and the table path at every shape; with variants,
+    at 1 x 8192 x 8192 the decode (``which`` "all" or "decode") and table ("all" or "table")
+    tile variants."""
     from lowbit.codebook import dequantize_codebook_weight
     from lowbit.codegen.triton import codebook as kc
 
@@ -358,11 +372,16 @@ def run_codebook(with_variants, shapes=CODEBOOK_SHAPES, dtype=torch.bfloat16, in
         del wbs, wb
         nset = max(1, math.ceil(STREAM_BYTES / idx.nbytes))
         sets = [idx] + [idx.clone() for _ in range(nset - 1)]
-        variants = [{}, dict(_DEC)] + ([dict(v) for v in CODEBOOK_VARIANTS[1:]]
-                                       if with_variants and (m, k, n) == (1, 8192, 8192) else
-                                       [dict(_V8)] if with_variants else [])
+        variants = [{}, dict(_DEC), dict(_TAB)]  # {}: path=None (table at M=1 with K, N >= 8192, else decode)
+        if with_variants and (m, k, n) == (1, 8192, 8192):
+            variants += [dict(v) for v in CODEBOOK_VARIANTS[1:]] if which in ("all", "decode") else []
+            variants += [dict(v) for v in CODEBOOK_TABLE_VARIANTS] if which in ("all", "table") else []
+        elif with_variants and which in ("all", "decode"):
+            variants.append(dict(_V8))
         for v in variants:
-            name = "codebook GEMV " + (" ".join(f"{a}={b}" for a, b in v.items()) if v else f"default {kc._TABLE_DEFAULTS}")
+            route = "table" if kc._table_route(m, k, n, index_bits) else "decode"
+            name = "codebook GEMV " + (" ".join(f"{a}={b}" for a, b in v.items()) if v else
+                                       f"default ({route}) {kc.default_config(route, m, n, k // 16)}")
             try:
                 y = kc.codebook_gemv(x, idx, cb, sc, gs, None, index_bits, k, out_dtype=torch.float32, **v)
                 err = _rel(y, ref)
@@ -429,6 +448,8 @@ def main(argv=None):
     ap.add_argument("--extra", default="[]",
                     help='JSON list of w2a16_linear keyword sets timed at every W2A16 shape, e.g. '
                          '\'[{"path": "skinny", "num_warps": 4}]\'')
+    ap.add_argument("--codebook-variants", default="all", choices=["all", "decode", "table"],
+                    help="with --variants: which codebook tile variants to time at 1 x 8192 x 8192")
     ap.add_argument("--once", action="store_true",
                     help="run the default kernel of each shape twice and exit (for ncu / nsys)")
     args = ap.parse_args(argv)
@@ -458,7 +479,7 @@ def main(argv=None):
     if "w2a2" in suites:
         rows += run_w2a2(args.variants)
     if "codebook" in suites:
-        rows += run_codebook(args.variants)
+        rows += run_codebook(args.variants, which=args.codebook_variants)
     if "hadamard" in suites:
         rows += run_hadamard()
     print()

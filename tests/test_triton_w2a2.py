@@ -107,6 +107,8 @@ def test_w2a2_linear_with_the_online_hadamard_is_the_rotated_site():
 @pytest.mark.parametrize("c,config", [
     (4, dict(path="table", R=16, BLOCK_N=16)),
     (6, dict(path="table", R=4, BLOCK_N=16)),
+    (6, dict(path="table", R=8, BLOCK_N=16, TABLE="gather")),  # tl.gather of the table at every block
+    (11, dict(path="table", R=4, BLOCK_N=16, SPLIT_N=2, RED=2)),  # two row slices, 3 chunks, 2-deep reduction
     (4, dict(path="decode", BLOCK_N=16, BLOCK_V=8, SPLIT_K=2)),               # index words, codewords from memory
     (6, dict(path="decode", BLOCK_N=16, BLOCK_V=8, SPLIT_K=1, GATHER=True)),  # index bytes, table via tl.gather
     (11, dict(path="decode", BLOCK_N=32, BLOCK_V=8, SPLIT_K=3, WORDS=False)),
@@ -120,6 +122,113 @@ def test_codebook_gemv_against_float64(c, config):
     y = kc.codebook_gemv(x, lin.indices_packed, lin.codebook_packed, lin.weight_scales, lin.weight_global, lin.bias,
                          c, lin.packed_in_features, out_dtype=torch.float32, **config)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def _codebook_operands(n, mv, c, seed):
+    """Random btc-like operands: index bytes, codebook, E4M3 row scales, global scale, bias."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 256, (n, -(-mv * c // 8)), generator=g, dtype=torch.uint8)
+    cb = torch.randint(0, 256, ((1 << c) * 2,), generator=g, dtype=torch.uint8)
+    sc = (torch.rand(n, 1, generator=g) * 200 + 1).to(torch.float8_e4m3fn)
+    return idx, cb, sc, torch.tensor(1e-3), torch.randn(n, generator=g)
+
+
+# (N, vectors per row, K of x, M, c, config): N not a multiple of BLOCK_N, K past the last whole
+# vector (padded width), index rows not a whole number of words (byte loads), several rows of x;
+# the first case also runs twice (same bits: the first launch left its counters at zero)
+_TABLE_FUZZ = [
+    (40, 9, 140, 3, 11, dict(R=4, BLOCK_N=16, TABLE="global")),  # 13-byte rows: words, rows off word bounds
+    (50, 6, 96, 2, 8, dict(R=8, BLOCK_N=32, SPLIT_N=1, RED=1, TABLE="gather", WORDS=False)),  # 1 chunk, bytes
+    (33, 12, 190, 1, 6, dict(R=2, BLOCK_N=16, SPLIT_N=3, SWZ=False)),  # 9-byte rows: byte loads
+    (64, 8, 128, 2, 4, dict(R=4, BLOCK_N=32, SPLIT_N=1, LOADS="rotated")),  # lane-rotated word loads
+    (21, 5, 80, 4, 11, dict(R=8, BLOCK_N=8, SPLIT_N=2, TABLE="gather", RED=4)),  # 7-byte rows: byte loads
+]
+
+
+@pytest.mark.parametrize("n,mv,k,m,c,config", _TABLE_FUZZ)
+def test_codebook_table_path_fuzzed(n, mv, k, m, c, config):
+    """path="table" against float64 on the dequantized weight: shapes off every tile, all index
+    loads (words, lane-rotated words, bytes), all table modes ("shared" runs as "global" in the
+    interpreter), bias."""
+    from lowbit.codebook import dequantize_codebook_weight
+
+    idx, cb, sc, gs, bias = _codebook_operands(n, mv, c, seed=n + k)
+    w = dequantize_codebook_weight(idx, cb, sc, gs, 16, c, 16 * mv, "e4m3", k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+    ref = x.double() @ w.double().T + bias.double()
+    args = (x, idx, cb, sc, gs, bias, c, 16 * mv)
+    y = kc.codebook_gemv(*args, out_dtype=torch.float32, path="table", **config)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+    if (n, mv, k, m, c, config) == _TABLE_FUZZ[0]:
+        assert torch.equal(y, kc.codebook_gemv(*args, out_dtype=torch.float32, path="table", **config))
+
+
+def test_codebook_table_path_defaults_and_leading_dims():
+    """The default table configuration (R=16, shared-memory table, L2 prefetch off in the
+    interpreter) on fp16 x with leading dims, fp16 output and no bias."""
+    from lowbit.codebook import dequantize_codebook_weight
+
+    n, mv, c = 45, 20, 11
+    idx, cb, sc, gs, _ = _codebook_operands(n, mv, c, seed=3)
+    w = dequantize_codebook_weight(idx, cb, sc, gs, 16, c, 16 * mv, "e4m3")
+    x = torch.randn(2, 1, 16 * mv, generator=torch.Generator().manual_seed(5)).to(torch.float16)
+    ref = x.double() @ w.double().T
+    y = kc.codebook_gemv(x, idx, cb, sc, gs, None, c, 16 * mv, path="table", BLOCK_N=16)
+    assert y.shape == (2, 1, n) and y.dtype == torch.float16
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_codebook_table_shared_guards():
+    """TABLE="shared": BLOCK_N above 32 * num_warps is refused before launch, and the TTGIR check
+    refuses a compiled kernel with a shared-memory op between the barrier after the table
+    stores and the one after the lookup loop (the layout conversion that Triton 3.6 put there
+    for R=16 BLOCK_N=512 overwrote the table on the H200); path=None routes by shape."""
+    import types
+
+    idx, cb, sc, gs, _ = _codebook_operands(8, 4, 11, seed=1)
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="BLOCK_N <= 32"):
+        kc.codebook_gemv(x, idx, cb, sc, gs, None, 11, 64, path="table", BLOCK_N=128, num_warps=2)
+    asm = "\n".join(['%t = tt.elementwise_inline_asm "{ st.shared.b32 [a], $2; }"', "gpu.barrier",
+                     "scf.for {", "%v = tt.elementwise_inline_asm \"{ ld.shared.b32 $0, [a]; }\"", "%c", "}",
+                     "gpu.barrier", "%r = ttg.convert_layout %x"])
+    ok = types.SimpleNamespace(hash="ok", metadata=types.SimpleNamespace(shared=4096), asm={"ttgir": asm})
+    kc._check_shared_table(ok, 4096)
+    bad = types.SimpleNamespace(hash="bad", metadata=ok.metadata,
+                                asm={"ttgir": asm.replace("%c", "%c = ttg.convert_layout %acc")})
+    with pytest.raises(RuntimeError, match="lookup loop"):
+        kc._check_shared_table(bad, 4096)
+    with pytest.raises(RuntimeError, match="shared memory"):
+        kc._check_shared_table(types.SimpleNamespace(hash="small", metadata=types.SimpleNamespace(shared=1024),
+                                                     asm=ok.asm), 4096)
+    assert kc._table_route(1, 8192, 8192, 11) and not kc._table_route(1, 4096, 4096, 11)
+    assert not kc._table_route(16, 8192, 8192, 11) and not kc._table_route(1, 8192, 8192, 8)
+
+
+def test_codebook_auto_route_falls_back_to_decode_when_the_table_guard_refuses(monkeypatch):
+    """path=None: a table build refused by the compiled-kernel guard is recomputed by the
+    decode path (with a warning), so the default never returns a suspect result; an explicit
+    path="table" raises."""
+    from lowbit.codebook import dequantize_codebook_weight
+
+    idx, cb, sc, gs, _ = _codebook_operands(8, 4, 11, seed=2)
+    w = dequantize_codebook_weight(idx, cb, sc, gs, 16, 11, 64, "e4m3", 64)
+    x = torch.randn(1, 64).to(torch.bfloat16)
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("codebook table kernel, TABLE='shared': refused (test)")
+
+    monkeypatch.setattr(kc, "_table_route", lambda *a: True)
+    monkeypatch.setattr(kc, "_table_gemv", refused)
+    kc._warn_once.cache_clear()
+    with pytest.warns(RuntimeWarning, match="falls back to path='decode'"):
+        y = kc.codebook_gemv(x, idx, cb, sc, gs, None, 11, 64, out_dtype=torch.float32)
+    assert torch.equal(y, kc.codebook_gemv(x, idx, cb, sc, gs, None, 11, 64, out_dtype=torch.float32,
+                                           path="decode"))
+    ref = x.double() @ w.double().T
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+    with pytest.raises(RuntimeError, match="refused"):
+        kc.codebook_gemv(x, idx, cb, sc, gs, None, 11, 64, path="table")
 
 
 @pytest.mark.parametrize("n,dtype,bits,grid", [(16, torch.bfloat16, 2, "int"), (64, torch.float16, 2, "half"),

@@ -197,13 +197,24 @@ def test_w2a2_gemm_against_float64(m, config):
 # -- codebook -----------------------------------------------------------------------------------
 
 _DEC = dict(path="decode")
+_TAB = dict(path="table")  # R=16 chunks, BLOCK_N=256, table in shared memory (inline PTX), L2 prefetch
 
 
-@pytest.mark.parametrize("m,c,config", [(1, 11, {}), (1, 11, _DEC), (16, 11, _DEC), (3, 11, dict(_DEC, GATHER=True)),
-                                        (1, 11, dict(_DEC, WORDS=False)), (1, 11, dict(_DEC, ONE_DOT=False)),
-                                        (1, 8, dict(_DEC, BLOCK_V=32)),
-                                        (3, 11, dict(path="table", R=16, BLOCK_N=512)),
-                                        (1, 8, dict(path="table", R=4, BLOCK_N=256))])
+@pytest.mark.parametrize("m,c,config", [
+    (1, 11, {}), (1, 11, _DEC), (16, 11, _DEC), (3, 11, dict(_DEC, GATHER=True)), (1, 11, dict(_DEC, WORDS=False)),
+    (1, 11, dict(_DEC, ONE_DOT=False)), (1, 8, dict(_DEC, BLOCK_V=32)),
+    pytest.param(1, 11, _TAB, id="table-default"), pytest.param(16, 11, _TAB, id="table-m16"),
+    pytest.param(3, 11, dict(_TAB, R=8), id="table-r8-m3"),
+    # more rows than threads: legal with the table in global memory (Triton's layout conversion in the
+    # loop has its own shared memory there); TABLE="shared" refuses it (test below)
+    pytest.param(3, 11, dict(_TAB, BLOCK_N=512, TABLE="global"), id="table-r16-bn512-global"),
+    pytest.param(1, 8, dict(_TAB, R=4, BLOCK_N=256, SPLIT_N=1, RED=64), id="table-c8-r4"),
+    pytest.param(1, 8, dict(_TAB, R=4, BLOCK_N=128, num_warps=4, SPLIT_N=1, RED=64), id="table-c8-r4-w4"),
+    pytest.param(1, 11, dict(_TAB, TABLE="global"), id="table-global"),
+    pytest.param(1, 11, dict(_TAB, R=8, TABLE="gather"), id="table-gather"),
+    pytest.param(1, 11, dict(_TAB, PREFETCH=0, SWZ=False, WORDS=False), id="table-bytes"),
+    pytest.param(1, 11, dict(_TAB, R=8, LOADS="rotated"), id="table-r8-rotated"),
+    pytest.param(2, 11, dict(_TAB, LOADS="rotated"), id="table-r16-rotated")])
 def test_codebook_gemv_against_float64(m, c, config):
     from lowbit.codebook import dequantize_codebook_weight
     from lowbit.codegen.triton import codebook as kc
@@ -222,6 +233,71 @@ def test_codebook_gemv_against_float64(m, c, config):
     assert _rel(y, ref) < 1e-5
     yo = torch.ops.lowbit.codebook_linear(x, idx, cb, sc, gs, bias, 16, c, k, "e4m3")
     assert _rel(yo.float(), ref) < 1e-2
+
+
+def test_codebook_table_shared_refuses_more_rows_than_threads():
+    """TABLE="shared" with BLOCK_N > 32 * num_warps is refused at launch: Triton would convert the
+    row sums' layout through shared memory inside the lookup loop, over the table (R=16
+    BLOCK_N=512 and R=4 BLOCK_N=1024 gave relative errors 0.47 and 5.3 on the H200)."""
+    from lowbit.codegen.triton import codebook as kc
+
+    n, k, c = 1024, 1024, 11
+    idx = torch.zeros(n, k // 16 * c // 8, device=DEV, dtype=torch.uint8)
+    cb = torch.zeros((1 << c) * 2, device=DEV, dtype=torch.uint8)
+    sc = torch.ones(n, 1, device=DEV).to(torch.float8_e4m3fn)
+    x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="BLOCK_N <= 32"):
+        kc.codebook_gemv(x, idx, cb, sc, torch.tensor(1.0, device=DEV), None, c, k, path="table", BLOCK_N=512)
+
+
+def test_codebook_default_routes_m1_8192_to_the_table_path():
+    """path=None at M=1, K = N = 8192, c = 11 takes the table path (R=16, TABLE="shared"; its
+    compiled kernel passes the shared-memory check) and matches float64; codebook_linear too."""
+    from lowbit.codebook import dequantize_codebook_weight
+    from lowbit.codegen.triton import codebook as kc
+
+    n = k = 8192
+    c = 11
+    assert kc._table_route(1, k, n, c) and not kc._table_route(2, k, n, c)
+    g = torch.Generator(device=DEV).manual_seed(5)
+    idx = torch.randint(0, 256, (n, k // 16 * c // 8), generator=g, device=DEV, dtype=torch.uint8)
+    cb = torch.randint(0, 256, ((1 << c) * 2,), generator=g, device=DEV, dtype=torch.uint8)
+    sc = (torch.rand(n, 1, generator=g, device=DEV) * 200).to(torch.float8_e4m3fn)
+    gs = torch.tensor(1e-3, device=DEV)
+    w = dequantize_codebook_weight(idx, cb, sc, gs, 16, c, k, "e4m3")
+    x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+    ref = x.double() @ w.double().T
+    del w
+    y = kc.codebook_gemv(x, idx, cb, sc, gs, None, c, k, out_dtype=torch.float32)
+    assert _rel(y, ref) < 1e-5
+    assert torch.equal(y, kc.codebook_gemv(x, idx, cb, sc, gs, None, c, k, out_dtype=torch.float32, path="table"))
+    yo = torch.ops.lowbit.codebook_linear(x, idx, cb, sc, gs, None, 16, c, k, "e4m3")
+    assert _rel(yo.float(), ref) < 1e-2
+
+
+@pytest.mark.parametrize("table,loads", [("shared", "words"), ("shared", "rotated"), ("global", "words"),
+                                         ("gather", "words")])
+def test_codebook_table_path_rows_off_word_bounds(table, loads):
+    """path="table" where the index rows (255 vectors of 11 bits: 351 bytes) start off 4-byte
+    boundaries (word loads of the flat stream, per-row shifts), N off every block, M = 3,
+    launched twice (the same bits: the counters are left at zero)."""
+    from lowbit.codebook import dequantize_codebook_weight
+    from lowbit.codegen.triton import codebook as kc
+
+    n, mv, c = 4096 + 40, 255, 11
+    g = torch.Generator(device=DEV).manual_seed(7)
+    idx = torch.randint(0, 256, (n, -(-mv * c // 8)), generator=g, device=DEV, dtype=torch.uint8)
+    cb = torch.randint(0, 256, ((1 << c) * 2,), generator=g, device=DEV, dtype=torch.uint8)
+    sc = (torch.rand(n, 1, generator=g, device=DEV) * 200).to(torch.float8_e4m3fn)
+    gs = torch.tensor(1e-3, device=DEV)
+    bias = torch.randn(n, device=DEV)
+    w = dequantize_codebook_weight(idx, cb, sc, gs, 16, c, 16 * mv, "e4m3")
+    x = torch.randn(3, 16 * mv - 5, device=DEV, dtype=torch.bfloat16)
+    ref = x.double() @ w[:, : 16 * mv - 5].double().T + bias.double()
+    cfg = dict(path="table", TABLE=table, LOADS=loads)
+    y = kc.codebook_gemv(x, idx, cb, sc, gs, bias, c, 16 * mv, out_dtype=torch.float32, **cfg)
+    assert _rel(y, ref) < 1e-5
+    assert torch.equal(y, kc.codebook_gemv(x, idx, cb, sc, gs, bias, c, 16 * mv, out_dtype=torch.float32, **cfg))
 
 
 @pytest.mark.parametrize("rows,n,dtype", [(4096, 1536, torch.bfloat16), (3, 576, torch.float32),
