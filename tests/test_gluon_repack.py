@@ -77,7 +77,7 @@ def test_tile_op_chain_pairs_the_same_k(grid, mp, m):
     ks = slice(256 * tile, 256 * tile + 256)
     ref = w[n0:n0 + bn, ks] @ x[:, ks].double().T  # [BN, M]
     assert torch.allclose(got[:, :m], ref, rtol=1e-12, atol=1e-9)  # exact products, float64 sums
-    # and every A column is one actual K: A's column k times B's row k is a product W[n, K] x[m, K]
+    # each step's operands: a [BN, 64] slice of the dequantized tile and the matching x rows
     for a, b in ops:
         assert a.shape == (bn, 64) and b.shape == (64, mp)
 
