@@ -6,6 +6,7 @@ the same run.
     python bench/e2e.py --layers 8               # fewer layers of the same shape
     python bench/e2e.py --recipes w2a16,w2a2     # which lowbit recipes (RTN, no calibration)
     python bench/e2e.py --no-compile             # skip the torch.compile variants
+    python bench/e2e.py --variants graph,compile # only the CUDA-graph and torch.compile rows
     python bench/e2e.py --json out.json          # all rows
     python bench/e2e.py --skinny-config '{"ONE_DOT": true, "BLOCK_G": 16}'   # W2A16 kernel variant
 
@@ -254,6 +255,9 @@ def main(argv=None):
     ap.add_argument("--recipes", default="w2a16", help="comma-separated presets or recipe files; NAME+fuse adds "
                                                         "the fuse pass, e.g. w2a16,w2a16+fuse")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--variants", default="eager,graph,compile,prefill",
+                    help="which rows to time (comma-separated): eager (decode, kernel by kernel), graph (decode, "
+                         "CUDA graph), compile (torch.compile rows, decode and prefill), prefill (prefill rows)")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds: skip the remaining steps after this")
     ap.add_argument("--json", default=None)
     ap.add_argument("--compare-gluon", action="store_true",
@@ -262,6 +266,12 @@ def main(argv=None):
     ap.add_argument("--skinny-config", default=None,
                     help='JSON overrides of the W2A16 skinny defaults for this run, e.g. \'{"ONE_DOT": true, "BLOCK_G": 16}\'')
     args = ap.parse_args(argv)
+    wanted = set(args.variants.split(","))
+    unknown = wanted - {"eager", "graph", "compile", "prefill"}
+    if unknown:
+        ap.error(f"unknown --variants {sorted(unknown)}")
+    if args.no_compile:
+        wanted.discard("compile")
     if not torch.cuda.is_available():
         print("bench/e2e.py needs a CUDA GPU", file=sys.stderr)
         return 1
@@ -335,17 +345,19 @@ def main(argv=None):
     for name, m in models:
         dec = decs[name]
         for variant, graph in (("eager", False), ("eager + CUDA graph", True)):
+            if ("graph" if graph else "eager") not in wanted:
+                continue
             with _w2a16_kernels(name):
                 v = attempt(f"{name} decode {variant}", lambda: decode_tps(dec, dec.step, args.new, graph))
             if v is not None:
                 record(name, "decode", variant, v)
     for name, m in models:
-        if name.endswith(NO_GLUON):
+        if name.endswith(NO_GLUON) or "prefill" not in wanted:
             continue  # prefill rows are above the Gluon path's row limit either way
         v = attempt(f"{name} prefill eager", lambda: prefill_tps(m, m.config.vocab_size, args.prefill))
         if v is not None:
             record(name, "prefill", "eager", v)
-    if not args.no_compile:
+    if "compile" in wanted:
         for name, m in models:
             dec = decs[name]
             t0 = time.time()
@@ -357,7 +369,7 @@ def main(argv=None):
                 record(name, "decode", "torch.compile + CUDA graph", v, dict(compile_and_run_s=time.time() - t0))
             torch._dynamo.reset()
         for name, m in models:
-            if name.endswith(NO_GLUON):
+            if name.endswith(NO_GLUON) or "prefill" not in wanted:
                 continue
             t0 = time.time()
             cfwd = torch.compile(m.forward)
