@@ -10,6 +10,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+import triton.language as tl  # noqa: E402
+
 from lowbit import ops as lowbit_ops  # noqa: E402
 from lowbit.codebook import CodebookFormat, CodebookLinear  # noqa: E402
 from lowbit.codegen.triton import codebook as kc  # noqa: E402
@@ -258,3 +260,219 @@ def test_prologue_with_online_hadamard_then_split_and_e4m3_values():
     assert torch.equal(c2, codes)
     with pytest.raises(ValueError, match="power-of-two"):
         k2.act_quant(x[:, :48], 2, "int", hadamard=True)
+
+
+# -- the 2-bit thresholds (module docstring of lowbit.codegen.triton.w2a2) ------------------------
+
+def _q_reference(x32, e32):
+    """clamp(round_half_even(fl32(x / e)), -2, 1), 0 where e == 0 (lowbit.formats.quantize_codes)."""
+    r = x32 / torch.where(e32 == 0, torch.ones_like(e32), e32)
+    return torch.where(e32 == 0, 0.0, torch.round(r).clamp(-2, 1))
+
+
+def _hard_scales(g):
+    """fp32 effective scales: random E4M3 value times random global over many binades, the
+    extremes, powers of two and e = E 2^k with 3E = 1 mod 2^17 (a bf16 number then lies in
+    [y, 1.5 e), y = (1.5 - 2^-24) e: the smallest bf16 above y is not the one above 1.5 e)."""
+    stored = torch.tensor([2.0 ** -9, 3 * 2.0 ** -9, 2.0 ** -6, 0.875, 1.0, 1.125, 13.0, 224.0])
+    stored = stored[torch.randint(0, 8, (40,), generator=g)]
+    glob = torch.exp2(torch.randint(-99, 100, (40,), generator=g).float()) * (1 + torch.rand(40, generator=g))
+    e = (stored * glob).float()
+    mant = [(1 + (1 << 17) * j) // 3 for j in range(1, 400) if (1 + (1 << 17) * j) % 3 == 0]
+    mant = [m for m in mant if (1 << 23) <= m < (1 << 24)][:8]
+    special = [float(m) * 2.0 ** p for m, p in zip(mant, (-23, -30, -10, 0, 5, -60, 40, -90))]
+    special += [2.0 ** -100, 2.0 ** -99 * 1.5, 1.0, 2.0 ** 100, 3.0e38, 2.2e38, 1e-3, 0.0]
+    return torch.cat([e, torch.tensor(special)]).float()
+
+
+def _probe_values(e, dtype):
+    """x of ``dtype`` around T e for the thresholds T = 1/2, -1/2, -3/2 (and 3/2, -5/2): the
+    nearest values of the format and three neighbours on each side, plus +-0."""
+    vals = [torch.zeros_like(e), -torch.zeros_like(e)]
+    inf = torch.full_like(e, float("inf")).to(dtype)
+    for t in (0.5, -0.5, -1.5, 1.5, -2.5):
+        v = (e * t).to(dtype)
+        up, down = v, v
+        vals.append(v.float())
+        for _ in range(3):
+            up, down = torch.nextafter(up, inf), torch.nextafter(down, -inf)
+            vals += [up.float(), down.float()]
+    return torch.stack(vals, -1)  # [n, 37] fp32 values of the format
+
+
+@triton.jit
+def _threshold_probe(e_ptr, x_ptr, out_ptr, N: tl.constexpr, M: tl.constexpr, MODE: tl.constexpr):
+    """q of x[n, :] for e[n]: MODE 0 fp32 thresholds, 1 bf16, 2 fp16 (16-bit bits, fp32 compare)."""
+    n = tl.arange(0, N)
+    j = tl.arange(0, M)
+    e = tl.load(e_ptr + n)
+    x = tl.load(x_ptr + n[:, None] * M + j[None, :])
+    if MODE == 0:
+        t1, t3 = k2._int2_thresholds(e)
+        t2 = -t1
+    else:
+        u1, u2, u3 = k2._int2_thresholds16(e, MODE == 2)
+        t1 = k2._from16(u1, MODE == 2)
+        t2 = k2._from16(u2, MODE == 2)
+        t3 = k2._from16(u3, MODE == 2)
+    q = tl.where(x >= t2[:, None], tl.where(x > t1[:, None], 1, 0), tl.where(x > t3[:, None], -1, -2))
+    if MODE != 0:  # a 16-bit group with e == 0 gets zero bytes, not thresholds
+        q = tl.where(e[:, None] == 0.0, 0, q)
+    tl.store(out_ptr + n[:, None] * M + j[None, :], q)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # fl(1.5 e) = inf: meant
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int2_thresholds_decide_round_half_even_of_the_ieee_quotient(dtype):
+    """The kernel's thresholds give, for every x next to a decision point T e (ties included),
+    the code of the IEEE division: the fp32 thresholds for any e (fp32 x), the 16-bit ones for
+    16-bit x (e finite: 16-bit x give finite scales)."""
+    g = torch.Generator().manual_seed(7)
+    e = _hard_scales(g)
+    if dtype != torch.float32:  # what 16-bit x give: finite e, above 2^-100 outside tiny rows
+        e = e[(e == 0) | ((e > 2.0 ** -100) & (e < (3.39e38 if dtype == torch.bfloat16 else 65504.0)))]
+    n = 64
+    e = torch.cat([e, torch.full((n - e.numel() % n,), 1.0)]) if e.numel() % n else e
+    mode = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
+    for chunk in e.split(n):
+        x = _probe_values(chunk, dtype)
+        x = torch.cat([x, torch.zeros(n, 64 - x.shape[1])], 1).contiguous()
+        out = torch.empty(n, 64, dtype=torch.int32)
+        _threshold_probe[(1,)](chunk.contiguous(), x, out, N=n, M=64, MODE=mode)
+        ref = _q_reference(x, chunk[:, None])
+        bad = out.float() != ref
+        assert not bad.any(), (chunk[bad.any(1)][:4], x[bad][:4], out[bad][:4], ref[bad][:4])
+
+
+@triton.jit
+def _bytes_probe(c_ptr, out_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    c, b1, b0 = k2._int2_group_bytes(tl.load(c_ptr + i), True)
+    tl.store(out_ptr + i * 3, c)
+    tl.store(out_ptr + i * 3 + 1, b1)
+    tl.store(out_ptr + i * 3 + 2, b0)
+
+
+def test_int2_fp8_bytes_are_the_e4m3_codes_of_q_times_stored():
+    """Every nonzero 2-bit scale code c (stored up to 224, subnormals included): the bytes the
+    kernel writes for q = 1, -1, -2 are the E4M3 codes of q * stored."""
+    c = torch.arange(1, 0x77, dtype=torch.int32)  # 0x76 = 224
+    n = 128
+    out = torch.empty(n, 3, dtype=torch.int32)
+    _bytes_probe[(1,)](torch.nn.functional.pad(c, (0, n - c.numel()), value=1), out, N=n)
+    stored = c.to(torch.uint8).view(torch.float8_e4m3fn).float()
+    for j, q in enumerate((1, -1, -2)):
+        want = (q * stored).to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
+        assert torch.equal(out[: c.numel(), j], want), q
+
+
+# -- adversarial activations: planted decision points, zeros, subnormals, tiny and huge rows ----
+
+def _neighbours(v, steps):
+    inf = torch.full_like(v, float("inf"))
+    out = [v]
+    up, down = v, v
+    for _ in range(steps):
+        up, down = torch.nextafter(up, inf), torch.nextafter(down, -inf)
+        out += [up, down]
+    return out
+
+
+def _plant_ties(x, eff, gen, frac=0.6):
+    """x [M, K] with, in every group of effective scale eff [M, K/16] > 0, about ``frac`` of the
+    elements (never the group's max or min, and only values between them, so the scales stay)
+    replaced by the values of x's format nearest T * e (T = 1/2, -1/2, -3/2) or two steps away."""
+    m, k = x.shape
+    xf = x.float().view(m, k // 16, 16)
+    cands = []
+    for t in (0.5, -0.5, -1.5):
+        cands += _neighbours((eff * t).to(x.dtype), 2)
+    cands = torch.stack(cands, -1).float()  # [M, G, 15]
+    pick = cands.gather(-1, torch.randint(0, cands.shape[-1], xf.shape, generator=gen))
+    pos = torch.arange(16)
+    extreme = (pos == xf.argmax(-1, keepdim=True)) | (pos == xf.argmin(-1, keepdim=True))
+    ok = ((pick <= xf.amax(-1, keepdim=True)) & (pick >= xf.amin(-1, keepdim=True)) & ~extreme
+          & (torch.rand(xf.shape, generator=gen) < frac) & (eff[..., None] > 0))
+    return torch.where(ok, pick, xf).view(m, k).to(x.dtype)
+
+
+def _adversarial(m, k, dtype, seed):
+    """Rows of every kind, then decision points planted against the reference's scales:
+    rows whose largest group scale is 224 2^p (global 2^p, on the CPU and on CUDA: so T e is
+    exact in 16 bits and the ties are exact), random rows over six decades with zero groups,
+    subnormal values, a zero row, tiny rows (global below 2^-90: scaled path) and huge ones."""
+    g = torch.Generator().manual_seed(seed)
+    big = 65504.0 if dtype == torch.float16 else 3.0e38
+    x = torch.randn(m, k, generator=g) * torch.logspace(-4, 2, k)[torch.randperm(k, generator=g)]
+    for r in range(m):
+        kind = r % 6
+        if kind in (0, 5):  # the global a power of two
+            p = int(torch.randint(-20, 8, (1,), generator=g)) if dtype == torch.float16 else \
+                int(torch.randint(-60, 60, (1,), generator=g))
+            x[r] = x[r] / x[r].abs().max() * 200 * 2.0 ** p
+            x[r, 0] = 224 * 2.0 ** p
+        elif kind == 1:  # zero groups, subnormals of the format, groups with subnormal E4M3 scales
+            x[r, :16] = 0
+            x[r, 16:20] = torch.tensor([-0.0, 0.0, 1.0, -1.0]) * torch.finfo(dtype).tiny / 4
+            x[r, 32:64] = torch.linspace(-2, 1, 32) * x[r].abs().max() * torch.tensor([2.0 ** -14, 2.0 ** -17]
+                                                                                        ).repeat_interleave(16)
+        elif kind == 2 and dtype != torch.float16:  # tiny rows: the scaled path
+            x[r] = x[r] / x[r].abs().max() * 1e-38
+            x[r, 3] = 224 * 2.0 ** -130
+        elif kind == 3:
+            x[r] = x[r] / x[r].abs().max() * big / 4
+        elif kind == 4:
+            x[r] = 0
+    x = x.to(dtype)
+    _, sc, gs = lowbit_ops.quantize_act._init_fn(x, 2, "int", 16, "e4m3")
+    return _plant_ties(x, sc.float() * gs, g)
+
+
+def _check_prologue(got, ref, fp8, k):
+    codes, sc, gs = ref
+    assert _same(got[1], sc) and torch.equal(got[2], gs)
+    if fp8:
+        m = codes.shape[0]
+        assert torch.equal(got[0].float(), (codes.float().view(m, -1, 16) * sc.float().unsqueeze(-1)).view(m, -1))
+        zero = codes == 0  # q = 0 is the byte 0 (never -0)
+        assert torch.equal(got[0].view(torch.uint8)[zero], torch.zeros_like(got[0].view(torch.uint8)[zero]))
+    else:
+        assert torch.equal(got[0], codes)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_prologue_planted_decision_points_bit_exact(dtype, fp8):
+    x = _adversarial(12, 128, dtype, seed=5)
+    ref = lowbit_ops.quantize_act._init_fn(x, 2, "int", 16, "e4m3")
+    # the planting kept most groups' scales: many elements sit exactly on T * e
+    e = (ref[1].float() * ref[2]).repeat_interleave(16, 1)
+    ties = [int((x.float() == t * e).logical_and(e > 0).sum()) for t in (0.5, -0.5, -1.5)]
+    assert min(ties) >= 4, ties
+    _check_prologue(k2.act_quant(x, 2, "int", fp8_values=fp8), ref, fp8, 128)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_prologue_planted_decision_points_split_and_hadamard(dtype, fp8):
+    """The same values through the split (a permutation with scale 1 gives them back, plus
+    halved duplicates) and through the fused Hadamard (on hadamard(x): the transform is its own
+    inverse up to rounding, so its input is x's neighbourhood again)."""
+    k = 128
+    xs = _adversarial(12, k, dtype, seed=6)
+    g = torch.Generator().manual_seed(1)
+    perm = torch.randperm(k, generator=g)
+    x = torch.empty_like(xs)
+    x[:, perm] = xs
+    index = torch.cat([perm, perm[:9]])
+    scale = torch.cat([torch.ones(k), torch.full((9,), 0.5)])
+    pad = torch.nn.functional.pad(torch.ops.lowbit.channel_split(x, index, scale), (0, 7))
+    assert torch.equal(pad[:, :k], xs)
+    got = k2.act_quant(x, 2, "int", k + 16, index, scale, fp8_values=fp8)
+    _check_prologue(got, lowbit_ops.quantize_act._init_fn(pad, 2, "int", 16, "e4m3"), fp8, k + 16)
+    if dtype == torch.float16:
+        return  # the huge fp16 rows overflow in the transform
+    xh = torch.ops.lowbit.hadamard(xs[torch.arange(12) % 6 != 3])  # no huge rows: the sums overflow
+    got = k2.act_quant(xh, 2, "int", fp8_values=fp8, hadamard=True)
+    ref = lowbit_ops.quantize_act._init_fn(torch.ops.lowbit.hadamard(xh), 2, "int", 16, "e4m3")
+    _check_prologue(got, ref, fp8, k)

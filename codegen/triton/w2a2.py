@@ -25,13 +25,78 @@ It then computes, exactly as ``lowbit.formats.quantize(x, fmt, per_row=True)``:
 * stored scale ``e4m3(min(fp32(s / g) * 1.0625, scale_max))``: the rounding to E4M3 (nearest,
   ties to even) is done on the fp32 bits (``_e4m3_code``), identically on the GPU and in
   Triton's CPU interpreter (whose own float-to-fp8 cast is not exact);
-* codes ``clamp(round_half_even(x / (stored * g)))`` (IEEE divisions: ``div_rn``) (``floor`` on the ``half`` grid), 0 in a
-  group whose effective scale is 0.
+* codes ``q = clamp(round_half_even(fl(x / e)))`` with ``e = fl(stored * g)`` and an IEEE
+  division (``floor`` on the ``half`` grid), 0 in a group whose effective scale is 0. Other
+  grids and widths divide (``div_rn``); the 2-bit ``int`` grid compares (below).
 
 It writes either the int8 codes (``torch.ops.lowbit.quantize_act``'s output; any bits and
 grid with E4M3 scales) or, for the GEMM, the E4M3 bytes of ``q * stored``: for the ``int``
 grid at 2 bits that product is exact in E4M3 (formats caps 2-bit scales at 224), so the
-activation becomes a plain FP8 operand whose codes are recoverable bit for bit.
+activation becomes a plain FP8 operand whose codes are recoverable bit for bit. These bytes
+come from the scale's code c without a float encoder: c and ``c | 0x80`` for q = 1 and -1,
+``2c`` (c < 8: a subnormal doubles into the codes up to 0x0E, which are ``n * 2^-9`` too) or
+``c + 8`` (the exponent field plus one; at most 0x7E = 448) with 0x80 for q = -2, and 0x00 for
+q = 0 (never 0x80).
+
+2-bit codes by thresholds (the kernel's invariant)
+--------------------------------------------------
+q is a monotone function of x, decided by three tests on ``r = fl(x / e)``, e > 0, with the
+ties of round-half-even: q >= 1 iff r > 1/2, q >= 0 iff r >= -1/2, q >= -1 iff r > -3/2
+(r = 1/2 and r = -1/2 round to 0, r = -3/2 to -2). fl is monotone, so each test is one on
+the exact quotient: r > 1/2 iff x / e > 1/2 + 2^-25 (the midpoint between 1/2 and 1/2 + 2^-24
+rounds to the even 1/2), r >= -1/2 iff x / e >= -1/2 - 2^-25, r > -3/2 iff
+x / e > -3/2 + 2^-24 (the grid steps 2^-24 below 1 and 2^-23 from 1 to 2). Then, for fp32 x and
+e >= 2^-100 (e = E 2^k, E a 24-bit integer):
+
+* ``t1 = e / 2`` (exact): ``q >= 1 iff x > t1``. The fp32 number after e / 2 is e/2 + 2^(k-1),
+  above (1/2 + 2^-25) e (2^-25 e = E 2^(k-25) < 2^(k-1)), so none lies in between;
+* ``t2 = -e / 2 = -t1``: ``q >= 0 iff x >= t2``, by the same spacing on the negative side;
+* ``t3 = -H``: ``q >= -1 iff x > t3``, H the smallest fp32 above y = (3/2 - 2^-24) e (y itself
+  is never an fp32 number: E 2^(k-24) is not a multiple of 2^(k-1) unless E = 2^23, and then y
+  is not one of 2^k). H is fl(3e/2) or one of its fp32 neighbours, and for those z the test
+  ``z > y`` is decided exactly as ``(z - e) - e/2 > -2^-24 e``: both subtractions are exact
+  (Sterbenz: z is within [e/2, 2e] and z - e within [e/4, e]; a fused multiply-add there is
+  exact too) and 2^-24 e is exact (no underflow: e >= 2^-100). Where z is far from 3e/2 (its
+  overflow to inf, the fp16 zeros below) the difference is far from -2^-24 e and its rounding,
+  monotone, keeps the side.
+
+Hence three comparisons per element and no division: ``_int2_thresholds`` (fp32 x, any e,
+``e == 0`` giving t1 = inf, so t2 = -inf, and t3 = -inf; e = inf, only reachable from fp32 x near the
+fp32 maximum, t3 = -inf). For bf16 / fp16 x, whose values are fp32 numbers, x > t iff
+x > RD16(t) and x >= t iff x >= RU16(t) in the 16-bit format (``_int2_thresholds16``):
+u1 = RZ16(e/2), u2 = -u1, and u3 = -U with U, the smallest 16-bit number above y,
+``r = RZ16(fl(3e/2))`` or the next one (the 16-bit grid is coarser, so the number below r is
+below y; when fl(3e/2) < y no fp32 number, a 16-bit one included, lies in (fl(3e/2), y]),
+chosen by the same exact test on r. There a group with e == 0 writes zero bytes instead.
+
+e >= 2^-100 holds wherever the row global g is at least 2^-90 (a nonzero stored scale is at
+least 2^-9, and fl(stored g) >= 2^-99). A row below it (all its |x| below 2^-81) is handled
+in fp32 with x and e times 2^64: exact, x / e unchanged, every nonzero e above 2^-85, no
+overflow. That path is a branch taken by any program with such a row (its cost is paid
+only there); with ``hadamard=True`` it is the one straight path (multiplications by 1 for the
+other rows), where a branch would cost the butterflies' registers.
+
+Packed 16-bit path (``ASM``, bf16 on sm_90, fp16 on sm_80+, plain loads only): the group max
+and min are a tree of ``max.bf16x2`` / ``min.bf16x2`` over the halves of each thread's
+16 values (ptxas merges pairs into three-input VHMNMX), and the codes come from
+``set.gt.u32.bf16x2`` lane masks m1 (q >= 1), m2 (q >= 0), m3 (q >= -1), nested because
+t1 >= t2 > t3, and three LOP3: ``b0 ^ (m3 & (b0 ^ b1)) ^ (m2 & b1) ^ (m1 & c)`` is b0, b1, 0
+and c for q = -2, -1, 0 and 1: per two elements three compares and three logic ops. The
+interpreter (whose bf16 compares are on the integer bits), the split and fp32 x compare in
+fp32: 16-bit x with the same 16-bit thresholds as fp32 values (``_from16``, so the CPU tests
+check the packed path's decisions), fp32 x with t1, -t1, t3; the butterflies use the fp32 path
+(their layout spreads a group over threads). The split gathers x as [ROWS, 16, BLOCK_G]: a
+gather has no contiguity, so the compiler spreads the last axis over the threads and each
+thread holds whole groups (gathered [ROWS, BLOCK_G * 16], a thread held one element of 32
+groups and computed 32 groups' scales and thresholds); packing the gathered halves for the
+packed path costs more than it saves there.
+bf16 is widened and rounded on its bits (``_f32``, ``_round_bf16``): the interpreter gets
+bf16 subnormals wrong. For x = 4096 x 8192 bf16 (E4M3 values, 8 warps, one row per program)
+Triton 3.6 (ptxas 12.8) for sm_90 gives 40 registers, no spills and about 10.7 SASS
+instructions per element on the common path (41.6 before: IEEE division, rounding and an E4M3
+encoder per element); about 4 of them are per element (compares, logic, max / min, byte
+packing), the rest per group (scale, thresholds) and per row. fp32 x: 13.9 (40.4); the split
+(8168 + 24 columns): 41 with 79 registers (108, 125); with the butterflies: 116 (127).
 
 GEMM (``_w2a2_kernel``)
 -----------------------
@@ -75,11 +140,203 @@ def _e4m3_code(v):
 
 
 @triton.jit
+def _f32(x):
+    """x as fp32 (exact); bf16 through its bits (Triton's interpreter converts bf16 subnormals wrongly)."""
+    if x.dtype == tl.bfloat16:
+        return ((x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _round_bf16(x):
-    """fp32 -> the fp32 value of its bf16 rounding (nearest, ties to even; finite x)."""
+    """fp32 -> its bf16 rounding (nearest, ties to even; finite x), on the bits: Triton's
+    interpreter truncates its own cast and gets subnormals wrong."""
     b = x.to(tl.uint32, bitcast=True)
     b = b + 0x7FFF + ((b >> 16) & 1)
-    return (b & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+_TINY_GLOBAL = tl.constexpr(2.0 ** -90)  # rows with a global below it take the scaled fp32 path
+_TWO_64 = tl.constexpr(2.0 ** 64)
+
+
+@triton.jit
+def _minmax16_asm(a, b, MAX: tl.constexpr, F16: tl.constexpr):
+    """Elementwise max or min of bf16 / fp16 tensors, two lanes per instruction (max.bf16x2)."""
+    if MAX:
+        if F16:
+            asm: tl.constexpr = "max.f16x2 $0, $1, $2;"
+        else:
+            asm: tl.constexpr = "max.bf16x2 $0, $1, $2;"
+    else:
+        if F16:
+            asm: tl.constexpr = "min.f16x2 $0, $1, $2;"
+        else:
+            asm: tl.constexpr = "min.bf16x2 $0, $1, $2;"
+    return tl.inline_asm_elementwise(asm, "=r,r,r", [a, b], dtype=a.dtype, is_pure=True, pack=2)
+
+
+@triton.jit
+def _halves(v, ROWS: tl.constexpr, BLOCK_G: tl.constexpr, N: tl.constexpr):
+    """(v[..., :N/2], v[..., N/2:]) of v [ROWS, BLOCK_G, N] (in registers: no data movement)."""
+    return tl.split(tl.permute(tl.reshape(v, [ROWS, BLOCK_G, 2, N // 2]), [0, 1, 3, 2]))
+
+
+@triton.jit
+def _group_max_min16(xr, ROWS: tl.constexpr, BLOCK_G: tl.constexpr, F16: tl.constexpr):
+    """fp32 max and min of each group of 16 of a bf16 / fp16 tile [ROWS, BLOCK_G, 16]: a tree of
+    packed max / min over the halves of the group (exact: the max of 16-bit values is one of them)."""
+    a, b = _halves(xr, ROWS, BLOCK_G, 16)
+    mx = _minmax16_asm(a, b, True, F16)
+    mn = _minmax16_asm(a, b, False, F16)
+    a, b = _halves(mx, ROWS, BLOCK_G, 8)
+    mx = _minmax16_asm(a, b, True, F16)
+    a, b = _halves(mn, ROWS, BLOCK_G, 8)
+    mn = _minmax16_asm(a, b, False, F16)
+    a, b = _halves(mx, ROWS, BLOCK_G, 4)
+    mx = _minmax16_asm(a, b, True, F16)
+    a, b = _halves(mn, ROWS, BLOCK_G, 4)
+    mn = _minmax16_asm(a, b, False, F16)
+    a, b = tl.split(mx)
+    mx = tl.maximum(a.to(tl.float32), b.to(tl.float32))
+    a, b = tl.split(mn)
+    mn = tl.minimum(a.to(tl.float32), b.to(tl.float32))
+    return mx, mn
+
+
+@triton.jit
+def _int2_h(e, half):
+    """H, the smallest fp32 above y = (1.5 - 2^-24) e (``half`` = e / 2): fl(1.5 e) or one of its
+    neighbours. For z within a few ulps of 1.5 e, ``(z - e) - e / 2`` is exact (Sterbenz, twice)
+    and z > y iff it exceeds -2^-24 e (exact), so the choice is exact (module docstring)."""
+    m = e + half
+    mb = m.to(tl.int32, bitcast=True)
+    below = (mb - 1).to(tl.float32, bitcast=True)
+    above = (mb + 1).to(tl.float32, bitcast=True)
+    tie = e * -5.9604644775390625e-08
+    return tl.where((m - e) - half > tie, tl.where((below - e) - half > tie, below, m), above)
+
+
+@triton.jit
+def _int2_thresholds(e):
+    """fp32 thresholds ``(t1, t3)`` of the 2-bit int grid for effective scales ``e``, 0 or in
+    [2^-100, inf]: for every fp32 x, ``q >= 1`` iff ``x > t1``, ``q >= 0`` iff ``x >= -t1`` and
+    ``q >= -1`` iff ``x > t3``, q being ``clamp(round_half_even(fl(x / e)), -2, 1)`` (0 where
+    ``e == 0``: t1 = inf, t3 = -inf; t1 >= -t1 > t3 always). See the module docstring."""
+    half = e * 0.5  # exact
+    h = _int2_h(e, half)
+    zero = e == 0.0
+    t1 = tl.where(zero, float("inf"), half)
+    t3 = tl.where(zero | (e == float("inf")), float("-inf"), -h)
+    return t1, t3
+
+
+@triton.jit
+def _int2_thresholds16(e, F16: tl.constexpr):
+    """The thresholds of :func:`_int2_thresholds` for bf16 / fp16 x, as 16-bit bits (int32):
+    ``u1 = RD16(e / 2)``, ``u2 = RU16(-e / 2) = -u1`` and ``u3 = -U``, U the smallest 16-bit
+    number above y = (1.5 - 2^-24) e: ``r = RZ16(fl(1.5 e))`` or the next one (the 16-bit grid is
+    coarser than fp32's, so nothing below r lies above y), picked by the exact test of
+    :func:`_int2_h` on r. For 16-bit x, x > t iff x > RD16(t) and x >= t iff x >= RU16(t).
+    ``e`` finite (as it is for 16-bit x); a group with ``e == 0`` gets zero bytes instead."""
+    half = e * 0.5
+    m = e + half
+    if F16:
+        u1 = _to16(half, False, True)
+        r = _to16(m, False, True)
+        z = _from16(r, True)
+    else:
+        u1 = half.to(tl.int32, bitcast=True) >> 16
+        r = m.to(tl.int32, bitcast=True) >> 16
+        z = (r << 16).to(tl.float32, bitcast=True)
+    above = ((z - e) - half > e * -5.9604644775390625e-08).to(tl.int32)
+    return u1, u1 | 0x8000, (r + 1 - above) | 0x8000
+
+
+@triton.jit
+def _int2_group_bytes(code_s, FP8_OUT: tl.constexpr):
+    """Output bytes (int32) of q = 1, -1, -2 of each group (q = 0 is byte 0): the int8 codes, or
+    with ``FP8_OUT`` the E4M3 bytes of ``q * stored`` built from the scale's code c: c, c | 0x80
+    and, for 2 * stored, 2c (c < 8: subnormal, or the normal 2^-6 + ... with the same bits) or
+    c + 8 (exponent + 1), | 0x80. Exact: stored <= 224."""
+    if FP8_OUT:
+        return code_s, code_s | 0x80, tl.where(code_s < 8, code_s * 2, code_s + 8) | 0x80
+    return (tl.full(code_s.shape, 1, tl.int32), tl.full(code_s.shape, 0xFF, tl.int32),
+            tl.full(code_s.shape, 0xFE, tl.int32))
+
+
+@triton.jit
+def _to16(t, UP: tl.constexpr, F16: tl.constexpr):
+    """Bits (int32, low 16) of the bf16 / fp16 number next to fp32 ``t`` (not NaN) toward zero,
+    or away from zero with ``UP`` (saturating at the largest finite fp16 toward zero)."""
+    b = t.to(tl.int32, bitcast=True)
+    a = b & 0x7FFFFFFF
+    if F16:
+        m = tl.abs(t)
+        r = tl.where(m < 6.103515625e-05, (tl.minimum(m, 1.0) * 16777216.0).to(tl.int32),
+                     tl.minimum((a >> 13) - 0x1C000, 0x7BFF))
+        r = tl.where(a >= 0x7F800000, 0x7C00, r)
+        if UP:
+            r += (_from16(r, True) < m).to(tl.int32)
+    else:
+        if UP:
+            r = (a + 0xFFFF) >> 16
+        else:
+            r = a >> 16
+    return r | ((b >> 16) & 0x8000)
+
+
+@triton.jit
+def _from16(u, F16: tl.constexpr):
+    """fp32 value of bf16 / fp16 bits ``u`` (int32, low 16 bits)."""
+    if F16:
+        return u.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return (u << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int2_bytes16_asm(x, u1, u2, u3, k1, b0, b1, c, F16: tl.constexpr):
+    """Output bytes (int16 lanes) of 16-bit x against 16-bit thresholds, two lanes per
+    instruction: three compares to lane masks m1 (q >= 1), m2 (q >= 0), m3 (q >= -1), nested,
+    then ``b0 ^ (m3 & k1) ^ (m2 & b1) ^ (m1 & c)`` (k1 = b0 ^ b1): b0, b1, 0, c for q = -2..1."""
+    if F16:
+        asm: tl.constexpr = """{
+        .reg .b32 m1, m2, m3, t;
+        set.gt.u32.f16x2 m1, $1, $2;
+        set.ge.u32.f16x2 m2, $1, $3;
+        set.gt.u32.f16x2 m3, $1, $4;
+        lop3.b32 t, m3, $5, $6, 0x6A;
+        lop3.b32 t, m2, $7, t, 0x6A;
+        lop3.b32 $0, m1, $8, t, 0x6A;
+        }"""
+    else:
+        asm: tl.constexpr = """{
+        .reg .b32 m1, m2, m3, t;
+        set.gt.u32.bf16x2 m1, $1, $2;
+        set.ge.u32.bf16x2 m2, $1, $3;
+        set.gt.u32.bf16x2 m3, $1, $4;
+        lop3.b32 t, m3, $5, $6, 0x6A;
+        lop3.b32 t, m2, $7, t, 0x6A;
+        lop3.b32 $0, m1, $8, t, 0x6A;
+        }"""
+    return tl.inline_asm_elementwise(asm, "=r,r,r,r,r,r,r,r,r", [x, u1, u2, u3, k1, b0, b1, c], dtype=tl.int16,
+                                     is_pure=True, pack=2)
+
+
+@triton.jit
+def _int2_bytes(xg, eff, c, b1, b0):
+    """Output bytes (int32) of fp32 x [ROWS, BLOCK_G, 16]: c, b1, b0 per group for q = 1, -1,
+    -2 and 0 for q = 0, from the fp32 thresholds (any e, 0 included)."""
+    t1, t3 = _int2_thresholds(eff)
+    return _int2_select(xg, t1, t3, c, b1, b0)
+
+
+@triton.jit
+def _int2_select(xg, t1, t3, c, b1, b0):
+    """The bytes of q for fp32 x [ROWS, BLOCK_G, 16] and per-group thresholds (q >= 0 iff x >= -t1)."""
+    t1 = t1[:, :, None]
+    return tl.where(xg >= -t1, tl.where(xg > t1, c[:, :, None], 0),
+                    tl.where(xg > t3[:, :, None], b1[:, :, None], b0[:, :, None]))
 
 
 @triton.jit
@@ -91,41 +348,73 @@ def _act_quant_kernel(
     INV_LO: tl.constexpr, INV_HI: tl.constexpr, INV_SCALE_MAX: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_G: tl.constexpr,
     HADAMARD: tl.constexpr = False, HP: tl.constexpr = 1, HSCALE: tl.constexpr = 1.0,
-    IN_BF16: tl.constexpr = False,
+    IN_BF16: tl.constexpr = False, ASM: tl.constexpr = False, EVEN: tl.constexpr = False,
 ):
     """Rows [pid*ROWS, +ROWS): BLOCK_G (a power of two >= KP/16) groups of 16 per row.
     ``HADAMARD``: the input rows (HP wide, a power of two) go through ``torch.ops.lowbit.hadamard``
-    first (butterflies in fp32, times HSCALE, rounded to x's dtype); not together with SPLIT."""
+    first (butterflies in fp32, times HSCALE, rounded to x's dtype); not together with SPLIT.
+    ``ASM`` (bf16 / fp16 x, compiled): group max / min and the 2-bit codes in packed 16-bit PTX.
+    ``EVEN``: M a multiple of ROWS and K == KP == 16 * BLOCK_G (no masks)."""
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_G * 16)
-    rmask = rows < M
-    cmask = cols < K
+    if EVEN:  # constant masks: the loads and stores compile without predicates
+        rmask = tl.full([ROWS], 1, tl.int1)
+        cmask = tl.full([BLOCK_G * 16], 1, tl.int1)
+    else:
+        rmask = rows < M
+        cmask = cols < K
     mask = rmask[:, None] & cmask[None, :]
     if HADAMARD:
         tl.static_assert(not SPLIT, "the split after a fused Hadamard is a second pass (act_quant)")
         hcols = tl.arange(0, HP)
         xh = tl.load(x_ptr + rows[:, None] * stride_xm + hcols[None, :], mask=rmask[:, None], other=0.0)
-        xf = fwht_tile(xh.to(tl.float32), ROWS, HP) * HSCALE
+        xf = fwht_tile(_f32(xh), ROWS, HP) * HSCALE
         if IN_BF16:  # rounded to bf16 on the bits (Triton's interpreter truncates its own cast)
-            xf = _round_bf16(xf)
-        xv = xf.to(xh.dtype)  # HP == K == BLOCK_G * 16, no split (act_quant runs that separately)
+            xv = _round_bf16(xf)
+        else:
+            xv = xf.to(xh.dtype)  # HP == K == BLOCK_G * 16, no split (act_quant runs that separately)
     elif SPLIT:
-        src = tl.load(idx_ptr + cols, mask=cmask, other=0)
-        xv = tl.load(x_ptr + rows[:, None] * stride_xm + src[None, :], mask=mask, other=0.0)
+        # loaded as [ROWS, 16, BLOCK_G] (element, group): a gather has no contiguity, so the
+        # compiler spreads its last axis over the threads, and each thread gets whole groups
+        g3 = tl.arange(0, BLOCK_G)[None, None, :] * 16 + tl.arange(0, 16)[None, :, None]
+        if EVEN:
+            src = tl.load(idx_ptr + g3)
+            xv = tl.load(x_ptr + rows[:, None, None] * stride_xm + src)
+            sc = tl.load(sc_ptr + g3)
+        else:
+            cm3 = g3 < K
+            src = tl.load(idx_ptr + g3, mask=cm3, other=0)
+            xv = tl.load(x_ptr + rows[:, None, None] * stride_xm + src, mask=rmask[:, None, None] & cm3, other=0.0)
+            sc = tl.load(sc_ptr + g3, mask=cm3, other=0.0)
         # x * scale rounded to x's dtype, as the op computes it (a product in fp32, then rounded)
-        xv = (xv.to(tl.float32) * tl.load(sc_ptr + cols, mask=cmask, other=0.0)[None, :]).to(xv.dtype)
+        xf = _f32(xv) * sc
+        if IN_BF16:  # rounded to bf16 on the bits, as for the Hadamard
+            xv = _round_bf16(xf)
+        else:
+            xv = xf.to(xv.dtype)
     else:
         xv = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
-    xg = tl.reshape(xv.to(tl.float32), [ROWS, BLOCK_G, 16])
+    X16: tl.constexpr = xv.dtype == tl.bfloat16 or xv.dtype == tl.float16
+    F16: tl.constexpr = xv.dtype == tl.float16
+    if SPLIT:
+        xr = tl.permute(xv, [0, 2, 1])
+    else:
+        xr = tl.reshape(xv, [ROWS, BLOCK_G, 16])
+    if ASM:
+        tl.static_assert(X16, "the packed path needs bf16 or fp16 x")
+        gmax, gmin = _group_max_min16(xr, ROWS, BLOCK_G, F16)
+    else:
+        gmax = tl.max(_f32(xr), axis=2)
+        gmin = tl.min(_f32(xr), axis=2)
     if RECIP:  # PyTorch on CUDA divides by a Python scalar as a product with its fp32 reciprocal
-        pos = tl.maximum(tl.max(xg, axis=2), 0.0) * INV_HI
-        neg = tl.minimum(tl.min(xg, axis=2), 0.0) * INV_LO
+        pos = tl.maximum(gmax, 0.0) * INV_HI
+        neg = tl.minimum(gmin, 0.0) * INV_LO
     else:
         lo = tl.full([ROWS, BLOCK_G], LO, tl.float32)
         hi = tl.full([ROWS, BLOCK_G], HI, tl.float32)
-        pos = tl.math.div_rn(tl.maximum(tl.max(xg, axis=2), 0.0), hi)
-        neg = tl.math.div_rn(tl.minimum(tl.min(xg, axis=2), 0.0), lo)
+        pos = tl.math.div_rn(tl.maximum(gmax, 0.0), hi)
+        neg = tl.math.div_rn(tl.minimum(gmin, 0.0), lo)
     s = tl.maximum(pos, neg)
     smax = tl.max(s, axis=1)
     if RECIP:
@@ -135,29 +424,64 @@ def _act_quant_kernel(
     gscale = tl.where(gscale > 0.0, gscale, 1.0)
     ratio = tl.minimum(tl.math.div_rn(s, gscale[:, None] + tl.zeros_like(s)) * 1.0625, SCALE_MAX)
     code_s = _e4m3_code(ratio)
-    eff = _decode_e4m3(code_s) * gscale[:, None]
-    safe = tl.where(eff == 0.0, 1.0, eff)
-    r = tl.math.div_rn(xg, safe[:, :, None] + tl.zeros_like(xg))
-    r = tl.minimum(tl.maximum(r, -4194304.0), 4194304.0)
-    if HALF:
-        r = tl.floor(r)
+    eff = _decode_e4m3(code_s & 0x7F) * gscale[:, None]  # +0 for a -0 scale: e == 0 all the same
+    if EVEN:
+        gmask = rmask[:, None] & tl.full([1, BLOCK_G], 1, tl.int1)
+        omask = mask
     else:
-        r = (r + _RNE_MAGIC) - _RNE_MAGIC
-    q = tl.minimum(tl.maximum(r, QMIN), QMAX)
-    q = tl.where(eff[:, :, None] == 0.0, 0.0, q)
-    gmask = rmask[:, None] & (tl.arange(0, BLOCK_G) < KP // 16)[None, :]
-    tl.store(s_ptr + rows[:, None] * stride_sm + tl.arange(0, BLOCK_G)[None, :], code_s.to(tl.uint8), mask=gmask)
+        gmask = rmask[:, None] & (tl.arange(0, BLOCK_G) < KP // 16)[None, :]
+        omask = rmask[:, None] & (cols < KP)[None, :]
+    # the group index times a 1 the compiler cannot see: the byte store keeps code_s's layout
+    # (one byte per group and thread) instead of a shared-memory round trip to a coalesced one
+    one = (KP > 0).to(tl.int32)
+    tl.store(s_ptr + rows[:, None] * stride_sm + tl.arange(0, BLOCK_G)[None, :] * one, code_s.to(tl.uint8),
+             mask=gmask)
     tl.store(g_ptr + rows, gscale, mask=rmask)
-    omask = rmask[:, None] & (cols < KP)[None, :]
-    if FP8_OUT:
-        v = q * _decode_e4m3(code_s)[:, :, None]  # exact: |q| <= 2, stored <= 224
-        out = _e4m3_code(v)
-        out = tl.where(q == 0.0, 0, out)
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :],
-                 tl.reshape(out, [ROWS, BLOCK_G * 16]).to(tl.uint8), mask=omask)
+    optrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
+    if QMIN == -2 and QMAX == 1 and not HALF:
+        # 2-bit int grid: q from three comparisons of x with per-group thresholds (module docstring)
+        c, b1, b0 = _int2_group_bytes(code_s, FP8_OUT)
+        # rows whose global is below 2^-90 (all |x| below ~2^-81): x and e times 2^64 (exact, x / e
+        # unchanged), which puts every nonzero e above 2^-100, in fp32
+        up = tl.where(gscale < _TINY_GLOBAL, _TWO_64, 1.0)
+        if HADAMARD:  # one straight fp32 path (a branch here costs the butterflies' registers)
+            out = _int2_bytes(_f32(xr) * up[:, None, None], eff * up[:, None], c, b1, b0).to(tl.uint8)
+        elif tl.min(gscale, axis=0) < _TINY_GLOBAL:  # rare: the same, in a branch
+            out = _int2_bytes(_f32(xr) * up[:, None, None], eff * up[:, None], c, b1, b0).to(tl.uint8)
+        elif X16:  # 16-bit thresholds; a group with e == 0 writes zeros through its bytes
+            u1, u2, u3 = _int2_thresholds16(eff, F16)
+            zero = eff == 0.0
+            c = tl.where(zero, 0, c)
+            b1 = tl.where(zero, 0, b1)
+            b0 = tl.where(zero, 0, b0)
+            if ASM:
+                z = tl.zeros([ROWS, BLOCK_G, 16], tl.int16)
+                out = _int2_bytes16_asm(xr, u1.to(tl.int16)[:, :, None] + z, u2.to(tl.int16)[:, :, None] + z,
+                                        u3.to(tl.int16)[:, :, None] + z, (b0 ^ b1).to(tl.int16)[:, :, None] + z,
+                                        b0.to(tl.int16)[:, :, None] + z, b1.to(tl.int16)[:, :, None] + z,
+                                        c.to(tl.int16)[:, :, None] + z, F16).to(tl.uint8)
+            else:  # the same comparisons on the fp32 values (the interpreter; bf16 compares there are on bits;
+                # -u1 is u2)
+                out = _int2_select(_f32(xr), _from16(u1, F16), _from16(u3, F16), c, b1, b0).to(tl.uint8)
+        else:
+            out = _int2_bytes(_f32(xr), eff, c, b1, b0).to(tl.uint8)
+        out = tl.reshape(out, [ROWS, BLOCK_G * 16])
+        if FP8_OUT:
+            tl.store(optrs, out, mask=omask)
+        else:
+            tl.store(optrs, out.to(tl.int8, bitcast=True), mask=omask)
     else:
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :],
-                 tl.reshape(q, [ROWS, BLOCK_G * 16]).to(tl.int8), mask=omask)
+        xg = _f32(xr)
+        safe = tl.where(eff == 0.0, 1.0, eff)
+        r = tl.math.div_rn(xg, safe[:, :, None] + tl.zeros_like(xg))
+        r = tl.minimum(tl.maximum(r, -4194304.0), 4194304.0)
+        if HALF:
+            r = tl.floor(r)
+        else:
+            r = (r + _RNE_MAGIC) - _RNE_MAGIC
+        q = tl.minimum(tl.maximum(r, QMIN), QMAX)
+        q = tl.where(eff[:, :, None] == 0.0, 0.0, q)
+        tl.store(optrs, tl.reshape(q, [ROWS, BLOCK_G * 16]).to(tl.int8), mask=omask)
 
 
 @triton.jit
@@ -280,9 +604,17 @@ def _fmt_constants(bits: int, grid: str, cuda: bool):
                 INV_SCALE_MAX=_f32_reciprocal(f.scale_max))
 
 
+def _packed16(x: torch.Tensor) -> bool:
+    """The packed 16-bit PTX of the prologue: bf16 x on sm_90+ (set.bf16x2), fp16 on sm_80+."""
+    if not x.is_cuda or _interpreting() or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return torch.cuda.get_device_capability(x.device) >= ((9, 0) if x.dtype == torch.bfloat16 else (8, 0))
+
+
 def act_quant(x: torch.Tensor, bits: int = 2, grid: str = "int", padded_width: int | None = None,
               split_index: torch.Tensor | None = None, split_scale: torch.Tensor | None = None,
-              fp8_values: bool = False, rows_per_program: int | None = None, hadamard: bool = False):
+              fp8_values: bool = False, rows_per_program: int | None = None, hadamard: bool = False,
+              num_warps: int | None = None):
     """Dynamic per-row activation quantization in groups of 16 with E4M3 scales, in one pass.
 
     ``x`` [..., K_in] (any float dtype); with ``hadamard`` the rows first go through the online
@@ -294,6 +626,7 @@ def act_quant(x: torch.Tensor, bits: int = 2, grid: str = "int", padded_width: i
     global)``: ``out`` int8 codes [..., Kp] (``fp8_values=False``: equal to
     ``torch.ops.lowbit.quantize_act``) or the ``float8_e4m3fn`` values ``q * stored``
     (2-bit ``int`` grid only); scales ``float8_e4m3fn`` [..., Kp/16]; global fp32 [..., 1].
+    ``rows_per_program`` and ``num_warps`` override the launch (tuning).
     """
     if fp8_values and (bits != 2 or grid != "int"):
         raise ValueError("E4M3 activation values need the 2-bit int grid (exact products)")
@@ -324,12 +657,16 @@ def act_quant(x: torch.Tensor, bits: int = 2, grid: str = "int", padded_width: i
         split = split_index is not None
         idx = split_index.to(torch.int32).contiguous() if split else gscale
         sc = split_scale.to(torch.float32).contiguous() if split else gscale
-        nw = 4 if tile * rows <= 4096 else 8
+        nw = num_warps or (4 if tile * rows <= 4096 else 8)
+        even = m % rows == 0 and k == kp == 16 * block_g
+        # the packed path wants each thread's 16 values of a group in its registers, as the plain
+        # load gives them; the gather of a split and the butterflies' layouts spread them out
+        asm = _packed16(x) and not hadamard and not split
         _act_quant_kernel[(triton.cdiv(m, rows),)](
             x2, idx, sc, out, scales, gscale, m, k, kp, x2.stride(0), out.stride(0), scales.stride(0),
             **_fmt_constants(bits, grid, x.is_cuda), SPLIT=split, FP8_OUT=fp8_values, ROWS=rows, BLOCK_G=block_g,
             HADAMARD=hadamard, HP=n_in if hadamard else 1, HSCALE=1.0 / math.sqrt(n_in) if hadamard else 1.0,
-            IN_BF16=x.dtype == torch.bfloat16,
+            IN_BF16=x.dtype == torch.bfloat16, ASM=asm, EVEN=even,
             num_warps=nw)
     out = out.view(torch.float8_e4m3fn) if fp8_values else out
     return (out.reshape(*lead, kp), scales.view(torch.float8_e4m3fn).reshape(*lead, kp // 16),

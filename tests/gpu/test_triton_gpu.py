@@ -145,6 +145,74 @@ def test_prologue_bit_exact(bits, grid, dtype):
     assert torch.equal(reg[0], ref[0]) and torch.equal(reg[2], ref[2])
 
 
+def _planted(m, k, dtype, seed):
+    """_activation's values, rows whose global is 2^p (224 2^p * fl(1/224) rounds to 2^p, so
+    T * e is exact in 16 bits), a tiny row (global below 2^-90: the scaled path) and, in every
+    group, values of x's format on and next to T * e (T = 1/2, -1/2, -3/2) for the reference's
+    own effective scales e (only between the group's max and min: the scales stay)."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = _activation(m, k, torch.float32, seed)
+    p = torch.randint(-12, 8, (m,), generator=g, device=DEV).float()
+    nice = torch.arange(m, device=DEV) % 3 == 2
+    scaled = x / x.abs().amax(-1, keepdim=True).clamp(min=1e-30) * 200 * torch.exp2(p)[:, None]
+    x = torch.where(nice[:, None], scaled, x)
+    x[:, 5] = torch.where(nice, 224 * torch.exp2(p), x[:, 5])
+    # groups with subnormal E4M3 scales (and codes -2: the doubled subnormal codes)
+    x[1::5, 64:96] = (torch.linspace(-2, 1, 32, device=DEV) * x[1::5].abs().amax(-1, keepdim=True)
+                      * torch.tensor([2.0 ** -14, 2.0 ** -17], device=DEV).repeat_interleave(16))
+    if dtype != torch.float16:
+        x[3] = x[3] / x[3].abs().max() * 1e-38
+    x = x.to(dtype)
+    _, sc, gs = lowbit_ops.quantize_act._init_fn(x, 2, "int", 16, "e4m3")
+    eff = sc.float() * gs
+    xf = x.float().view(m, k // 16, 16)
+    cands = []
+    for t in (0.5, -0.5, -1.5):
+        v = (eff * t).to(dtype).cpu()
+        inf = torch.full_like(v, float("inf"))
+        up, down = v, v
+        cands.append(v)
+        for _ in range(2):
+            up, down = torch.nextafter(up, inf), torch.nextafter(down, -inf)
+            cands += [up, down]
+    cands = torch.stack(cands, -1).float().to(DEV)
+    pick = cands.gather(-1, torch.randint(0, cands.shape[-1], xf.shape, generator=g, device=DEV))
+    pos = torch.arange(16, device=DEV)
+    extreme = (pos == xf.argmax(-1, keepdim=True)) | (pos == xf.argmin(-1, keepdim=True))
+    ok = ((pick <= xf.amax(-1, keepdim=True)) & (pick >= xf.amin(-1, keepdim=True)) & ~extreme
+          & (torch.rand(xf.shape, generator=g, device=DEV) < 0.4) & (eff[..., None] > 0))
+    return torch.where(ok, pick, xf).view(m, k).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_prologue_planted_decision_points_bit_exact(dtype):
+    """The 2-bit codes decided by thresholds (module docstring of lowbit.codegen.triton.w2a2) at
+    values on and next to every decision point, bit for bit against the reference, as int8
+    codes and as E4M3 values; for 16-bit x the packed PTX path equals the plain Triton one."""
+    m, k = 1024, 8192
+    x = _planted(m, k, dtype, seed=11)
+    codes, sc, gs = lowbit_ops.quantize_act._init_fn(x, 2, "int", 16, "e4m3")
+    e = (sc.float() * gs).repeat_interleave(16, 1)
+    assert min(int(((x.float() == t * e) & (e > 0)).sum()) for t in (0.5, -0.5, -1.5)) > 100
+    for fp8 in (False, True):
+        got = k2.act_quant(x, 2, "int", fp8_values=fp8)
+        if fp8:
+            assert torch.equal(got[0].float(), (codes.float().view(m, -1, 16) * sc.float().unsqueeze(-1)).view(m, k))
+            assert not (got[0].view(torch.uint8)[codes == 0] != 0).any()  # q = 0 is the byte 0
+        else:
+            assert torch.equal(got[0], codes)
+        assert torch.equal(got[1].view(torch.uint8) & 0x7F, sc.view(torch.uint8) & 0x7F)
+        assert torch.equal(got[2], gs)
+        if k2._packed16(x):
+            packed16 = k2._packed16
+            k2._packed16 = lambda t: False
+            try:
+                plain = k2.act_quant(x, 2, "int", fp8_values=fp8)
+            finally:
+                k2._packed16 = packed16
+            assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(got, plain))
+
+
 def test_prologue_split_gather_and_e4m3_values():
     x = _activation(64, 1000, torch.bfloat16, seed=5)
     index = torch.cat([torch.arange(1000), torch.randint(0, 1000, (24,))]).to(DEV)
