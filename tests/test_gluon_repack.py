@@ -139,3 +139,131 @@ def test_repacked_weights_are_cached_per_tensor_and_version():
     key = id(packed)
     del packed
     assert key not in wg._REPACKED
+
+
+# ----------------------------------------------------------------------------------------
+# pipelined variant (STAGES >= 1): the x path through shared memory and the launch plan
+# ----------------------------------------------------------------------------------------
+
+def _coord_n(bases, reg, lane, warp):
+    """Like wg._coord for any rank."""
+    coord = [0] * len(bases["shape"])
+    for level, idx in (("reg", reg), ("lane", lane), ("warp", warp)):
+        for b, basis in enumerate(bases[level]):
+            if (idx >> b) & 1:
+                coord = [c ^ v for c, v in zip(coord, basis)]
+    return coord
+
+
+@pytest.mark.parametrize("bn,mp,xr,xt,nw", [(128, 8, 1, 4, 4), (64, 8, 2, 2, 4), (128, 8, 8, 16, 4), (64, 16, 16, 1, 2),
+                                            (256, 8, 4, 8, 8), (128, 8, 1, 64, 4)])
+def test_pipe_x_layouts_feed_the_b_fragments(bn, mp, xr, xt, nw):
+    """The shared-memory x path of the pipelined kernel gives every thread the x elements of its
+    B fragments: for each (register, lane, warp), the staged word it loads (row 4m + t, word i of
+    group column u) is x row m of pair i of group 4t + u, with t = lane & 3 and m = the B column
+    of the lane (gid, plus 8 for the MP = 16 register) modulo XR (columns >= M are never stored,
+    so any finite row will do there; rows < M are exact because XR >= M). The 4-D layout after
+    the register broadcast names the same (m, t, i) per register."""
+    b = wg.pipe_layout_bases(bn, mp, xr, xt, nw)
+    xs, x4 = b["xs"], b["x4"]
+    assert len(xs["reg"]) == len(x4["reg"]) and xs["shape"] == [xr * 4, 8] and x4["shape"] == [mp // xr, xr, 4, 8]
+    for warp in range(nw):
+        for lane in range(32):
+            gid, t = lane >> 2, lane & 3
+            for r in range(1 << len(xs["reg"])):
+                row, i = _coord_n(xs, r, lane, warp)
+                col = gid + 8 * (r >> 3)  # B column of this register (MP = 16: the 4th register bit)
+                assert row % 4 == t and row // 4 == col % xr and 0 <= i < 8
+                d0, d1, t4, i4 = _coord_n(x4, r, lane, warp)
+                assert (d0 * xr + d1, t4, i4) == (col, t, i)
+
+
+@pytest.mark.parametrize("bn,mp,xr,xt,nw", [(128, 8, 1, 4, 4), (64, 8, 2, 2, 4), (128, 8, 8, 16, 4), (64, 16, 16, 1, 2),
+                                            (128, 8, 1, 1, 4)])
+def test_pipe_x_copy_layout_covers_the_staged_tiles(bn, mp, xr, xt, nw):
+    """The cp.async staging copy writes every word of [XT, XR*4, 32] in 16-byte pieces (four
+    consecutive words of a row per thread and copy); threads beyond the tile only duplicate."""
+    xc = wg.pipe_layout_bases(bn, mp, xr, xt, nw)["xc"]
+    seen = set()
+    for warp in range(nw):
+        for lane in range(32):
+            for r in range(1 << len(xc["reg"])):
+                c = tuple(_coord_n(xc, r, lane, warp))
+                if r & 3 == 0:
+                    assert c[2] % 4 == 0  # 16-byte aligned start
+                    assert [tuple(_coord_n(xc, r + v, lane, warp)) for v in range(4)] == \
+                        [(c[0], c[1], c[2] + v) for v in range(4)]
+                seen.add(c)
+    assert len(seen) == xt * xr * 4 * 32
+
+
+def test_pipe_x_tile_words_are_the_classic_x_words():
+    """Staged tile word (row 4m + t, column 8u + i) = the classic kernel's x word 32t + 8u + i of
+    row m (bf16 pair of elements 16(4t + u) + 2i + (0, 1)), i.e. the chunk the pipelined kernel
+    copies (``x_off = tile * 128 + t * 32 + w``) is a plain reshape of x's words."""
+    m, k, tile = 3, 1024, 2
+    x = torch.randn(m, k).to(torch.bfloat16)
+    xw = x.view(torch.int32)  # [M, K/2]
+    staged = xw[:, 128 * tile:128 * tile + 128].reshape(m, 4, 32)  # [m, t, w] -> row 4m + t
+    for t in range(4):
+        for u in range(4):
+            for i in range(8):
+                pair = x[:, 16 * (4 * t + u) + 2 * i + 256 * tile:16 * (4 * t + u) + 2 * i + 2 + 256 * tile]
+                assert torch.equal(staged[:, t, 8 * u + i], pair.contiguous().view(torch.int32)[:, 0])
+
+
+@pytest.mark.parametrize("k,n,cfg", [
+    (8192, 8192, dict()), (8192, 8192, dict(STAGES=4)), (4096, 4096, dict(STAGES=3, SPLIT_K=8)),
+    (11008, 4096, dict(STAGES=6, SPLIT_K=4)), (4096, 11008, dict(STAGES=8, SPLIT_K=16)),
+    (4096, 22016, dict(STAGES=2, SPLIT_K=1)), (2816, 4096, dict(STAGES=5, SPLIT_K=3)),
+    (4096, 2048, dict(SPLIT_K=5)), (1280, 512, dict(STAGES=4, SPLIT_K=1)),
+])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_pipe_plan_covers_every_tile_once(k, n, cfg, m):
+    """Replays the pipelined kernel's schedule per program (``pipe_plan`` and the loop of
+    ``_w2a16_pipe_kernel``): every (row block, tile) is computed exactly once, shares with a
+    tile count that is not a multiple of STAGES (or one tile, or none) included; the ring slot
+    a position is copied into was last read STAGES positions earlier (a step before the copy),
+    and the x tiles a program reads were all copied (once, with position 0)."""
+    cfg = wg.default_config(m, n, k, **cfg)
+    plan = wg.pipe_plan(m, n, k, cfg)
+    bn, split, stages = cfg["BLOCK_N"], cfg["SPLIT_K"], cfg["STAGES"]
+    tpi = plan["TPI"]
+    tiles = k // 256
+    assert stages >= 1 and plan["G"] == (n // bn) * split and plan["XR"] >= m and plan["XT"] >= tpi
+    done = {}
+    for pid in range(plan["G"]):
+        rb, c = divmod(pid, split)
+        slot_pos = {}
+        for p in range(stages - 1):
+            slot_pos[p % stages] = p
+        for j in range(tpi):
+            p = j + stages - 1
+            prev = slot_pos.get(p % stages)
+            assert prev is None or prev <= j - 1  # its last reader was an earlier step
+            slot_pos[p % stages] = p
+            assert slot_pos[j % stages] == j
+            tile = c * tpi + j
+            assert 0 <= j < plan["XT"]
+            if tile < tiles:
+                assert (rb, tile) not in done
+                done[(rb, tile)] = pid
+    assert len(done) == (n // bn) * tiles
+    assert plan["smem"] == stages * bn * 80 + plan["XT"] * plan["XR"] * 512
+
+
+def test_default_config_is_the_two_stage_pipeline_with_a_classic_fallback():
+    """The default runs the pipelined kernel with STAGES=2 (routed by qlinear); STAGES=0 is the
+    classic kernel; where the staged x of a K share would not fit in shared memory the default
+    falls back to the classic kernel (same N % BLOCK_N, K % 256 constraints: gluon_unsupported
+    stays valid), while an explicit STAGES is kept (the launcher then raises)."""
+    assert wg.default_config(1, 8192, 8192)["STAGES"] == 2
+    assert wg.default_config(1, 8192, 8192, STAGES=0)["STAGES"] == 0
+    big = wg.default_config(8, 28672, 131072)  # split 4: TPI 128, 8 x rows: 256 KB of x
+    assert wg.pipe_plan(8, 28672, 131072, dict(big, STAGES=2))["smem"] > wg.SMEM_LIMIT
+    assert big["STAGES"] == 0
+    assert wg.default_config(8, 28672, 131072, STAGES=2)["STAGES"] == 2
+    for m in (1, 8, 16):
+        for k in (256, 4096, 11008, 28672):
+            cfg = wg.default_config(m, 4096, k)
+            assert cfg["STAGES"] == 2 and wg.pipe_plan(m, 4096, k, cfg)["smem"] <= wg.SMEM_LIMIT
