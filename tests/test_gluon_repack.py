@@ -116,12 +116,13 @@ def test_layout_bases_cover_each_tile_once():
 
 def test_routing_rule_for_the_gluon_path():
     """qlinear sends only CUDA bf16 calls of at most MAX_M rows with K % 256 == 0 and
-    N % 128 == 0 to the Gluon kernel; on this machine (interpreter, CPU tensors) never."""
+    N a multiple of the default BLOCK_N (64) to the Gluon kernel; on this machine (interpreter, CPU
+    tensors) never."""
     _, packed, _, _ = _weight(128, 256, seed=4)
     assert wg.gluon_unsupported(torch.randn(1, 256, dtype=torch.bfloat16), packed) is not None
     # the shape and dtype rules on their own
     for m, k, n, ok in [(1, 256, 128, True), (8, 4096, 4096, True), (9, 256, 128, False), (1, 4080, 128, False),
-                        (1, 256, 192, False)]:
+                        (1, 256, 192, True), (1, 256, 160, False)]:
         pk = torch.zeros(n, max(k, 256) // 4, dtype=torch.uint8)
         why = wg._shape_problem(torch.empty(m, k, dtype=torch.bfloat16), pk, wg.MAX_M)
         assert (why is None) == ok, (m, k, n, why)

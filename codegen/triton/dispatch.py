@@ -7,7 +7,7 @@ A custom op has one CUDA kernel, so each function here dispatches itself:
 * ``qlinear``: the W2A16 case (2-bit ``int``/``half`` weights, groups of 16, E4M3 scales,
   bf16/fp16 activations, no activation quantization) goes to
   :func:`lowbit.codegen.triton.w2a16_gluon.w2a16_gluon` for decode-sized bf16 calls (at most
-  ``GLUON_MAX_M`` rows, K a multiple of 256, N of 128; the weight is repacked once per tensor
+  ``GLUON_MAX_M`` rows, K a multiple of 256, N of 64; the weight is repacked once per tensor
   and kept) and to :func:`lowbit.codegen.triton.w2a16.w2a16_linear` otherwise; the W2A2 case (2-bit ``int`` weights and
   activations, groups of 16, E4M3 scales) to :func:`lowbit.codegen.triton.w2a2.w2a2_linear`
   (prologue + FP8 GEMM);

@@ -9,17 +9,19 @@ operands loaded from global memory into registers) and the pipelined one (``STAG
 x staged in shared memory). The default (and what qlinear runs) is the pipelined kernel with
 ``STAGES=2``, except where its shared memory would not fit (:func:`default_config`).
 
-Measured on an H200 (2026-12-01, ``python bench/gluon_w2a16.py``, M=1, Triton 3.6, torch
-2.11), us per call, default ``STAGES=2`` (classic kernel ``STAGES=0`` in brackets):
-8192 x 8192 13.06 (13.76), 4096 x 4096 7.01 (7.03), 4096 -> 11008 10.74 (11.45), 11008 -> 4096
-10.74 (12.10), 4096 -> 12288 10.80 (11.39), 4096 -> 22016 16.71 (21.58). ``STAGES=2`` was the
-best correct configuration or within 2% of it at every shape (``RING2``: 10.56 at 11008 ->
-4096, 16.61 at 4096 -> 22016): why it is the default. The deeper rings (STAGES 4 and 6) were
-slower (16-18 us at 8192^2) and TMA no faster (13.17 at STAGES=3), in the same run, though
-those runs computed wrong x (see "Pipelined variant", the zero fill; the fixed code has not
-been timed yet). Earlier, classic kernel against cuBLAS bf16: 2.48x at K=N=8192, 1.77x at
-4096, 2.68x at 8192 -> 28672 (41.1 us), 2.16x / 2.30x at 4096 <-> 11008. At M=16 (MP=16) the
-classic kernel is 2.3x slower than the ``tl.dot`` kernel, hence the 8-row limit.
+Measured on an H200 (2026-12-01, ``python bench/gluon_w2a16.py --configs ...``, M=1, Triton
+3.6, torch 2.11; docs/benchmarks.md), us per call, in one run: the default (pipelined,
+``STAGES=2``, BLOCK_N=64) / the same at BLOCK_N=128 / cuBLAS bf16: 8192 x 8192 12.71 / 12.67 /
+34.3; 4096 x 4096 6.35 / 6.66 / 13.1; 4096 -> 11008 10.39 / 10.63 / 24.9; 11008 -> 4096 10.59 /
+10.80 / 27.1; 4096 -> 12288 (q, k, v fused) 10.51 / 10.85 / 27.7; 4096 -> 22016 (gate and up
+fused) 16.03 / 16.63 / 45.1: 2.1-2.8x cuBLAS. A simple Triton kernel that only reads the same
+words and scales (the bench's read-ceiling row) takes 7.1 us at 8192 x 8192 (4.9x cuBLAS) and
+4.2-8.8 us at the others: the GEMV runs at 53-66% of its speed. In an earlier run the same
+day the classic kernel (``STAGES=0``, BLOCK_N=128) took 13.60, 7.07, 11.37, 12.20, 11.39 and
+21.54 us at these shapes, and the deeper rings (STAGES 3, 4; RING2 with 4) and TMA (STAGES=3)
+were correct and slower (13.5-16.4 us at 8192^2); RING2 at STAGES=2 within 2% of STAGES=2.
+At M=16 (MP=16) the classic kernel was 2.3x slower than the ``tl.dot`` kernel, hence the
+8-row limit.
 
 Triton's CPU interpreter does not run Gluon: the CPU tests (tests/test_gluon_repack.py) check
 the repacked format and replay the kernel's layouts and arithmetic in torch, thread by thread;
@@ -201,8 +203,8 @@ registers (4 programs per SM), 96 with RING2. Register counts move with the shap
 TPI 6: 126; MAXNREG=96 caps it without spills, 1.90 per weight).
 
 Compile facts (Triton 3.6, sm_90, compiled without a GPU; BLOCK_N=64, 4 warps, split-K 4,
-MP=8, int grid, UNROLL2; the default BLOCK_N=128 has 128 registers and 1.72 instructions per
-weight): 86 registers, no spills, 4 bytes of shared memory (the broadcast of
+MP=8, int grid, UNROLL2; BLOCK_N=128, its default before the pipelined kernel, has 128 registers
+and 1.72 instructions per weight): 86 registers, no spills, 4 bytes of shared memory (the broadcast of
 the split-K counter's atomic); no st.shared / ld.shared / ldmatrix / stmatrix for W or x. Main
 loop: 225 SASS instructions per tile = 1.76 per weight (128 weights per thread and tile:
 64 HFMA2 + 68 LOP3 + 24 shifts of the dequantization, 16 HMMA, 12 LDG (2 x 16 B of words, 2 x
@@ -875,8 +877,14 @@ if HAVE_GLUON:
 # against 17.3 for BLOCK_N=64 / split 4), split-K 4 above (N = 11008 and 28672). STAGES=2: the
 # pipelined kernel with a 2-slot cp.async ring (module docstring, "Pipelined variant"; 13.06 us
 # at 8192^2 against 13.76 for the classic kernel, STAGES=0, and at most 2% from the best
-# correct configuration at every measured shape, H200, 2026-12-01).
-DEFAULTS = dict(BLOCK_N=128, SPLIT_K=0, PREFETCH=True, UNROLL2=True, num_warps=4, STAGES=2)
+# correct configuration at every measured shape, H200, 2026-12-01). A second sweep of tiles for
+# the pipelined kernel (same day, `python bench/gluon_w2a16.py --configs ...`, M=1): BLOCK_N=64
+# with the same split rule (8 up to 64 row blocks, else 4) was the best or within 0.5% of it at
+# all six shapes (8192^2 12.71 us against 12.67 for BLOCK_N=128; 4096^2 6.35 against 6.66;
+# 4096 -> 11008 10.39 / 10.63; 11008 -> 4096 10.59 / 10.80; 4096 -> 12288 10.51 / 10.85;
+# 4096 -> 22016 16.03 / 16.63); BLOCK_N=256 (8 warps) and split 16 were slower everywhere.
+# BLOCK_N=64 also lets every N that is a multiple of 64 take this path.
+DEFAULTS = dict(BLOCK_N=64, SPLIT_K=0, PREFETCH=True, UNROLL2=True, num_warps=4, STAGES=2)
 TILE_K = 256            # K elements per tile (16 groups: one 16-byte word load per row and thread)
 MAX_M = 8               # rows routed here by torch.ops.lowbit.qlinear (MP = 8; at M = 16 the
                         # Triton skinny kernel is 2.3x faster)
