@@ -18,9 +18,9 @@ float64 product of the dequantized operands.
 
 Columns: shape, variant (config keys as given, then the resolved launch: BLOCK_N x warps,
 split-K, for the pipelined kernel (the default, STAGES=2; STAGES=0 is the classic kernel)
-tiles per work item, ring stages, programs, TMA / cp.async, RING2, ACC2), microseconds per call, speed-up over cuBLAS bf16 (x), weight bytes per second (words +
-scales / time), the share of the read ceiling's bandwidth reached (ceil), the error, and the
-speed-up over the Triton skinny kernel.
+tiles per work item, cp.async ring stages, programs), microseconds per call, speed-up over
+cuBLAS bf16 (x), weight bytes per second (words + scales / time), the share of the read
+ceiling's bandwidth reached (ceil), the error, and the speed-up over the Triton skinny kernel.
 """
 from __future__ import annotations
 
@@ -52,8 +52,7 @@ SWEEP = [  # the classic kernel (STAGES=0) and its tile variants, then pipelined
     dict(STAGES=0), dict(STAGES=0, BLOCK_N=32, num_warps=2), dict(STAGES=0, BLOCK_N=128, num_warps=8),
     dict(STAGES=0, BLOCK_N=256, num_warps=8), dict(STAGES=0, PREFETCH=False), dict(STAGES=0, UNROLL2=False),
     dict(STAGES=0, SPLIT_K=2), dict(STAGES=0, SPLIT_K=8),
-    dict(STAGES=2, RING2=True), dict(STAGES=3), dict(STAGES=4), dict(STAGES=3, TMA=True), dict(SPLIT_K=4),
-    dict(SPLIT_K=8),
+    dict(STAGES=3), dict(STAGES=4), dict(SPLIT_K=4), dict(SPLIT_K=8),
 ]
 
 try:
@@ -115,8 +114,7 @@ def _label(wg, m, n, k, cfg):
     desc = f"{full['BLOCK_N']}x{full['num_warps']}w split{full['SPLIT_K']}"
     if full["STAGES"]:
         plan = wg.pipe_plan(m, n, k, full)
-        desc += (f" tpi{plan['TPI']} S{full['STAGES']} {'TMA' if full['TMA'] else 'cp'} G{plan['G']}"
-                 f"{' ring2' if full['RING2'] else ''}{' acc2' if full['ACC2'] else ''}")
+        desc += f" tpi{plan['TPI']} S{full['STAGES']} G{plan['G']}"
     else:
         desc += " u2" if full["UNROLL2"] else ""
     return f"{name} [{desc}]"
@@ -297,7 +295,7 @@ def main(argv=None):
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     configs = ([] if args.no_default else [{}]) + (SWEEP if args.sweep else []) + json.loads(args.configs)
     print("# columns: shape | variant [resolved launch: rows x warps, split-K, and for the pipelined kernel\n"
-          "#   tiles per work item, ring stages S, TMA or cp.async, programs G, ring2, acc2] | us per call\n"
+          "#   tiles per work item, cp.async ring stages S, programs G] | us per call\n"
           "#   (median of CUDA-graph replays, weights streamed from HBM) | x = cuBLAS time / this | GB/s of\n"
           "#   words + scales | ceil = read-ceiling time / this (1.0 = as fast as only reading the bytes) |\n"
           "#   err = relative error vs float64 (bf16 output: ~2e-3 is the output rounding) | vs Triton skinny",

@@ -268,3 +268,10 @@ def test_default_config_is_the_two_stage_pipeline_with_a_classic_fallback():
         for k in (256, 4096, 11008, 28672):
             cfg = wg.default_config(m, 4096, k)
             assert cfg["STAGES"] == 2 and wg.pipe_plan(m, 4096, k, cfg)["smem"] <= wg.SMEM_LIMIT
+
+
+def test_default_config_rejects_unknown_keys():
+    """A stale or misspelt tile option is an error, not silently ignored."""
+    assert wg.default_config(1, 8192, 8192, STAGES=3)["STAGES"] == 3
+    with pytest.raises(ValueError, match="unknown Gluon W2A16 config keys"):
+        wg.default_config(1, 8192, 8192, RING2=True)

@@ -18,8 +18,8 @@ fused) 16.03 / 16.63 / 45.1: 2.1-2.8x cuBLAS. A simple Triton kernel that only r
 words and scales (the bench's read-ceiling row) takes 7.1 us at 8192 x 8192 (4.9x cuBLAS) and
 4.2-8.8 us at the others: the GEMV runs at 53-66% of its speed. In an earlier run the same
 day the classic kernel (``STAGES=0``, BLOCK_N=128) took 13.60, 7.07, 11.37, 12.20, 11.39 and
-21.54 us at these shapes, and the deeper rings (STAGES 3, 4; RING2 with 4) and TMA (STAGES=3)
-were correct and slower (13.5-16.4 us at 8192^2); RING2 at STAGES=2 within 2% of STAGES=2.
+21.54 us at these shapes. Deeper cp.async rings were correct and slower (at 8192^2, BLOCK_N=128,
+one run: STAGES=3 13.68 us, STAGES=4 16.27, against 12.73 for STAGES=2).
 At M=16 (MP=16) the classic kernel was 2.3x slower than the ``tl.dot`` kernel, hence the
 8-row limit.
 
@@ -129,33 +129,20 @@ the operands come from differ.
   program p computes item p: row block ``p // SPLIT_K``, share ``p % SPLIT_K``, its tiles
   forming the stream positions ``j = 0 .. TPI - 1``. The last shares may hold fewer tiles
   than TPI (any count, also not a multiple of STAGES, also one or none): positions past K are
-  fetched as nothing (cp.async, zero fill) or as the last tile again (TMA) and skipped; an
-  empty share stores a zero partial. The epilogue is the serial split-K reduction above.
+  fetched as nothing (cp.async, zero fill) and skipped; an empty share stores a zero partial.
+  The epilogue is the serial split-K reduction above.
 * W ring. Words and scale words of stream position p go to ring slot ``p % STAGES`` (shared
   memory, plain row-major [BLOCK_N, 16] / [BLOCK_N, 4] int32 per slot): at step j the program
   issues position ``j + STAGES - 1`` and then waits for position j, so ``STAGES - 1`` tiles are
-  in flight while one is computed. By default each thread cp.asyncs
-  exactly the words / scale words it later reads (the WL / SL layouts: 4 x 16 B + 4 x 4 B per
-  tile at BLOCK_N=128, one commit group per position, ``wait_group(STAGES - 1)``); with ``TMA``
-  two TMA boxes per position ([BLOCK_N, 16] and [BLOCK_N, 4] int32, one thread issues them)
-  arrive on one mbarrier per slot, position j waiting for phase ``(j // STAGES) & 1``. The
-  register side is unchanged: ``.load(WL)`` / ``.load(SL)`` give the registers the classic
-  kernel loads from global memory (one LDS.128 per 4 words, conflict-free: a warp quarter reads
-  two whole 64-byte rows; the scale load becomes one LDSM.x4), and every ``convert_layout``
-  stays ``assert_trivial``. Triton's shared-memory barrier analysis does not know that the
+  in flight while one is computed. Each thread cp.asyncs exactly the words / scale words it
+  later reads (the WL / SL layouts: 4 x 16 B + 4 x 4 B per tile at BLOCK_N=128, one commit
+  group per position, ``wait_group(STAGES - 1)``). The register side is unchanged:
+  ``.load(WL)`` / ``.load(SL)`` give the registers the classic kernel loads from global memory
+  (one LDS.128 per 4 words, conflict-free: a warp quarter reads two whole 64-byte rows; the
+  scale load becomes one LDSM.x4), and every ``convert_layout`` stays ``assert_trivial``. Triton's shared-memory barrier analysis does not know that the
   cp.async slots are private per thread (nor which slot a dynamic index names): it puts a CTA
   barrier before the step's copies (they write the ring the previous step read) and one after
-  the wait (the reads follow copies into the same ring), four with TMA, whose mbarrier
-  operations it orders too.
-* ``RING2`` (cp.async, one work item per program, even STAGES): even positions go to one ring
-  and odd ones to another (two allocations of STAGES / 2 slots; position p in slot
-  ``(p // 2) % (STAGES / 2)`` of ring ``p % 2``), and a step is: wait for position j
-  (``wait_group(STAGES - 2)``), one explicit barrier, issue position ``j + STAGES - 1`` into
-  the other ring, compute from this ring. That barrier orders the previous step's reads of
-  the other ring before this issue and the previous step's issue into this ring before these
-  reads; within a step the copies and the reads touch different allocations, so the analysis
-  adds nothing: one barrier per tile. The loop runs two steps per iteration (plus one for an
-  odd TPI), which also halves its bookkeeping.
+  the wait (the reads follow copies into the same ring).
 * x staged per work item. The item's x rows (``XR`` = M rounded up to a power of two, row m
   copied from ``min(m, M - 1)``) go to shared memory once, as ``XT`` (TPI rounded up) tiles of
   [XR * 4, 32] int32: row ``4m + t`` holds the 32 words (bf16 pairs) ``32t .. 32t + 31`` of the
@@ -171,36 +158,37 @@ the operands come from differ.
   LDG.128 into 32 registers of a double buffer. The copy of an item's x rides with the commit
   group of position 0 (:func:`_issue_x`, issued once, just before position 0), and a CTA
   barrier at step 0 (after its wait) makes all threads' pieces visible.
-* The bug of the first version (STAGES >= 3, RING2 with STAGES >= 4, TMA, and a persistent
-  grid, since removed, all measured wrong on the H200, err 0.2-1.0): the x copy was issued with
-  *every* stream position, switched off by its mask for all but an item's first tile. A masked
-  cp.async is not "no copy": Triton lowers it to ``cp.async ... 16, src_size`` with src_size 0,
-  which still writes 16 zero bytes. So the prologue positions 1 .. STAGES - 2 (and every
-  non-first position of the persistent grid) zero-filled the staged x, in commit groups that
-  land after the barrier of step 0. With STAGES=2 (and RING2 STAGES=2) position 0 is the only
-  prologue position and the loop issued no x: correct. Now x is copied exactly once.
-* ``ACC2``: group columns u = 1, 3 accumulate into a second tile (two independent HMMA chains
-  per m tile, summed before the epilogue; only the fp32 summation order changes).
+* The bug of the first version (STAGES >= 3, measured wrong on the H200, err 0.2-1.0): the x
+  copy was issued with *every* stream position, switched off by its mask for all but an item's
+  first tile. A masked cp.async is not "no copy": Triton lowers it to ``cp.async ... 16,
+  src_size`` with src_size 0, which still writes 16 zero bytes. So the prologue positions
+  1 .. STAGES - 2 zero-filled the staged x, in commit groups that land after the barrier of
+  step 0. With STAGES=2 position 0 is the only prologue position and the loop issued no x:
+  correct. Now x is copied exactly once.
 * Numerics: the products are the classic kernel's (exact), the MMA sequence of a tile and the
-  order of tiles and of the split-K reduction too, so without ACC2 the result is bit for bit
-  the classic kernel's with the same BLOCK_N, warps and SPLIT_K (MMA columns >= M see other x
-  rows, but columns do not mix); ACC2 only reorders fp32 sums. Repeated calls are
-  bit-identical (tests/gpu/test_gluon_w2a16.py checks both).
+  order of tiles and of the split-K reduction too, so the result is bit for bit the classic
+  kernel's with the same BLOCK_N, warps and SPLIT_K (MMA columns >= M see other x rows, but
+  columns do not mix). Repeated calls are bit-identical (tests/gpu/test_gluon_w2a16.py checks
+  both).
+* Removed options. A TMA-filled ring (mbarrier per slot), two rings of alternating positions
+  with one barrier per tile (RING2), a second accumulator (ACC2) and a ptxas register cap
+  (MAXNREG=96) were built, verified correct on the H200 and measured (2026-12-01, six shapes,
+  M=1): none was more than 2% faster than STAGES=2 at any shape, most were slower (at 8192^2,
+  BLOCK_N=128, one run: TMA STAGES=3 13.45 us, RING2 STAGES=2 13.05, against 12.73 for
+  STAGES=2), so they were removed as not paying for their code.
 
 Compile facts of the pipelined variant (Triton 3.6, sm_90, compiled without a GPU, K=N=8192,
 M=1, BLOCK_N=128, 4 warps, split-K 8, TPI 4). Default STAGES=2: 100 registers, no spills, 22 KB
 shared memory, 500 SASS instructions per tile in the main loop = 1.95 per weight, 3 BAR.SYNC
 (77 registers at 4096^2, 94 at 11008 -> 4096, 100 at 4096 -> 11008 / 12288 / 22016; M=8: 100,
-36 KB; M=12 (MP=16): 150). STAGES=4 cp.async: 94 registers, no spills, 42 KB shared memory (5 programs
+36 KB; M=12 (MP=16): 150). STAGES=4: 94 registers, no spills, 42 KB shared memory (5 programs
 per SM), 492 SASS instructions per tile in the main loop = 1.92 per weight (the classic loop's
 ~410 of dequantization / HMMA / scale decoding, plus 8 LDGSTS with their 64-bit addresses, 15
 LDS + 1 LDSM, ~20 uniform-datapath instructions of the stream bookkeeping, 3 BAR.SYNC);
-8 (STAGES - 1) cp.async of 16 / 4 bytes in flight per thread. RING2: 86 registers, 483 per tile
-(1.89 per weight), 1 BAR.SYNC. TMA (STAGES=3): 72 registers, 510 per tile (no LDGSTS but elect / R2UR /
-fences and 5 BAR.SYNC), no per-thread loads in flight (STAGES - 1 boxes of 10 KB per program).
-(The BAR.SYNC counts include the x barrier, taken at step 0 only.) ACC2 (before the x fix): 123
-registers (4 programs per SM), 96 with RING2. Register counts move with the shape (RING2 at K=11008,
-TPI 6: 126; MAXNREG=96 caps it without spills, 1.90 per weight).
+8 (STAGES - 1) cp.async of 16 / 4 bytes in flight per thread. (The BAR.SYNC counts include the
+x barrier, taken at step 0 only.) At the default BLOCK_N=64 (split-K 4, TPI 8, same K, N, M):
+60 registers, no spills, 14 KB shared memory, 277 SASS instructions per tile in the main loop =
+2.16 per weight (M=8, 11008 -> 4096: 55 registers, 42 KB, 2.17 per weight).
 
 Compile facts (Triton 3.6, sm_90, compiled without a GPU; BLOCK_N=64, 4 warps, split-K 4,
 MP=8, int grid, UNROLL2; BLOCK_N=128, its default before the pipelined kernel, has 128 registers
@@ -223,7 +211,6 @@ try:  # Gluon exists from Triton 3.4 on; keep the module importable without it (
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
     HAVE_GLUON = True
 except Exception:  # pragma: no cover - no triton or too old
     HAVE_GLUON = False
@@ -642,11 +629,9 @@ if HAVE_GLUON:
         return gl.reshape(gl.join(lo, hi), [MP, 4, 16])
 
     @gluon.jit
-    def _tile_pipe(acc, acc2, w, sw, xt, HALF: gl.constexpr, BLOCK_N: gl.constexpr, MP: gl.constexpr,
-                   XR: gl.constexpr, ACC2: gl.constexpr, XSL: gl.constexpr, X4: gl.constexpr,
-                   AL: gl.constexpr, BL: gl.constexpr):
-        """``_tile`` with x read per group column from the staged shared tile ``xt``; with
-        ``ACC2`` the columns u = 1, 3 go to a second accumulator (two independent HMMA chains)."""
+    def _tile_pipe(acc, w, sw, xt, HALF: gl.constexpr, BLOCK_N: gl.constexpr, MP: gl.constexpr,
+                   XR: gl.constexpr, XSL: gl.constexpr, X4: gl.constexpr, AL: gl.constexpr, BL: gl.constexpr):
+        """``_tile`` with x read per group column from the staged shared tile ``xt``."""
         s0, s1, s2, s3, o0, o1, o2, o3, q0, q1, q2, q3 = _scales4(sw, HALF)
         we, wo = gl.split(gl.reshape(w, [BLOCK_N, 4, 2, 2]))
         w0, w2 = gl.split(we)
@@ -665,16 +650,10 @@ if HAVE_GLUON:
         q2 = gl.convert_layout(q2, lay, assert_trivial=True)
         q3 = gl.convert_layout(q3, lay, assert_trivial=True)
         acc = _step(acc, w0, s0, o0, q0, _x_u(xt, 0, MP, XR, XSL, X4), HALF, BLOCK_N, MP, AL, BL)
-        if ACC2:
-            acc2 = _step(acc2, w1, s1, o1, q1, _x_u(xt, 1, MP, XR, XSL, X4), HALF, BLOCK_N, MP, AL, BL)
-        else:
-            acc = _step(acc, w1, s1, o1, q1, _x_u(xt, 1, MP, XR, XSL, X4), HALF, BLOCK_N, MP, AL, BL)
+        acc = _step(acc, w1, s1, o1, q1, _x_u(xt, 1, MP, XR, XSL, X4), HALF, BLOCK_N, MP, AL, BL)
         acc = _step(acc, w2, s2, o2, q2, _x_u(xt, 2, MP, XR, XSL, X4), HALF, BLOCK_N, MP, AL, BL)
-        if ACC2:
-            acc2 = _step(acc2, w3, s3, o3, q3, _x_u(xt, 3, MP, XR, XSL, X4), HALF, BLOCK_N, MP, AL, BL)
-        else:
-            acc = _step(acc, w3, s3, o3, q3, _x_u(xt, 3, MP, XR, XSL, X4), HALF, BLOCK_N, MP, AL, BL)
-        return acc, acc2
+        acc = _step(acc, w3, s3, o3, q3, _x_u(xt, 3, MP, XR, XSL, X4), HALF, BLOCK_N, MP, AL, BL)
+        return acc
 
     @gluon.jit
     def _issue_x(pid, tiles, M, x_ptr, stride_xm, x_ring, x_tt, x_m, x_off, SPLIT_K: gl.constexpr,
@@ -690,35 +669,24 @@ if HAVE_GLUON:
         cp.async_copy_global_to_shared(x_ring.index(0), xsrc, mask=xmask)
 
     @gluon.jit
-    def _issue(slot, tt, ok, pid, tiles, w_src, s_src, SWN: gl.constexpr, SSN: gl.constexpr,
-               w_ring, s_ring, bars, w_off, s_off, BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr,
-               TPI: gl.constexpr, TMA: gl.constexpr, WL: gl.constexpr, SL: gl.constexpr):
+    def _issue(slot, tt, ok, pid, tiles, w_ptr, s_ptr, SWN: gl.constexpr, SSN: gl.constexpr,
+               w_ring, s_ring, w_off, s_off, BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr,
+               TPI: gl.constexpr, WL: gl.constexpr, SL: gl.constexpr):
         """cp.async the words and scale words of stream position ``tt`` (tile tt of the program's
         work item) into ring slot ``slot``; where ``ok`` is false or the tile is past K the copy
         is masked (zero fill into the slot, which is then never read). One commit group per
-        position. ``TMA``: the words and scale words go by two TMA box loads (issued by one
-        thread) that arrive on mbarrier ``bars[slot]``, for every position of the stream (none
-        past it; the group committed is then empty, which keeps the cp.async group count of x)."""
+        position."""
         rb = pid // SPLIT_K
         c = pid - rb * SPLIT_K
         tile = c * TPI + tt
-        if TMA:
-            # every position of the stream is copied and waited for, so that the mbarrier phases
-            # stay in step with the positions; a tile past K (last share) re-reads the last tile
-            tc = gl.minimum(tile, tiles - 1)
-            bar = bars.index(slot)
-            mbarrier.expect(bar, BLOCK_N * 80, pred=ok)
-            tma.async_copy_global_to_shared(w_src, [rb * BLOCK_N, tc * 16], bar, w_ring.index(slot), pred=ok)
-            tma.async_copy_global_to_shared(s_src, [rb * BLOCK_N, tc * 4], bar, s_ring.index(slot), pred=ok)
-        else:
-            lim = gl.where(ok & (tile < tiles), 1, 0)
-            # splat masks (constant along the 16-byte vectors, so the copies stay 16 / 4 bytes wide)
-            wmask = gl.full([BLOCK_N, 16], 0, gl.int32, WL) < lim
-            smask = gl.full([BLOCK_N, 4], 0, gl.int32, SL) < lim
-            cp.async_copy_global_to_shared(w_ring.index(slot), w_src + (rb * BLOCK_N * SWN + tile * 16) + w_off,
-                                           mask=wmask)
-            cp.async_copy_global_to_shared(s_ring.index(slot), s_src + (rb * BLOCK_N * SSN + tile * 4) + s_off,
-                                           mask=smask)
+        lim = gl.where(ok & (tile < tiles), 1, 0)
+        # splat masks (constant along the 16-byte vectors, so the copies stay 16 / 4 bytes wide)
+        wmask = gl.full([BLOCK_N, 16], 0, gl.int32, WL) < lim
+        smask = gl.full([BLOCK_N, 4], 0, gl.int32, SL) < lim
+        cp.async_copy_global_to_shared(w_ring.index(slot), w_ptr + (rb * BLOCK_N * SWN + tile * 16) + w_off,
+                                       mask=wmask)
+        cp.async_copy_global_to_shared(s_ring.index(slot), s_ptr + (rb * BLOCK_N * SSN + tile * 4) + s_off,
+                                       mask=smask)
         cp.commit_group()
 
     @gluon.jit
@@ -750,60 +718,24 @@ if HAVE_GLUON:
             gl.store(y_ptr + ym[None, :] * stride_ym + yn[:, None], acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
     @gluon.jit
-    def _ring2_step(j, acc, acc2, cur_w, cur_s, nxt_w, nxt_s, x_tiles, pid, tiles, w_src, s_src,
-                    bars, w_off, s_off, HALF: gl.constexpr,
-                    BLOCK_N: gl.constexpr, MP: gl.constexpr, SPLIT_K: gl.constexpr, SWN: gl.constexpr,
-                    SSN: gl.constexpr, TPI: gl.constexpr, STAGES: gl.constexpr, XR: gl.constexpr,
-                    ACC2: gl.constexpr, WL: gl.constexpr, SL: gl.constexpr, XSL: gl.constexpr,
-                    X4: gl.constexpr, AL: gl.constexpr, BL: gl.constexpr):
-        """One step of the two-ring loop (``RING2``): position j is in ring ``j % 2`` (cur), slot
-        ``(j // 2) % (STAGES // 2)``; wait for it, one barrier, issue position j + STAGES - 1
-        into the other ring (nxt), compute. The barrier separates the previous step's reads of
-        nxt from this issue and the previous step's issue into cur from these reads (and, at
-        j = 0, makes every thread's piece of x visible), and the issue and the reads of one step
-        touch different allocations: Triton adds no barrier."""
-        cp.wait_group(STAGES - 2)
-        gl.thread_barrier()
-        p = j + STAGES - 1
-        _issue((p // 2) % (STAGES // 2), p, p < TPI, pid, tiles, w_src, s_src, SWN, SSN,
-               nxt_w, nxt_s, bars, w_off, s_off, BLOCK_N, SPLIT_K, TPI, False, WL, SL)
-        if (pid % SPLIT_K) * TPI + j < tiles:
-            slot = (j // 2) % (STAGES // 2)
-            w = cur_w.index(slot).load(WL)
-            sw = cur_s.index(slot).load(SL)
-            acc, acc2 = _tile_pipe(acc, acc2, w, sw, x_tiles.index(j), HALF, BLOCK_N, MP, XR, ACC2, XSL, X4, AL, BL)
-        return acc, acc2
-
-    @gluon.jit
     def _w2a16_pipe_kernel(
-        x_ptr, w_src, s_src, g_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+        x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         M, N, K, stride_xm, stride_ym,
         HALF: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, MP: gl.constexpr,
         SPLIT_K: gl.constexpr, SWN: gl.constexpr, SSN: gl.constexpr, TPI: gl.constexpr, STAGES: gl.constexpr,
-        XR: gl.constexpr, XT: gl.constexpr, ACC2: gl.constexpr, TMA: gl.constexpr, RING2: gl.constexpr,
+        XR: gl.constexpr, XT: gl.constexpr,
         WL: gl.constexpr, SL: gl.constexpr, XSL: gl.constexpr, X4: gl.constexpr, XCL: gl.constexpr,
         WSH: gl.constexpr, XSH: gl.constexpr, XSH2: gl.constexpr, MMA: gl.constexpr, AL: gl.constexpr,
         BL: gl.constexpr,
     ):
         """Pipelined variant (module docstring): program ``pid`` computes work item pid (row block
         ``pid // SPLIT_K``, K share ``pid % SPLIT_K`` of TPI tiles); its words and scale words go
-        through a ``STAGES``-deep ring in shared memory (per-thread cp.async, or TMA boxes with
-        one mbarrier per slot), its x through shared memory (staged once)."""
+        through a ``STAGES``-deep ring in shared memory (per-thread cp.async), its x through
+        shared memory (staged once)."""
         pid = gl.program_id(0)
         tiles = K // 256
-        if RING2:
-            # two rings (even / odd positions) of STAGES // 2 slots: see _ring2_step
-            w_ring = gl.allocate_shared_memory(gl.int32, [STAGES // 2, BLOCK_N, 16], WSH)
-            s_ring = gl.allocate_shared_memory(gl.int32, [STAGES // 2, BLOCK_N, 4], WSH)
-            w_ring_b = gl.allocate_shared_memory(gl.int32, [STAGES // 2, BLOCK_N, 16], WSH)
-            s_ring_b = gl.allocate_shared_memory(gl.int32, [STAGES // 2, BLOCK_N, 4], WSH)
-        else:
-            w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 16], WSH)
-            s_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 4], WSH)
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        if TMA:
-            for i in gl.static_range(STAGES):
-                mbarrier.init(bars.index(i), count=1)
+        w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 16], WSH)
+        s_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 4], WSH)
         x_ring = gl.allocate_shared_memory(gl.int32, [1, XT, XR * 4, 32], XSH)
         # the same bytes as [XT] tiles (same swizzle of the two minor dimensions)
         x_tiles = x_ring._reinterpret(gl.int32, [XT, XR * 4, 32], XSH2)
@@ -820,51 +752,24 @@ if HAVE_GLUON:
         # the item's x, once: committed with position 0 (the first _issue below or in the loop)
         _issue_x(pid, tiles, M, x_ptr, stride_xm, x_ring, x_tt, x_m, x_off, SPLIT_K, TPI)
         acc = gl.zeros([BLOCK_N, MP], gl.float32, layout=MMA)
-        acc2 = gl.zeros([BLOCK_N, MP], gl.float32, layout=MMA)
-        if RING2:
-            # (launcher: cp.async, STAGES even) prologue: positions 0 .. STAGES-2
-            for q in range(0, STAGES - 2, 2):
-                _issue((q // 2) % (STAGES // 2), q, q < TPI, pid, tiles, w_src, s_src, SWN, SSN,
-                       w_ring, s_ring, bars, w_off, s_off, BLOCK_N, SPLIT_K, TPI, False, WL, SL)
-                _issue((q // 2) % (STAGES // 2), q + 1, q + 1 < TPI, pid, tiles, w_src, s_src, SWN, SSN,
-                       w_ring_b, s_ring_b, bars, w_off, s_off, BLOCK_N, SPLIT_K, TPI, False, WL, SL)
-            _issue((STAGES // 2 - 1) % (STAGES // 2), STAGES - 2, STAGES - 2 < TPI, pid, tiles, w_src, s_src,
-                   SWN, SSN, w_ring, s_ring, bars, w_off, s_off, BLOCK_N, SPLIT_K, TPI, False, WL, SL)
-            for j0 in range(0, TPI - 1, 2):
-                acc, acc2 = _ring2_step(j0, acc, acc2, w_ring, s_ring, w_ring_b, s_ring_b, x_tiles, pid, tiles,
-                                        w_src, s_src, bars, w_off, s_off, HALF, BLOCK_N, MP, SPLIT_K, SWN, SSN,
-                                        TPI, STAGES, XR, ACC2, WL, SL, XSL, X4, AL, BL)
-                acc, acc2 = _ring2_step(j0 + 1, acc, acc2, w_ring_b, s_ring_b, w_ring, s_ring, x_tiles, pid, tiles,
-                                        w_src, s_src, bars, w_off, s_off, HALF, BLOCK_N, MP, SPLIT_K, SWN, SSN,
-                                        TPI, STAGES, XR, ACC2, WL, SL, XSL, X4, AL, BL)
-            if TPI % 2 == 1:
-                acc, acc2 = _ring2_step(TPI - 1, acc, acc2, w_ring, s_ring, w_ring_b, s_ring_b, x_tiles, pid, tiles,
-                                        w_src, s_src, bars, w_off, s_off, HALF, BLOCK_N, MP, SPLIT_K, SWN, SSN,
-                                        TPI, STAGES, XR, ACC2, WL, SL, XSL, X4, AL, BL)
-        else:
-            # prologue: positions 0 .. STAGES-2 (a static_range here crashes Triton 3.6's lowering)
-            for p in range(STAGES - 1):
-                _issue(p % STAGES, p, p < TPI, pid, tiles, w_src, s_src, SWN, SSN,
-                       w_ring, s_ring, bars, w_off, s_off, BLOCK_N, SPLIT_K, TPI, TMA, WL, SL)
-            for j in range(0, TPI):
-                p = j + STAGES - 1
-                _issue(p % STAGES, p, p < TPI, pid, tiles, w_src, s_src, SWN, SSN,
-                       w_ring, s_ring, bars, w_off, s_off, BLOCK_N, SPLIT_K, TPI, TMA, WL, SL)
-                # groups committed: j + STAGES; leave the STAGES - 1 of positions j + 1 .. p
-                cp.wait_group(STAGES - 1)
-                if j == 0:
-                    gl.thread_barrier()  # the item's x (copied by all threads) has landed everywhere
-                slot = j % STAGES
-                if TMA:
-                    mbarrier.wait(bars.index(slot), (j // STAGES) & 1)
-                if (pid % SPLIT_K) * TPI + j < tiles:
-                    w = w_ring.index(slot).load(WL)
-                    sw = s_ring.index(slot).load(SL)
-                    acc, acc2 = _tile_pipe(acc, acc2, w, sw, x_tiles.index(j), HALF, BLOCK_N, MP, XR, ACC2,
-                                           XSL, X4, AL, BL)
+        # prologue: positions 0 .. STAGES-2 (a static_range here crashes Triton 3.6's lowering)
+        for p in range(STAGES - 1):
+            _issue(p % STAGES, p, p < TPI, pid, tiles, w_ptr, s_ptr, SWN, SSN,
+                   w_ring, s_ring, w_off, s_off, BLOCK_N, SPLIT_K, TPI, WL, SL)
+        for j in range(0, TPI):
+            p = j + STAGES - 1
+            _issue(p % STAGES, p, p < TPI, pid, tiles, w_ptr, s_ptr, SWN, SSN,
+                   w_ring, s_ring, w_off, s_off, BLOCK_N, SPLIT_K, TPI, WL, SL)
+            # groups committed: j + STAGES; leave the STAGES - 1 of positions j + 1 .. p
+            cp.wait_group(STAGES - 1)
+            if j == 0:
+                gl.thread_barrier()  # the item's x (copied by all threads) has landed everywhere
+            slot = j % STAGES
+            if (pid % SPLIT_K) * TPI + j < tiles:
+                w = w_ring.index(slot).load(WL)
+                sw = s_ring.index(slot).load(SL)
+                acc = _tile_pipe(acc, w, sw, x_tiles.index(j), HALF, BLOCK_N, MP, XR, XSL, X4, AL, BL)
         cp.wait_group(0)
-        if ACC2:
-            acc = acc + acc2
         _finish(acc, pid // SPLIT_K, pid % SPLIT_K, M, N, g_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
                 HAS_BIAS, BLOCK_N, MP, SPLIT_K, MMA)
 
@@ -888,10 +793,6 @@ DEFAULTS = dict(BLOCK_N=64, SPLIT_K=0, PREFETCH=True, UNROLL2=True, num_warps=4,
 TILE_K = 256            # K elements per tile (16 groups: one 16-byte word load per row and thread)
 MAX_M = 8               # rows routed here by torch.ops.lowbit.qlinear (MP = 8; at M = 16 the
                         # Triton skinny kernel is 2.3x faster)
-# Pipelined kernel (``_w2a16_pipe_kernel``, STAGES >= 1) options: TMA: the ring is filled by TMA
-# boxes (else per-thread cp.async); RING2: two rings (even STAGES, cp.async); ACC2: two
-# accumulators; MAXNREG: ptxas register cap (0: none).
-PIPE_DEFAULTS = dict(ACC2=False, TMA=False, MAXNREG=0, RING2=False)
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory one program may use (sm_90)
 
 
@@ -902,6 +803,9 @@ def default_config(m: int, n: int, k: int, **over) -> dict:
     ``STAGES`` (default 2: the pipelined kernel) falls back to 0 (the classic kernel) where the
     pipelined kernel's shared memory (x of a K share staged whole) would exceed
     :data:`SMEM_LIMIT`, unless STAGES was asked for."""
+    unknown = set(over) - set(DEFAULTS) - {"MP"}
+    if unknown:
+        raise ValueError(f"unknown Gluon W2A16 config keys {sorted(unknown)} (known: {sorted(set(DEFAULTS) | {'MP'})})")
     cfg = dict(DEFAULTS)
     cfg.update({a: b for a, b in over.items() if b is not None})
     if cfg.get("MP") is None:
@@ -911,8 +815,6 @@ def default_config(m: int, n: int, k: int, **over) -> dict:
         cfg["SPLIT_K"] = max(1, min(tiles, 8 if n // cfg["BLOCK_N"] <= 64 else 4))
     split = cfg["SPLIT_K"]
     cfg["UNROLL2"] = bool(cfg["UNROLL2"] and cfg["PREFETCH"] and tiles % split == 0 and (tiles // split) % 2 == 0)
-    for key, v in PIPE_DEFAULTS.items():
-        cfg.setdefault(key, v)
     if over.get("STAGES") is None and cfg["STAGES"] and pipe_plan(m, n, k, cfg)["smem"] > SMEM_LIMIT:
         cfg["STAGES"] = 0
     return cfg
@@ -942,12 +844,6 @@ def _cached_layouts(block_n, mp, num_warps):
     return _layouts(block_n, mp, num_warps)
 
 
-@functools.lru_cache(maxsize=1)
-def _tma_layout():
-    """Shared layout of the TMA boxes: plain row-major (no swizzle), as the cp.async ring."""
-    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-
-
 @functools.lru_cache(maxsize=64)
 def _cached_pipe_layouts(block_n, mp, xr, xt, num_warps):
     return _pipe_layouts(block_n, mp, xr, xt, num_warps)
@@ -964,8 +860,8 @@ def w2a16_gluon(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, glo
     (one element); ``bias``: [N] (any float dtype, added in fp32); ``grid``: "int" or "half";
     ``out_dtype``: x's by default (fp32 returns the accumulator, for tests). ``config``:
     BLOCK_N (16 * num_warps * 2^r), SPLIT_K (0: automatic), PREFETCH, UNROLL2, num_warps, MP
-    (8 or 16); STAGES (default 2) >= 1 selects the pipelined kernel (module docstring), with
-    TMA, RING2, ACC2 and MAXNREG (:data:`PIPE_DEFAULTS`); STAGES=0 the classic kernel.
+    (8 or 16); STAGES (default 2) >= 1 selects the pipelined kernel (module docstring) with a
+    STAGES-slot cp.async ring; STAGES=0 the classic kernel.
     The kernel needs N % BLOCK_N == 0 and K % 256 == 0.
     """
     if not HAVE_GLUON:
@@ -1017,33 +913,21 @@ def w2a16_gluon(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, glo
     else:
         ws, cnt = y, g  # unused
     w_l, s_l, x_l, mma, a_l, b_l = _cached_layouts(bn, mp, nw)
-    if cfg["STAGES"] < 0 or (not cfg["STAGES"] and (cfg["TMA"] or cfg["RING2"] or cfg["ACC2"] or cfg["MAXNREG"])):
-        raise ValueError("STAGES must be >= 0; TMA, RING2, ACC2 and MAXNREG need STAGES >= 1")
+    if cfg["STAGES"] < 0:
+        raise ValueError(f"STAGES must be >= 0, got {cfg['STAGES']}")
     if cfg["STAGES"]:
         plan = pipe_plan(m, n, k, cfg)
-        if cfg["RING2"] and (cfg["STAGES"] % 2 or cfg["TMA"]):
-            raise ValueError("RING2 needs an even STAGES and cp.async (no TMA)")
         if plan["smem"] > SMEM_LIMIT:
             raise ValueError(f"pipelined config needs {plan['smem']} bytes of shared memory (> {SMEM_LIMIT})")
         xs_l, x4_l, xc_l, flat, xsw, xsw2 = _cached_pipe_layouts(bn, mp, plan["XR"], plan["XT"], nw)
-        w_src, s_src, wsh = words, s32, flat
-        if cfg["TMA"]:
-            from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-            if words.data_ptr() % 16 or s32.data_ptr() % 16 or s32.stride(0) % 4:
-                raise ValueError("TMA needs 16-byte aligned words / scale rows")
-            wsh = _tma_layout()
-            w_src = TensorDescriptor(words, list(words.shape), [words.stride(0), 1], [bn, 16], wsh)
-            s_src = TensorDescriptor(s32, list(s32.shape), [s32.stride(0), 1], [bn, 4], wsh)
         _w2a16_pipe_kernel[(plan["G"],)](
-            x32, w_src, s_src, g, bias if bias is not None else g, y, ws, cnt,
+            x32, words, s32, g, bias if bias is not None else g, y, ws, cnt,
             m, n, k, x32.stride(0), y.stride(0),
             HALF=grid == "half", HAS_BIAS=bias is not None, BLOCK_N=bn, MP=mp, SPLIT_K=split,
             SWN=words.stride(0), SSN=s32.stride(0),
             TPI=plan["TPI"], STAGES=cfg["STAGES"], XR=plan["XR"], XT=plan["XT"],
-            ACC2=bool(cfg["ACC2"]), TMA=bool(cfg["TMA"]), RING2=bool(cfg["RING2"]),
-            WL=w_l, SL=s_l, XSL=xs_l, X4=x4_l, XCL=xc_l, WSH=wsh, XSH=xsw, XSH2=xsw2, MMA=mma, AL=a_l, BL=b_l,
-            num_warps=nw, **({"maxnreg": cfg["MAXNREG"]} if cfg["MAXNREG"] else {}))
+            WL=w_l, SL=s_l, XSL=xs_l, X4=x4_l, XCL=xc_l, WSH=flat, XSH=xsw, XSH2=xsw2, MMA=mma, AL=a_l, BL=b_l,
+            num_warps=nw)
         return y.reshape(*lead, n)
     _w2a16_gluon_kernel[(n // bn, split)](
         x32, words, s32, g, bias if bias is not None else g, y, ws, cnt,
