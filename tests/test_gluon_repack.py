@@ -146,16 +146,6 @@ def test_repacked_weights_are_cached_per_tensor_and_version():
 # pipelined variant (STAGES >= 1): the x path through shared memory and the launch plan
 # ----------------------------------------------------------------------------------------
 
-def _coord_n(bases, reg, lane, warp):
-    """Like wg._coord for any rank."""
-    coord = [0] * len(bases["shape"])
-    for level, idx in (("reg", reg), ("lane", lane), ("warp", warp)):
-        for b, basis in enumerate(bases[level]):
-            if (idx >> b) & 1:
-                coord = [c ^ v for c, v in zip(coord, basis)]
-    return coord
-
-
 @pytest.mark.parametrize("bn,mp,xr,xt,nw", [(128, 8, 1, 4, 4), (64, 8, 2, 2, 4), (128, 8, 8, 16, 4), (64, 16, 16, 1, 2),
                                             (256, 8, 4, 8, 8), (128, 8, 1, 64, 4)])
 def test_pipe_x_layouts_feed_the_b_fragments(bn, mp, xr, xt, nw):
@@ -172,10 +162,10 @@ def test_pipe_x_layouts_feed_the_b_fragments(bn, mp, xr, xt, nw):
         for lane in range(32):
             gid, t = lane >> 2, lane & 3
             for r in range(1 << len(xs["reg"])):
-                row, i = _coord_n(xs, r, lane, warp)
+                row, i = wg._coord(xs, r, lane, warp)
                 col = gid + 8 * (r >> 3)  # B column of this register (MP = 16: the 4th register bit)
                 assert row % 4 == t and row // 4 == col % xr and 0 <= i < 8
-                d0, d1, t4, i4 = _coord_n(x4, r, lane, warp)
+                d0, d1, t4, i4 = wg._coord(x4, r, lane, warp)
                 assert (d0 * xr + d1, t4, i4) == (col, t, i)
 
 
@@ -189,10 +179,10 @@ def test_pipe_x_copy_layout_covers_the_staged_tiles(bn, mp, xr, xt, nw):
     for warp in range(nw):
         for lane in range(32):
             for r in range(1 << len(xc["reg"])):
-                c = tuple(_coord_n(xc, r, lane, warp))
+                c = tuple(wg._coord(xc, r, lane, warp))
                 if r & 3 == 0:
                     assert c[2] % 4 == 0  # 16-byte aligned start
-                    assert [tuple(_coord_n(xc, r + v, lane, warp)) for v in range(4)] == \
+                    assert [tuple(wg._coord(xc, r + v, lane, warp)) for v in range(4)] == \
                         [(c[0], c[1], c[2] + v) for v in range(4)]
                 seen.add(c)
     assert len(seen) == xt * xr * 4 * 32

@@ -590,27 +590,8 @@ if HAVE_GLUON:
                 sw = gl.load(s_ptrs + t * 4)
                 xw = gl.load(x_ptrs + t * 128)
                 acc = _tile(acc, w, sw, xw, HALF, BLOCK_N, MP, AL, BL)
-        acc = acc * gl.load(g_ptr)
-        yn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
-        ym = gl.arange(0, MP, layout=gl.SliceLayout(0, MMA))
-        ymask = (ym < M)[None, :] & (yn < N)[:, None]
-        if SPLIT_K > 1:
-            tile_mn = ym[None, :] * N + yn[:, None]
-            gl.store(ws_ptr + pid_k * M * N + tile_mn, acc, mask=ymask)
-            gl.thread_barrier()
-            arrived = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT_K - 1:
-                total = gl.zeros([BLOCK_N, MP], gl.float32, layout=MMA)
-                for kk in gl.static_range(SPLIT_K):
-                    total += gl.load(ws_ptr + kk * M * N + tile_mn, mask=ymask, other=0.0, cache_modifier=".cg")
-                gl.atomic_xchg(cnt_ptr + pid_n, 0)
-                if HAS_BIAS:
-                    total += gl.load(b_ptr + yn).to(gl.float32)[:, None]
-                gl.store(y_ptr + ym[None, :] * stride_ym + yn[:, None], total.to(y_ptr.dtype.element_ty), mask=ymask)
-        else:
-            if HAS_BIAS:
-                acc += gl.load(b_ptr + yn).to(gl.float32)[:, None]
-            gl.store(y_ptr + ym[None, :] * stride_ym + yn[:, None], acc.to(y_ptr.dtype.element_ty), mask=ymask)
+        _finish(acc, pid_n, pid_k, M, N, g_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym, HAS_BIAS, BLOCK_N, MP,
+                SPLIT_K, MMA)
 
     # ------------------------------------------------------------------------------------
     # pipelined variant (module docstring, "Pipelined variant")
@@ -693,8 +674,9 @@ if HAVE_GLUON:
     def _finish(acc, rb, c, M, N, g_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
                 HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, MP: gl.constexpr, SPLIT_K: gl.constexpr,
                 MMA: gl.constexpr):
-        """Epilogue of one work item (row block rb, K share c): the serial split-K reduction of
-        ``_w2a16_gluon_kernel`` (partials in ws, the last to arrive sums them in order)."""
+        """Epilogue of both kernels for row block rb and K share c: the global scale, then the
+        serial split-K reduction (each share stores its fp32 partial in ws, the last to arrive
+        sums them in order and resets the counter) and the bias."""
         acc = acc * gl.load(g_ptr)
         yn = rb * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
         ym = gl.arange(0, MP, layout=gl.SliceLayout(0, MMA))

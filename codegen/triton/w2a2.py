@@ -294,31 +294,28 @@ def _from16(u, F16: tl.constexpr):
     return (u << 16).to(tl.float32, bitcast=True)
 
 
+_INT2_BYTES16_PTX = """{
+        .reg .b32 m1, m2, m3, t;
+        set.gt.u32.TYPE m1, $1, $2;
+        set.ge.u32.TYPE m2, $1, $3;
+        set.gt.u32.TYPE m3, $1, $4;
+        lop3.b32 t, m3, $5, $6, 0x6A;
+        lop3.b32 t, m2, $7, t, 0x6A;
+        lop3.b32 $0, m1, $8, t, 0x6A;
+        }"""
+_INT2_BYTES16_F16 = tl.constexpr(_INT2_BYTES16_PTX.replace("TYPE", "f16x2"))
+_INT2_BYTES16_BF16 = tl.constexpr(_INT2_BYTES16_PTX.replace("TYPE", "bf16x2"))
+
+
 @triton.jit
 def _int2_bytes16_asm(x, u1, u2, u3, k1, b0, b1, c, F16: tl.constexpr):
     """Output bytes (int16 lanes) of 16-bit x against 16-bit thresholds, two lanes per
     instruction: three compares to lane masks m1 (q >= 1), m2 (q >= 0), m3 (q >= -1), nested,
     then ``b0 ^ (m3 & k1) ^ (m2 & b1) ^ (m1 & c)`` (k1 = b0 ^ b1): b0, b1, 0, c for q = -2..1."""
     if F16:
-        asm: tl.constexpr = """{
-        .reg .b32 m1, m2, m3, t;
-        set.gt.u32.f16x2 m1, $1, $2;
-        set.ge.u32.f16x2 m2, $1, $3;
-        set.gt.u32.f16x2 m3, $1, $4;
-        lop3.b32 t, m3, $5, $6, 0x6A;
-        lop3.b32 t, m2, $7, t, 0x6A;
-        lop3.b32 $0, m1, $8, t, 0x6A;
-        }"""
+        asm: tl.constexpr = _INT2_BYTES16_F16
     else:
-        asm: tl.constexpr = """{
-        .reg .b32 m1, m2, m3, t;
-        set.gt.u32.bf16x2 m1, $1, $2;
-        set.ge.u32.bf16x2 m2, $1, $3;
-        set.gt.u32.bf16x2 m3, $1, $4;
-        lop3.b32 t, m3, $5, $6, 0x6A;
-        lop3.b32 t, m2, $7, t, 0x6A;
-        lop3.b32 $0, m1, $8, t, 0x6A;
-        }"""
+        asm: tl.constexpr = _INT2_BYTES16_BF16
     return tl.inline_asm_elementwise(asm, "=r,r,r,r,r,r,r,r,r", [x, u1, u2, u3, k1, b0, b1, c], dtype=tl.int16,
                                      is_pure=True, pack=2)
 
