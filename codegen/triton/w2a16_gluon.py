@@ -490,11 +490,10 @@ if HAVE_GLUON:
         return mma_v2(a, xb, acc)
 
     @gluon.jit
-    def _tile(acc, w, sw, xw, HALF: gl.constexpr, BLOCK_N: gl.constexpr, MP: gl.constexpr,
-              AL: gl.constexpr, BL: gl.constexpr):
-        """acc + the products of one tile of 16 groups: words w [BLOCK_N, 16] (group g = 4t + u),
-        scale words sw [BLOCK_N, 4] (byte u of word t: group 4t + u), x words xw [MP, 128]
-        (bf16 pairs of the 256 x elements)."""
+    def _tile_operands(w, sw, HALF: gl.constexpr, BLOCK_N: gl.constexpr):
+        """The four word columns u of a tile (words w [BLOCK_N, 16], group g = 4t + u) and the
+        bf16 scale operands of each (``_scales4`` of the scale words sw), in the words' layout
+        (conversions asserted trivial)."""
         s0, s1, s2, s3, o0, o1, o2, o3, q0, q1, q2, q3 = _scales4(sw, HALF)
         # u = 2a + b: the first split takes b (the last dimension), the second a
         we, wo = gl.split(gl.reshape(w, [BLOCK_N, 4, 2, 2]))
@@ -513,6 +512,15 @@ if HAVE_GLUON:
         q1 = gl.convert_layout(q1, lay, assert_trivial=True)
         q2 = gl.convert_layout(q2, lay, assert_trivial=True)
         q3 = gl.convert_layout(q3, lay, assert_trivial=True)
+        return w0, w1, w2, w3, s0, s1, s2, s3, o0, o1, o2, o3, q0, q1, q2, q3
+
+    @gluon.jit
+    def _tile(acc, w, sw, xw, HALF: gl.constexpr, BLOCK_N: gl.constexpr, MP: gl.constexpr,
+              AL: gl.constexpr, BL: gl.constexpr):
+        """acc + the products of one tile of 16 groups: words w [BLOCK_N, 16] (group g = 4t + u),
+        scale words sw [BLOCK_N, 4] (byte u of word t: group 4t + u), x words xw [MP, 128]
+        (bf16 pairs of the 256 x elements)."""
+        w0, w1, w2, w3, s0, s1, s2, s3, o0, o1, o2, o3, q0, q1, q2, q3 = _tile_operands(w, sw, HALF, BLOCK_N)
         # x: pairs -> elements; k = 64 t + 16 u + c -> (m, t, c, u)
         xlo, xhi = _halves(xw)
         xt = gl.reshape(gl.join(xlo, xhi), [MP, 256])
@@ -613,23 +621,7 @@ if HAVE_GLUON:
     def _tile_pipe(acc, w, sw, xt, HALF: gl.constexpr, BLOCK_N: gl.constexpr, MP: gl.constexpr,
                    XR: gl.constexpr, XSL: gl.constexpr, X4: gl.constexpr, AL: gl.constexpr, BL: gl.constexpr):
         """``_tile`` with x read per group column from the staged shared tile ``xt``."""
-        s0, s1, s2, s3, o0, o1, o2, o3, q0, q1, q2, q3 = _scales4(sw, HALF)
-        we, wo = gl.split(gl.reshape(w, [BLOCK_N, 4, 2, 2]))
-        w0, w2 = gl.split(we)
-        w1, w3 = gl.split(wo)
-        lay: gl.constexpr = w0.type.layout
-        s0 = gl.convert_layout(s0, lay, assert_trivial=True)
-        s1 = gl.convert_layout(s1, lay, assert_trivial=True)
-        s2 = gl.convert_layout(s2, lay, assert_trivial=True)
-        s3 = gl.convert_layout(s3, lay, assert_trivial=True)
-        o0 = gl.convert_layout(o0, lay, assert_trivial=True)
-        o1 = gl.convert_layout(o1, lay, assert_trivial=True)
-        o2 = gl.convert_layout(o2, lay, assert_trivial=True)
-        o3 = gl.convert_layout(o3, lay, assert_trivial=True)
-        q0 = gl.convert_layout(q0, lay, assert_trivial=True)
-        q1 = gl.convert_layout(q1, lay, assert_trivial=True)
-        q2 = gl.convert_layout(q2, lay, assert_trivial=True)
-        q3 = gl.convert_layout(q3, lay, assert_trivial=True)
+        w0, w1, w2, w3, s0, s1, s2, s3, o0, o1, o2, o3, q0, q1, q2, q3 = _tile_operands(w, sw, HALF, BLOCK_N)
         acc = _step(acc, w0, s0, o0, q0, _x_u(xt, 0, MP, XR, XSL, X4), HALF, BLOCK_N, MP, AL, BL)
         acc = _step(acc, w1, s1, o1, q1, _x_u(xt, 1, MP, XR, XSL, X4), HALF, BLOCK_N, MP, AL, BL)
         acc = _step(acc, w2, s2, o2, q2, _x_u(xt, 2, MP, XR, XSL, X4), HALF, BLOCK_N, MP, AL, BL)
