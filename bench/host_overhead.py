@@ -37,8 +37,13 @@ def main() -> int:
     w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     words = gluon.repack_w2a16(packed)
     args = (x, packed, scales, gscale, None, 2, "int", 16, "e4m3", 0, "int", 16, "e4m3")
+    from lowbit.formats import QFormat
+    from lowbit.quant_linear import QuantLinear
+
+    site = QuantLinear.from_weight(w_bf16, None, QFormat(2, "int", 16, "e4m3"))
     entries = {
         "F.linear bf16": lambda: F.linear(x, w_bf16),
+        "QuantLinear.forward (eager: direct kernel call)": lambda: site(x),
         "torch.ops.lowbit.qlinear (Gluon route)": lambda: torch.ops.lowbit.qlinear(*args),
         "dispatch.qlinear_triton (no custom-op layer)": lambda: dispatch.qlinear_triton(*args),
         "w2a16_gluon on repacked words": lambda: gluon.w2a16_gluon(x, words, scales, gscale),

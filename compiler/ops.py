@@ -10,6 +10,13 @@ Each op is a ``torch.library.custom_op`` with
 Formats travel as plain scalars (bits, grid, group size, scale dtype) so the ops'
 schemas stay simple and serialisable.
 
+Eager calls (:func:`eager_kernel`): going through PyTorch's dispatcher costs a custom op
+about 30 us of CPU per call, more than a batch-1 kernel takes on the GPU. A backend that
+registers its kernel with :func:`register_eager_kernel` as well lets plain eager callers
+(``QuantLinear.forward``) call that same function directly, when nothing needs to see the
+op: real tensors, no active dispatch mode (``torch.export``, ``make_fx``, fake tensors), no
+``torch.compile`` or ``torch.jit`` tracing, no autograd.
+
 Ops
 ---
 ``quantize_act(x, bits, grid, group_size, scale_dtype) -> (codes, scales, global_scale)``
@@ -26,9 +33,10 @@ a_bits, a_grid, a_group_size, a_scale_dtype) -> y``
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .formats import (
     QFormat,
@@ -132,6 +140,26 @@ def qlinear(
 def _(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, group_size, w_scale_dtype,
       a_bits, a_grid, a_group_size, a_scale_dtype):
     return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
+
+
+_EAGER_KERNELS: dict[tuple[str, str], Callable] = {}
+
+
+def register_eager_kernel(op_name: str, device_type: str, fn: Callable) -> None:
+    """Record ``fn`` (the kernel registered for ``torch.ops.lowbit.<op_name>`` on
+    ``device_type``) for :func:`eager_kernel` (module docstring)."""
+    _EAGER_KERNELS[(op_name, device_type)] = fn
+
+
+def eager_kernel(op_name: str, x: torch.Tensor) -> Callable | None:
+    """The registered kernel of ``op_name`` for x's device when the call is plain eager (real
+    tensor, no dispatch mode, not compiling or tracing, no autograd), else None: call the op."""
+    fn = _EAGER_KERNELS.get((op_name, x.device.type)) if type(x) is torch.Tensor else None
+    if fn is None or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
+        return None
+    return fn
 
 
 # -- hadamard --------------------------------------------------------------------------

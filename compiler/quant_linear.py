@@ -8,7 +8,8 @@ A QuantLinear holds, for one linear site of the original model,
 * the activation format (dynamic per-token quantization) or none (W*A16).
 
 ``forward`` is the prologue followed by ``torch.ops.lowbit.qlinear``: the op dispatches
-to the backend kernel for the tensor's device, the reference op being the definition.
+to the backend kernel for the tensor's device, the reference op being the definition (plain
+eager calls reach that same kernel without the dispatcher: ``lowbit.ops.eager_kernel``).
 """
 from __future__ import annotations
 
@@ -109,12 +110,14 @@ class QuantLinear(nn.Module):
         for op in self.prologue:
             x = op(x)
         w, a = self.weight_format, self.act_format
-        return torch.ops.lowbit.qlinear(
-            x, self.weight_packed, self.weight_scales, self.weight_global, self.bias,
-            w.bits, w.grid, w.group_size, w.scale_dtype,
-            a.bits if a else 0, a.grid if a else "int", a.group_size if a else w.group_size,
-            a.scale_dtype if a else "e4m3",
-        )
+        args = (x, self.weight_packed, self.weight_scales, self.weight_global, self.bias,
+                w.bits, w.grid, w.group_size, w.scale_dtype,
+                a.bits if a else 0, a.grid if a else "int", a.group_size if a else w.group_size,
+                a.scale_dtype if a else "e4m3")
+        kernel = ops.eager_kernel("qlinear", x)  # plain eager: the op's own kernel, without the dispatcher
+        if kernel is not None:
+            return kernel(*args)
+        return torch.ops.lowbit.qlinear(*args)
 
     def bits_per_weight(self) -> float:
         """Stored bits (codes, scales, global scale; padding and split channels included)

@@ -91,6 +91,37 @@ def test_qlinear_under_torch_compile():
     assert torch.equal(compiled(x), ql(x))
 
 
+def test_eager_calls_reach_the_registered_kernel_without_the_dispatcher(monkeypatch):
+    """QuantLinear.forward calls the kernel recorded with register_eager_kernel directly only in
+    plain eager mode; export, FX tracing, torch.compile and autograd see the op."""
+    from lowbit import ops
+
+    calls = []
+
+    def kernel(*args):
+        calls.append(args[0].shape)
+        return ops.qlinear_reference(*args)
+
+    monkeypatch.setitem(ops._EAGER_KERNELS, ("qlinear", "cpu"), kernel)
+    ql = _small_quant_linear()
+    x = torch.randn(3, 64)
+    ref = ops.qlinear_reference(x, ql.weight_packed, ql.weight_scales, ql.weight_global, ql.bias,
+                                2, "int", 16, "e4m3", 4, "int", 16, "e4m3")
+    assert torch.equal(ql(x), ref) and calls == [x.shape]
+    with torch.no_grad():
+        assert torch.equal(ql(x.clone().requires_grad_()), ref) and len(calls) == 2
+    calls.clear()
+    ql(x.clone().requires_grad_())  # autograd on: the op
+    ep = torch.export.export(ql, (x,))
+    assert "lowbit.qlinear.default" in {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    gm = torch.fx.symbolic_trace(ql)
+    assert any("qlinear" in str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+    compiled = torch.compile(ql, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), ref)
+    assert calls == []  # none of these went around the op
+    assert torch.equal(ep.module()(x), ref)  # the exported graph runs the op (its CPU kernel)
+
+
 @pytest.mark.parametrize("grid", ["int", "half"])
 def test_quant_linear_pads_widths_that_are_not_a_group_multiple(grid):
     """K = 60 is stored padded to 64; the product must ignore the padding exactly

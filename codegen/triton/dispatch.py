@@ -174,6 +174,7 @@ def register() -> None:
     """Make the functions above the CUDA kernels of their ops (idempotent)."""
     register_hadamard()
     torch.library.register_kernel("lowbit::qlinear", "cuda", qlinear_triton)
+    _ops.register_eager_kernel("qlinear", "cuda", qlinear_triton)
     torch.library.register_kernel("lowbit::quantize_act", "cuda", quantize_act_triton)
     from lowbit import codebook as _cb  # noqa: F401  (defines lowbit::codebook_linear)
 
