@@ -14,8 +14,8 @@ Eager calls (:func:`eager_kernel`): going through PyTorch's dispatcher costs a c
 about 30 us of CPU per call, more than a batch-1 kernel takes on the GPU. A backend that
 registers its kernel with :func:`register_eager_kernel` as well lets plain eager callers
 (``QuantLinear.forward``) call that same function directly, when nothing needs to see the
-op: real tensors, no active dispatch mode (``torch.export``, ``make_fx``, fake tensors), no
-``torch.compile`` or ``torch.jit`` tracing, no autograd.
+op: real tensors on the current device, no active dispatch mode (``torch.export``,
+``make_fx``, fake tensors), no ``torch.compile`` or ``torch.jit`` tracing, no autograd.
 
 Ops
 ---
@@ -153,12 +153,15 @@ def register_eager_kernel(op_name: str, device_type: str, fn: Callable) -> None:
 
 def eager_kernel(op_name: str, x: torch.Tensor) -> Callable | None:
     """The registered kernel of ``op_name`` for x's device when the call is plain eager (real
-    tensor, no dispatch mode, not compiling or tracing, no autograd), else None: call the op."""
+    tensor on the current device, no dispatch mode, not compiling or tracing, no autograd),
+    else None: call the op."""
     fn = _EAGER_KERNELS.get((op_name, x.device.type)) if type(x) is torch.Tensor else None
     if fn is None or (x.requires_grad and torch.is_grad_enabled()):
         return None
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
         return None
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return None  # kernels launch on the current device: leave other devices to the op
     return fn
 
 
