@@ -104,6 +104,28 @@ def test_registered_op_dispatches_to_triton_and_falls_back():
     assert torch.equal(y4, lt.dispatch._reference_qlinear(x, *args4, 0, "int", 16, "e4m3"))
 
 
+@pytest.mark.parametrize("m,act", [(1, None), (5, None), (3, QFormat(2))])
+def test_eager_quant_linear_takes_the_registered_kernel_directly(monkeypatch, m, act):
+    """Plain eager QuantLinear calls on CUDA skip the dispatcher (lowbit.ops.eager_kernel) and
+    give bit for bit what the op gives; under torch.compile the op is called instead."""
+    from lowbit import ops
+    from lowbit.quant_linear import QuantLinear
+
+    taken = []
+    real = ops._EAGER_KERNELS[("qlinear", "cuda")]
+    monkeypatch.setitem(ops._EAGER_KERNELS, ("qlinear", "cuda"), lambda *a: taken.append(1) or real(*a))
+    torch.manual_seed(m)
+    site = QuantLinear.from_weight(torch.randn(512, 1024, device=DEV), torch.randn(512, device=DEV), QFormat(2), act)
+    x = torch.randn(m, 1024, device=DEV, dtype=torch.bfloat16)
+    w, a = site.weight_format, site.act_format
+    via_op = torch.ops.lowbit.qlinear(x, site.weight_packed, site.weight_scales, site.weight_global, site.bias,
+                                      w.bits, w.grid, w.group_size, w.scale_dtype, a.bits if a else 0,
+                                      a.grid if a else "int", a.group_size if a else 16, a.scale_dtype if a else "e4m3")
+    assert torch.equal(site(x), via_op) and taken == [1]
+    compiled = torch.compile(site, fullgraph=True)
+    assert torch.equal(compiled(x), via_op) and taken == [1]
+
+
 def test_cuda_graph_capture():
     n, k = 2048, 2048
     packed, stored, gscale, w = _random_weight(n, k, "int", seed=3)
