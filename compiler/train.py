@@ -40,8 +40,9 @@ eager step; only the launches go. For SmolLM2 on an H200 that makes end-to-end s
 faster and block steps 2.2x; what remains is GPU time (docs/qat.md).
 
 Checkpoints (``out/``, no pickle): ``sites.safetensors`` (the tensors of every trainable
-site but its float weight, which a resume rebuilds from the model and the recipe's passes), ``optimizer.safetensors`` + ``state.json`` (stage, phase, block, step, formats,
-config, recipe, loss history), ``data.safetensors`` (the token ids, held-out ones
+site but its float weight, which a resume rebuilds from the model and the recipe's passes),
+``optimizer.safetensors`` + ``state.json`` (stage, phase, block, step, formats, config,
+recipe, loss history), ``data.safetensors`` (the token ids, held-out ones
 included), ``best.safetensors`` (the best site tensors of an end-to-end phase in progress).
 They are written at each stage's end, every ``checkpoint_every`` end-to-end steps and (with
 ``checkpoint_every``) at each block's end, and when a limit of ``run`` is reached

@@ -139,10 +139,11 @@ the operands come from differ.
   group per position, ``wait_group(STAGES - 1)``). The register side is unchanged:
   ``.load(WL)`` / ``.load(SL)`` give the registers the classic kernel loads from global memory
   (one LDS.128 per 4 words, conflict-free: a warp quarter reads two whole 64-byte rows; the
-  scale load becomes one LDSM.x4), and every ``convert_layout`` stays ``assert_trivial``. Triton's shared-memory barrier analysis does not know that the
-  cp.async slots are private per thread (nor which slot a dynamic index names): it puts a CTA
-  barrier before the step's copies (they write the ring the previous step read) and one after
-  the wait (the reads follow copies into the same ring).
+  scale load becomes one LDSM.x4), and every ``convert_layout`` stays ``assert_trivial``.
+  Triton's shared-memory barrier analysis does not know that the cp.async slots are private
+  per thread (nor which slot a dynamic index names): it puts a CTA barrier before the step's
+  copies (they write the ring the previous step read) and one after the wait (the reads follow
+  copies into the same ring).
 * x staged per work item. The item's x rows (``XR`` = M rounded up to a power of two, row m
   copied from ``min(m, M - 1)``) go to shared memory once, as ``XT`` (TPI rounded up) tiles of
   [XR * 4, 32] int32: row ``4m + t`` holds the 32 words (bf16 pairs) ``32t .. 32t + 31`` of the

@@ -20,8 +20,7 @@ if torch.cuda.get_device_capability()[0] < 8:
 
 from lowbit.codegen.triton import w2a16 as w2a16_mod  # noqa: E402
 from lowbit.codegen.triton import w2a16_gluon as wg  # noqa: E402
-from lowbit.formats import QFormat, pack_codes  # noqa: E402
-from lowbit.ops import dequantize_weight  # noqa: E402
+from gpu_weights import random_2bit_weight, rel_error  # noqa: E402  (tests/gpu/gpu_weights.py)
 
 if not wg.HAVE_GLUON:
     pytest.skip("this Triton has no Gluon", allow_module_level=True)
@@ -30,22 +29,8 @@ DEV = "cuda"
 
 
 def _weight(n, k, grid, seed):
-    """Random codes and E4M3 scales of a valid 2-bit tensor (every code and many scale values
-    occur, subnormal and negative scales included)."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    codes = torch.randint(-2, 2, (n, k), generator=g, device=DEV, dtype=torch.int8)
-    stored = (torch.rand(n, k // 16, generator=g, device=DEV) * 224).to(torch.float8_e4m3fn)
-    sb = stored.view(torch.uint8)
-    sb[:, ::7] = torch.randint(0, 0x7E, (n, sb[:, ::7].shape[1]), generator=g, device=DEV, dtype=torch.uint8)
-    sb[::5, 3::11] |= 0x80  # negative scales
-    gscale = torch.tensor(3e-4, device=DEV)
-    packed = pack_codes(codes, 2)
-    w = dequantize_weight(packed, stored, gscale, QFormat(2, grid))
-    return packed, stored, gscale, w
-
-
-def _rel(y, ref):
-    return ((y.double() - ref).norm() / ref.norm()).item()
+    """Random 2-bit weight with subnormal and negative scales planted (gpu_weights)."""
+    return random_2bit_weight(n, k, grid, seed, DEV, edge_scales=True)
 
 
 SHAPES = [  # (M, K, N, grid)
@@ -70,12 +55,12 @@ def test_gluon_against_float64_and_skinny(m, k, n, grid, stages):
     ref = x.double() @ w.double().T
     y = wg.w2a16_gluon(x, words, stored, gscale, grid=grid, out_dtype=torch.float32, STAGES=stages)
     assert torch.isfinite(y).all()
-    err = _rel(y, ref)
+    err = rel_error(y, ref)
     assert err < 1e-5, err  # exact products, fp32 accumulation (the brief asks for 1e-3)
     ys = w2a16_mod.w2a16_linear(x, packed, stored, gscale, grid=grid, path="skinny", out_dtype=torch.float32)
-    assert _rel(y, ys.double()) < 1e-5
+    assert rel_error(y, ys.double()) < 1e-5
     yb = wg.w2a16_gluon(x, words, stored, gscale, grid=grid, STAGES=stages)  # bf16 output
-    assert yb.dtype == torch.bfloat16 and _rel(yb, ref) < 4e-3
+    assert yb.dtype == torch.bfloat16 and rel_error(yb, ref) < 4e-3
 
 
 @pytest.mark.parametrize("config", [  # the classic kernel (STAGES=0)
@@ -91,7 +76,7 @@ def test_gluon_variants(config):
     bias = torch.randn(n, device=DEV)
     ref = x.double() @ w.double().T + bias.double()
     y = wg.w2a16_gluon(x, words, stored, gscale, bias, out_dtype=torch.float32, **config)
-    assert _rel(y, ref) < 1e-5
+    assert rel_error(y, ref) < 1e-5
 
 
 def test_gluon_uint8_weight_and_leading_dims():
@@ -101,7 +86,7 @@ def test_gluon_uint8_weight_and_leading_dims():
     x = torch.randn(2, 3, k, device=DEV).to(torch.bfloat16)
     y = wg.w2a16_gluon(x, packed, stored, gscale, out_dtype=torch.float32)
     assert y.shape == (2, 3, n)
-    assert _rel(y.reshape(6, n), x.reshape(6, k).double() @ w.double().T) < 1e-5
+    assert rel_error(y.reshape(6, n), x.reshape(6, k).double() @ w.double().T) < 1e-5
 
 
 def test_gluon_deterministic_and_graph_replay():
@@ -144,7 +129,7 @@ def test_qlinear_routes_decode_calls_to_gluon(m, k, n, grid):
     bias = torch.randn(n, device=DEV)
     y = torch.ops.lowbit.qlinear(x, packed, stored, gscale, bias, 2, grid, 16, "e4m3", 0, "int", 16, "e4m3")
     ref = x.double() @ w[:, :k].double().T + bias.double()
-    assert _rel(y, ref) < 5e-3  # bf16 output
+    assert rel_error(y, ref) < 5e-3  # bf16 output
     routed = wg.gluon_unsupported(x, packed) is None
     assert routed == (m <= dispatch.GLUON_MAX_M and k % 256 == 0)
     if routed:
@@ -192,14 +177,14 @@ def test_pipe_variants_against_float64(config, shape):
     cfg = dict(config, SPLIT_K=split)
     y = wg.w2a16_gluon(x, words, stored, gscale, b, grid=grid, out_dtype=torch.float32, **cfg)
     assert torch.isfinite(y).all()
-    err = _rel(y, ref)
+    err = rel_error(y, ref)
     assert err < 1e-5, err  # exact products, fp32 accumulation: only the summation order differs
     y2 = wg.w2a16_gluon(x, words, stored, gscale, b, grid=grid, out_dtype=torch.float32, **cfg)
     assert torch.equal(y, y2)  # deterministic (fixed split-K reduction order, counters reset)
     same = {key: config[key] for key in ("BLOCK_N", "num_warps") if key in config}
     yc = wg.w2a16_gluon(x, words, stored, gscale, b, grid=grid, out_dtype=torch.float32, SPLIT_K=split, STAGES=0,
                         **same)  # the classic kernel
-    assert _rel(y, yc.double()) < 1e-5
+    assert rel_error(y, yc.double()) < 1e-5
     # same tiles, same MMA sequence per tile, same split-K order: the classic kernel with the
     # same BLOCK_N / warps / split gives the same bits (only where the operands come from differs)
     assert torch.equal(y, yc), (y - yc).abs().max().item()
@@ -211,9 +196,9 @@ def test_pipe_every_m_and_bf16_output(config, m):
     k, n = 4096, 4096
     words, stored, gscale, x, b, ref = _pipe_case(m, k, n, "int", seed=20 + m)
     y = wg.w2a16_gluon(x, words, stored, gscale, b, out_dtype=torch.float32, **config)
-    assert _rel(y, ref) < 1e-5
+    assert rel_error(y, ref) < 1e-5
     yb = wg.w2a16_gluon(x, words, stored, gscale, b, **config)
-    assert yb.dtype == torch.bfloat16 and _rel(yb, ref) < 4e-3
+    assert yb.dtype == torch.bfloat16 and rel_error(yb, ref) < 4e-3
 
 
 @pytest.mark.parametrize("config", [dict(), dict(STAGES=3), dict(STAGES=4)])
@@ -221,7 +206,7 @@ def test_pipe_mp16(config):
     m, k, n = 12, 4096, 2048
     words, stored, gscale, x, b, ref = _pipe_case(m, k, n, "int", seed=7)
     y = wg.w2a16_gluon(x, words, stored, gscale, b, out_dtype=torch.float32, SPLIT_K=4, **config)
-    assert _rel(y, ref) < 1e-5
+    assert rel_error(y, ref) < 1e-5
 
 
 def test_pipe_rejects_bad_configs():
@@ -237,7 +222,7 @@ def test_pipe_deterministic_and_graph_replay(config):
     m, k, n = 1, 8192, 8192
     words, stored, gscale, x, b, ref = _pipe_case(m, k, n, "int", seed=3, bias=False)
     y0 = wg.w2a16_gluon(x, words, stored, gscale, out_dtype=torch.float32, **config)
-    assert _rel(y0, ref) < 1e-5
+    assert rel_error(y0, ref) < 1e-5
     out = torch.empty_like(y0)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

@@ -18,24 +18,9 @@ if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on",
 
 import lowbit.codegen.triton as lt  # noqa: E402  (registers the CUDA kernel of lowbit::qlinear)
 from lowbit.formats import QFormat, pack_codes, quantize_weight_rtn  # noqa: E402
-from lowbit.ops import dequantize_weight  # noqa: E402
+from gpu_weights import random_2bit_weight, rel_error  # noqa: E402  (tests/gpu/gpu_weights.py)
 
 DEV = "cuda"
-
-
-def _random_weight(n, k, grid, seed):
-    """Random codes and E4M3 scales of a valid 2-bit tensor (all code and scale values occur)."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    codes = torch.randint(-2, 2, (n, k), generator=g, device=DEV, dtype=torch.int8)
-    stored = (torch.rand(n, k // 16, generator=g, device=DEV) * 224).to(torch.float8_e4m3fn)
-    gscale = torch.tensor(3e-4, device=DEV)
-    packed = pack_codes(codes, 2)
-    w = dequantize_weight(packed, stored, gscale, QFormat(2, grid))
-    return packed, stored, gscale, w
-
-
-def _rel(y, ref):
-    return ((y.double() - ref).norm() / ref.norm()).item()
 
 
 @pytest.mark.parametrize("path,m,grid,dtype", [
@@ -51,24 +36,24 @@ def _rel(y, ref):
 ])
 def test_w2a16_paths_against_float64(path, m, grid, dtype):
     n, k = 4096 + 48, 4096
-    packed, stored, gscale, w = _random_weight(n, k, grid, seed=m)
+    packed, stored, gscale, w = random_2bit_weight(n, k, grid, seed=m)
     x = torch.randn(m, k - 8, device=DEV).to(dtype)  # K not a multiple of 16: masked tail
     bias = torch.randn(n, device=DEV)
     ref = x.double() @ w[:, : k - 8].double().T + bias.double()
     y = lt.w2a16_linear(x, packed, stored, gscale, bias, grid=grid, path=path, out_dtype=torch.float32)
     assert torch.isfinite(y).all()
-    assert _rel(y, ref) < 1e-3
+    assert rel_error(y, ref) < 1e-3
 
 
 @pytest.mark.parametrize("asm", [True, False])
 def test_asm_and_plain_dequantization_agree(asm):
     """The inline-PTX pair dequantization and the plain Triton one give the same products."""
     n, k = 1024, 2048
-    packed, stored, gscale, w = _random_weight(n, k, "int", seed=7)
+    packed, stored, gscale, w = random_2bit_weight(n, k, "int", seed=7)
     x = torch.randn(16, k, device=DEV, dtype=torch.bfloat16)
     ref = x.double() @ w.double().T
     y = lt.w2a16_linear(x, packed, stored, gscale, path="skinny", out_dtype=torch.float32, ASM=asm)
-    assert _rel(y, ref) < 1e-5  # exact products, fp32 accumulation
+    assert rel_error(y, ref) < 1e-5  # exact products, fp32 accumulation
 
 
 @pytest.mark.parametrize("m,grid,dtype,config", [
@@ -78,12 +63,12 @@ def test_asm_and_plain_dequantization_agree(asm):
 def test_one_dot_tile_against_float64(m, grid, dtype, config):
     """ONE_DOT (all codes of a group in one tensor-core product per tile) on the GPU, ragged K."""
     n, k = 4096 + 48, 4096
-    packed, stored, gscale, w = _random_weight(n, k, grid, seed=m + 3)
+    packed, stored, gscale, w = random_2bit_weight(n, k, grid, seed=m + 3)
     x = torch.randn(m, k - 8, device=DEV).to(dtype)
     ref = x.double() @ w[:, : k - 8].double().T
     y = lt.w2a16_linear(x, packed, stored, gscale, grid=grid, path="skinny", out_dtype=torch.float32, ONE_DOT=True,
                         **config)
-    assert _rel(y, ref) < 1e-5
+    assert rel_error(y, ref) < 1e-5
 
 
 def test_registered_op_dispatches_to_triton_and_falls_back():
@@ -96,7 +81,7 @@ def test_registered_op_dispatches_to_triton_and_falls_back():
     y = torch.ops.lowbit.qlinear(x, *args, 0, "int", 16, "e4m3")
     assert torch.equal(y, lt.w2a16_linear(x, packed, wq.scales, wq.global_scale))
     ref = x.double() @ wq.dequantize().double().T
-    assert _rel(y, ref) < 1e-2
+    assert rel_error(y, ref) < 1e-2
     # a format without a kernel (4-bit weights) runs the reference implementation
     wq4 = quantize_weight_rtn(torch.randn(n, k, device=DEV), QFormat(4))
     args4 = (pack_codes(wq4.codes, 4), wq4.scales, wq4.global_scale, None, 4, "int", 16, "e4m3")
@@ -128,7 +113,7 @@ def test_eager_quant_linear_takes_the_registered_kernel_directly(monkeypatch, m,
 
 def test_cuda_graph_capture():
     n, k = 2048, 2048
-    packed, stored, gscale, w = _random_weight(n, k, "int", seed=3)
+    packed, stored, gscale, w = random_2bit_weight(n, k, "int", seed=3)
     x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
     y0 = lt.w2a16_linear(x, packed, stored, gscale)
     graph = torch.cuda.CUDAGraph()
@@ -269,19 +254,19 @@ def test_prologue_with_online_hadamard_bit_exact(k, split, dtype):
                                       (5, dict(PAIRS=False, BLOCK_G=8)), (200, dict(path="scaled_mm"))])
 def test_w2a2_gemm_against_float64(m, config):
     n, k = 4096 + 48, 4096
-    packed, stored, gscale, w = _random_weight(n, k, "int", seed=m)
+    packed, stored, gscale, w = random_2bit_weight(n, k, "int", seed=m)
     x = _activation(m, k - 8, torch.bfloat16, seed=m)
     bias = torch.randn(n, device=DEV)
     a8, _, ga = k2.act_quant(x, 2, "int", k, fp8_values=True)
     r = min(m, 512)
     ref = (a8[:r].double() * ga[:r].double()) @ w.double().T + bias.double()
     y = k2.w2a2_linear(x, packed, stored, gscale, bias, out_dtype=torch.float32, **config)
-    assert _rel(y[:r], ref) < 1e-3
+    assert rel_error(y[:r], ref) < 1e-3
     # the registered op: same numbers as the reference op (bf16 output)
     args = (packed, stored, gscale, bias, 2, "int", 16, "e4m3", 2, "int", 16, "e4m3")
     yo = torch.ops.lowbit.qlinear(x, *args)
     yr = lt.dispatch._reference_qlinear(x, *args)
-    assert _rel(yo.float(), yr.double()) < 1e-2
+    assert rel_error(yo.float(), yr.double()) < 1e-2
 
 
 # -- codebook -----------------------------------------------------------------------------------
@@ -320,9 +305,9 @@ def test_codebook_gemv_against_float64(m, c, config):
     x = torch.randn(m, k - 16, device=DEV, dtype=torch.bfloat16)
     ref = x.double() @ w[:, : k - 16].double().T + bias.double()
     y = kc.codebook_gemv(x, idx, cb, sc, gs, bias, c, k, out_dtype=torch.float32, **config)
-    assert _rel(y, ref) < 1e-5
+    assert rel_error(y, ref) < 1e-5
     yo = torch.ops.lowbit.codebook_linear(x, idx, cb, sc, gs, bias, 16, c, k, "e4m3")
-    assert _rel(yo.float(), ref) < 1e-2
+    assert rel_error(yo.float(), ref) < 1e-2
 
 
 def test_codebook_table_shared_refuses_more_rows_than_threads():
@@ -359,10 +344,10 @@ def test_codebook_default_routes_m1_8192_to_the_table_path():
     ref = x.double() @ w.double().T
     del w
     y = kc.codebook_gemv(x, idx, cb, sc, gs, None, c, k, out_dtype=torch.float32)
-    assert _rel(y, ref) < 1e-5
+    assert rel_error(y, ref) < 1e-5
     assert torch.equal(y, kc.codebook_gemv(x, idx, cb, sc, gs, None, c, k, out_dtype=torch.float32, path="table"))
     yo = torch.ops.lowbit.codebook_linear(x, idx, cb, sc, gs, None, 16, c, k, "e4m3")
-    assert _rel(yo.float(), ref) < 1e-2
+    assert rel_error(yo.float(), ref) < 1e-2
 
 
 @pytest.mark.parametrize("table,loads", [("shared", "words"), ("shared", "rotated"), ("global", "words"),
@@ -386,7 +371,7 @@ def test_codebook_table_path_rows_off_word_bounds(table, loads):
     ref = x.double() @ w[:, : 16 * mv - 5].double().T + bias.double()
     cfg = dict(path="table", TABLE=table, LOADS=loads)
     y = kc.codebook_gemv(x, idx, cb, sc, gs, bias, c, 16 * mv, out_dtype=torch.float32, **cfg)
-    assert _rel(y, ref) < 1e-5
+    assert rel_error(y, ref) < 1e-5
     assert torch.equal(y, kc.codebook_gemv(x, idx, cb, sc, gs, bias, c, 16 * mv, out_dtype=torch.float32, **cfg))
 
 
