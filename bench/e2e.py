@@ -246,6 +246,27 @@ def _w2a16_kernels(model_name: str):
         dispatch.GLUON_MAX_M = saved
 
 
+@contextlib.contextmanager
+def _launch_pdl(on: bool):
+    """Programmatic dependent launch for the kernels compiled and launched inside: inductor's
+    Triton kernels and lowbit's Gluon W2A16 kernel."""
+    import torch._inductor.config as inductor_config
+    from lowbit.codegen.triton import w2a16_gluon
+
+    if on and not hasattr(inductor_config.triton, "enable_pdl"):
+        raise RuntimeError(f"this torch ({torch.__version__}) has no torch._inductor.config.triton.enable_pdl")
+    saved = (getattr(inductor_config.triton, "enable_pdl", False), w2a16_gluon.DEFAULTS["PDL"])
+    if on:
+        inductor_config.triton.enable_pdl = True
+        w2a16_gluon.DEFAULTS["PDL"] = True
+    try:
+        yield
+    finally:
+        if hasattr(inductor_config.triton, "enable_pdl"):
+            inductor_config.triton.enable_pdl = saved[0]
+        w2a16_gluon.DEFAULTS["PDL"] = saved[1]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32)
@@ -265,6 +286,10 @@ def main(argv=None):
                          "tl.dot kernel at every row count)")
     ap.add_argument("--skinny-config", default=None,
                     help='JSON overrides of the W2A16 skinny defaults for this run, e.g. \'{"ONE_DOT": true, "BLOCK_G": 16}\'')
+    ap.add_argument("--pdl", action="store_true",
+                    help="also time each model's torch.compile decode with programmatic dependent launch: "
+                         "inductor's Triton kernels (torch._inductor.config.triton.enable_pdl) and lowbit's Gluon "
+                         "W2A16 kernel request their first loads before waiting for the previous kernel")
     args = ap.parse_args(argv)
     wanted = set(args.variants.split(","))
     unknown = wanted - {"eager", "graph", "compile", "prefill"}
@@ -358,16 +383,17 @@ def main(argv=None):
         if v is not None:
             record(name, "prefill", "eager", v)
     if "compile" in wanted:
-        for name, m in models:
-            dec = decs[name]
-            t0 = time.time()
-            cstep = torch.compile(dec.step)
-            with _w2a16_kernels(name):
-                v = attempt(f"{name} decode torch.compile + CUDA graph",
-                            lambda: decode_tps(dec, cstep, args.new, True))
-            if v is not None:
-                record(name, "decode", "torch.compile + CUDA graph", v, dict(compile_and_run_s=time.time() - t0))
-            torch._dynamo.reset()
+        for pdl in (False, True) if args.pdl else (False,):
+            for name, m in models:
+                dec = decs[name]
+                t0 = time.time()
+                variant = "torch.compile + CUDA graph" + (" + PDL" if pdl else "")
+                with _w2a16_kernels(name), _launch_pdl(pdl):
+                    cstep = torch.compile(dec.step)
+                    v = attempt(f"{name} decode {variant}", lambda: decode_tps(dec, cstep, args.new, True))
+                if v is not None:
+                    record(name, "decode", variant, v, dict(compile_and_run_s=time.time() - t0))
+                torch._dynamo.reset()
         for name, m in models:
             if name.endswith(NO_GLUON) or "prefill" not in wanted:
                 continue

@@ -23,6 +23,15 @@ one run: STAGES=3 13.68 us, STAGES=4 16.27, against 12.73 for STAGES=2).
 At M=16 (MP=16) the classic kernel was 2.3x slower than the ``tl.dot`` kernel, hence the
 8-row limit.
 
+Programmatic dependent launch (``PDL=True``, pipelined kernel only; off by default): the
+kernel is launched so that it may start before the previous kernel on the stream has
+finished. It requests its first STAGES - 1 ring positions of words and scales (weights, which
+no kernel writes) and then waits (``griddepcontrol.wait``) for the previous grid before it
+reads x or writes anything; after its main loop it lets the next PDL-launched kernel start.
+Same bits as without (tests/gpu). H200, 2026-12-01 (torch 2.11, whose inductor kernels are not
+PDL-launched): eight layer GEMVs back to back in a CUDA graph 87.1 us against 85.0 without;
+the 8-layer compiled decode of ``bench/e2e.py --pdl`` 1752 against 1679 tokens/s.
+
 Triton's CPU interpreter does not run Gluon: the CPU tests (tests/test_gluon_repack.py) check
 the repacked format and replay the kernel's layouts and arithmetic in torch, thread by thread;
 tests/gpu/test_gluon_w2a16.py runs the kernel itself.
@@ -693,12 +702,25 @@ if HAVE_GLUON:
             gl.store(y_ptr + ym[None, :] * stride_ym + yn[:, None], acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
     @gluon.jit
+    def _grid_dependency_wait():
+        """``griddepcontrol.wait``: block until the grid this one depends on (under programmatic
+        dependent launch) has completed and its writes are visible; a no-op otherwise."""
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _grid_dependents_may_launch():
+        """``griddepcontrol.launch_dependents``: the next grid, if launched with programmatic
+        dependent launch, may start once every program of this one has passed here."""
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    @gluon.jit
     def _w2a16_pipe_kernel(
         x_ptr, w_ptr, s_ptr, g_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         M, N, K, stride_xm, stride_ym,
         HALF: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, MP: gl.constexpr,
         SPLIT_K: gl.constexpr, SWN: gl.constexpr, SSN: gl.constexpr, TPI: gl.constexpr, STAGES: gl.constexpr,
-        XR: gl.constexpr, XT: gl.constexpr,
+        XR: gl.constexpr, XT: gl.constexpr, PDL: gl.constexpr,
         WL: gl.constexpr, SL: gl.constexpr, XSL: gl.constexpr, X4: gl.constexpr, XCL: gl.constexpr,
         WSH: gl.constexpr, XSH: gl.constexpr, XSH2: gl.constexpr, MMA: gl.constexpr, AL: gl.constexpr,
         BL: gl.constexpr,
@@ -706,7 +728,10 @@ if HAVE_GLUON:
         """Pipelined variant (module docstring): program ``pid`` computes work item pid (row block
         ``pid // SPLIT_K``, K share ``pid % SPLIT_K`` of TPI tiles); its words and scale words go
         through a ``STAGES``-deep ring in shared memory (per-thread cp.async), its x through
-        shared memory (staged once)."""
+        shared memory (staged once). ``PDL``: launched with programmatic dependent launch; the
+        first STAGES - 1 positions of words and scales (weights: never written by an earlier
+        kernel) are requested before waiting for the previous grid, x and every write after it,
+        and dependents may launch once the main loop is done."""
         pid = gl.program_id(0)
         tiles = K // 256
         w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 16], WSH)
@@ -724,19 +749,34 @@ if HAVE_GLUON:
         x_w = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, XCL)))[None, None, :]
         x_m = x_r // 4
         x_off = x_tt * 128 + (x_r % 4) * 32 + x_w
-        # the item's x, once: committed with position 0 (the first _issue below or in the loop)
-        _issue_x(pid, tiles, M, x_ptr, stride_xm, x_ring, x_tt, x_m, x_off, SPLIT_K, TPI)
+        if not PDL:
+            # the item's x, once: committed with position 0 (the first _issue below or in the loop)
+            _issue_x(pid, tiles, M, x_ptr, stride_xm, x_ring, x_tt, x_m, x_off, SPLIT_K, TPI)
         acc = gl.zeros([BLOCK_N, MP], gl.float32, layout=MMA)
         # prologue: positions 0 .. STAGES-2 (a static_range here crashes Triton 3.6's lowering)
         for p in range(STAGES - 1):
             _issue(p % STAGES, p, p < TPI, pid, tiles, w_ptr, s_ptr, SWN, SSN,
                    w_ring, s_ring, w_off, s_off, BLOCK_N, SPLIT_K, TPI, WL, SL)
+        if PDL:
+            # x is the previous grid's output: wait for it, then copy it as a group of its own,
+            # committed after positions 0 .. STAGES-2 and before position STAGES-1
+            _grid_dependency_wait()
+            _issue_x(pid, tiles, M, x_ptr, stride_xm, x_ring, x_tt, x_m, x_off, SPLIT_K, TPI)
+            cp.commit_group()
         for j in range(0, TPI):
             p = j + STAGES - 1
             _issue(p % STAGES, p, p < TPI, pid, tiles, w_ptr, s_ptr, SWN, SSN,
                    w_ring, s_ring, w_off, s_off, BLOCK_N, SPLIT_K, TPI, WL, SL)
-            # groups committed: j + STAGES; leave the STAGES - 1 of positions j + 1 .. p
-            cp.wait_group(STAGES - 1)
+            # groups committed: j + STAGES (+ 1 for x under PDL); leave the STAGES - 1 of
+            # positions j + 1 .. p. Under PDL at j = 0 only position STAGES - 1 was committed
+            # after x, so leave at most one group.
+            if PDL and j == 0:
+                if STAGES > 1:
+                    cp.wait_group(1)
+                else:
+                    cp.wait_group(0)
+            else:
+                cp.wait_group(STAGES - 1)
             if j == 0:
                 gl.thread_barrier()  # the item's x (copied by all threads) has landed everywhere
             slot = j % STAGES
@@ -745,6 +785,8 @@ if HAVE_GLUON:
                 sw = s_ring.index(slot).load(SL)
                 acc = _tile_pipe(acc, w, sw, x_tiles.index(j), HALF, BLOCK_N, MP, XR, XSL, X4, AL, BL)
         cp.wait_group(0)
+        if PDL:
+            _grid_dependents_may_launch()
         _finish(acc, pid // SPLIT_K, pid % SPLIT_K, M, N, g_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
                 HAS_BIAS, BLOCK_N, MP, SPLIT_K, MMA)
 
@@ -764,7 +806,7 @@ if HAVE_GLUON:
 # 4096 -> 11008 10.39 / 10.63; 11008 -> 4096 10.59 / 10.80; 4096 -> 12288 10.51 / 10.85;
 # 4096 -> 22016 16.03 / 16.63); BLOCK_N=256 (8 warps) and split 16 were slower everywhere.
 # BLOCK_N=64 also lets every N that is a multiple of 64 take this path.
-DEFAULTS = dict(BLOCK_N=64, SPLIT_K=0, PREFETCH=True, UNROLL2=True, num_warps=4, STAGES=2)
+DEFAULTS = dict(BLOCK_N=64, SPLIT_K=0, PREFETCH=True, UNROLL2=True, num_warps=4, STAGES=2, PDL=False)
 TILE_K = 256            # K elements per tile (16 groups: one 16-byte word load per row and thread)
 MAX_M = 8               # rows routed here by torch.ops.lowbit.qlinear (MP = 8; at M = 16 the
                         # Triton skinny kernel is 2.3x faster)
@@ -836,7 +878,8 @@ def w2a16_gluon(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, glo
     ``out_dtype``: x's by default (fp32 returns the accumulator, for tests). ``config``:
     BLOCK_N (16 * num_warps * 2^r), SPLIT_K (0: automatic), PREFETCH, UNROLL2, num_warps, MP
     (8 or 16); STAGES (default 2) >= 1 selects the pipelined kernel (module docstring) with a
-    STAGES-slot cp.async ring; STAGES=0 the classic kernel.
+    STAGES-slot cp.async ring; STAGES=0 the classic kernel; PDL (pipelined kernel only):
+    programmatic dependent launch (module docstring).
     The kernel needs N % BLOCK_N == 0 and K % 256 == 0.
     """
     if not HAVE_GLUON:
@@ -900,9 +943,9 @@ def w2a16_gluon(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, glo
             m, n, k, x32.stride(0), y.stride(0),
             HALF=grid == "half", HAS_BIAS=bias is not None, BLOCK_N=bn, MP=mp, SPLIT_K=split,
             SWN=words.stride(0), SSN=s32.stride(0),
-            TPI=plan["TPI"], STAGES=cfg["STAGES"], XR=plan["XR"], XT=plan["XT"],
+            TPI=plan["TPI"], STAGES=cfg["STAGES"], XR=plan["XR"], XT=plan["XT"], PDL=bool(cfg["PDL"]),
             WL=w_l, SL=s_l, XSL=xs_l, X4=x4_l, XCL=xc_l, WSH=flat, XSH=xsw, XSH2=xsw2, MMA=mma, AL=a_l, BL=b_l,
-            num_warps=nw)
+            num_warps=nw, launch_pdl=bool(cfg["PDL"]))
         return y.reshape(*lead, n)
     _w2a16_gluon_kernel[(n // bn, split)](
         x32, words, s32, g, bias if bias is not None else g, y, ws, cnt,
