@@ -281,3 +281,31 @@ def test_pipe_pdl_same_bits_eager_and_graph(config):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, want if i % 2 == 0 else _gemv_chain(x.flip(-1), weights, **plain))
+
+
+def test_pipe_launches_through_the_compiled_kernel_after_the_first_call():
+    """The second launch of a specialization skips Triton's JIT (``_launch_pipe``): same bits,
+    and a different specialization (bias, PDL default, another M) gets its own entry."""
+    m, k, n = 1, 4096, 4096
+    words, stored, gscale, x, b, ref = _pipe_case(m, k, n, "int", seed=51)
+    wg._COMPILED.clear()
+    y1 = wg.w2a16_gluon(x, words, stored, gscale, b, out_dtype=torch.float32)
+    assert len(wg._COMPILED) == 1
+    y2 = wg.w2a16_gluon(x, words, stored, gscale, b, out_dtype=torch.float32)
+    assert len(wg._COMPILED) == 1 and torch.equal(y1, y2) and rel_error(y2, ref) < 1e-5
+    y3 = wg.w2a16_gluon(x, words, stored, gscale, None, out_dtype=torch.float32)
+    assert len(wg._COMPILED) == 2
+    assert rel_error(y3, x.double() @ _weight(n, k, "int", seed=51)[3].double().T) < 1e-5
+    saved = wg.DEFAULTS["PDL"]
+    try:
+        wg.DEFAULTS["PDL"] = not saved
+        assert torch.equal(wg.w2a16_gluon(x, words, stored, gscale, b, out_dtype=torch.float32), y1)
+        assert len(wg._COMPILED) == 3
+    finally:
+        wg.DEFAULTS["PDL"] = saved
+    x4 = torch.randn(4, k, device=DEV).to(torch.bfloat16)
+    for _ in range(2):
+        y4 = wg.w2a16_gluon(x4, words, stored, gscale, b, out_dtype=torch.float32)
+    assert len(wg._COMPILED) == 4
+    assert torch.equal(y4[:1], wg.w2a16_gluon(x4[:1].contiguous(), words, stored, gscale, b,
+                                              out_dtype=torch.float32, MP=8))
