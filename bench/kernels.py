@@ -272,6 +272,12 @@ def run_w2a2(with_variants, shapes=W2A2_SHAPES, dtype=torch.bfloat16):
             y = torch._scaled_mm(a8[:mr].contiguous(), w8.t(), scale_a=sa[:mr].contiguous(), scale_b=sb,
                                  out_dtype=torch.float32)
             _row(rows, label, m, k, n, "cuBLAS FP8 (_scaled_mm, E4M3 operands given)", t_fp8, t_bf16, _rel(y, ref))
+            # what the scaled_mm path runs up to k2.SCALED_MM_FAST_ACCUM_MAX_K
+            t_fast = time_graph(lambda i: torch._scaled_mm(a8, w8s[i].t(), scale_a=sa, scale_b=sb, out_dtype=dtype,
+                                                           use_fast_accum=True), len(w8s), calls, replays)
+            y = torch._scaled_mm(a8[:mr].contiguous(), w8.t(), scale_a=sa[:mr].contiguous(), scale_b=sb,
+                                 out_dtype=torch.float32, use_fast_accum=True)
+            _row(rows, label, m, k, n, "cuBLAS FP8, fast accumulation (operands given)", t_fast, t_bf16, _rel(y, ref))
         except Exception as e:
             print(f"{label:28s} _scaled_mm FAILED {type(e).__name__}: {str(e)[:150]}", flush=True)
         del w8s

@@ -683,6 +683,14 @@ def weight_e4m3(w_packed: torch.Tensor, w_scales: torch.Tensor) -> torch.Tensor:
 
 
 PATHS = ("fused", "scaled_mm")
+# The "scaled_mm" path lets cuBLAS accumulate FP8 products without promoting to fp32 at every
+# K block ("fast accumulation") up to this K. H200, 2026-12-01 (`bench/kernels.py`-style run,
+# M=4096, random 2-bit operands), relative error of the output against float64 on the same
+# operands, fast / promoted: K=4096 3.4e-4 / 2.6e-5, K=8192 5.8e-4 / 2.5e-5, K=11008 7.1e-4 /
+# 2.5e-5; the error grows with K, so longer sums keep the promoted accumulation (the contract is
+# 1e-3). Prologue + dequantization + GEMM at M=4096, K=N=8192: 440.0 us (1.55x cuBLAS bf16)
+# against 469.7 (1.45x); cuBLAS FP8 alone with the operands given 334.3 against 411.8 us.
+SCALED_MM_FAST_ACCUM_MAX_K = 11008
 _DEFAULTS = {
     "skinny": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_G=16, GROUP_N=1, SPLIT_K=0, PAIRS=True, IMPRECISE=None,
                    num_warps=8, num_stages=3),
@@ -703,12 +711,15 @@ def default_config(m: int, n: int, k: int) -> dict:
 
 def w2a2_gemm(a8: torch.Tensor, a_global: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor,
               w_global: torch.Tensor, bias: torch.Tensor | None = None, out_dtype=torch.bfloat16,
-              path: str = "fused", **config) -> torch.Tensor:
+              path: str = "fused", fast_accum: bool | None = None, **config) -> torch.Tensor:
     """``y = (a8 * a_global) @ (W values * w_global)^T + bias`` for E4M3 activation values
     ``a8`` [M, Kp] (from :func:`act_quant` with ``fp8_values=True``) and a packed 2-bit weight.
 
     ``path``: "fused" (the Triton kernel, W dequantized in registers) or "scaled_mm" (W
     dequantized to an E4M3 buffer, then ``torch._scaled_mm`` with row-wise scales; GPU only).
+    ``fast_accum`` (the "scaled_mm" path): let the FP8 tensor cores accumulate without
+    promoting partial sums to fp32 at every K block; by default on for K up to
+    :data:`SCALED_MM_FAST_ACCUM_MAX_K`.
     """
     n, gp = w_scales.shape
     m, kp = a8.shape
@@ -718,8 +729,9 @@ def w2a2_gemm(a8: torch.Tensor, a_global: torch.Tensor, w_packed: torch.Tensor, 
     gw = w_global.reshape(1).float()
     if path == "scaled_mm":
         w8 = weight_e4m3(w_packed, w_scales)
+        fast = kp <= SCALED_MM_FAST_ACCUM_MAX_K if fast_accum is None else fast_accum
         y = torch._scaled_mm(a8, w8.t(), scale_a=ga.reshape(m, 1), scale_b=gw.expand(1, n).contiguous(),
-                             out_dtype=out_dtype)
+                             out_dtype=out_dtype, use_fast_accum=bool(fast))
         return y if bias is None else (y.float() + bias.float()).to(out_dtype)
     cfg = default_config(m, n, kp)
     cfg.update(config)
@@ -766,7 +778,8 @@ def w2a2_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor,
 def default_path(a8: torch.Tensor) -> str:
     """"fused" up to 16 rows; above, "scaled_mm" where row-wise ``torch._scaled_mm`` runs (compute
     capability 9.0), which measured 1.54x cuBLAS bf16 at M=4096, K=N=8192 on an H200 against
-    0.74x for the best fused tile (docs/benchmarks.md)."""
+    0.74x for the best fused tile (GEMM alone; with the prologue and fast accumulation 1.55x,
+    :data:`SCALED_MM_FAST_ACCUM_MAX_K`; docs/benchmarks.md)."""
     if a8.shape[0] <= SKINNY_MAX_M or not a8.is_cuda or torch.cuda.get_device_capability(a8.device) < (9, 0):
         return "fused"
     return "scaled_mm"

@@ -251,7 +251,9 @@ def test_prologue_with_online_hadamard_bit_exact(k, split, dtype):
 
 
 @pytest.mark.parametrize("m,config", [(4096, {}), (300, dict(PAIRS=True, BLOCK_G=16)), (1, {}), (16, dict(SPLIT_K=1)),
-                                      (5, dict(PAIRS=False, BLOCK_G=8)), (200, dict(path="scaled_mm"))])
+                                      (5, dict(PAIRS=False, BLOCK_G=8)), (200, dict(path="scaled_mm")),
+                                      (200, dict(path="scaled_mm", fast_accum=True)),
+                                      (4096, dict(path="scaled_mm", fast_accum=False))])
 def test_w2a2_gemm_against_float64(m, config):
     n, k = 4096 + 48, 4096
     packed, stored, gscale, w = random_2bit_weight(n, k, "int", seed=m)
