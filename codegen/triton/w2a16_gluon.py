@@ -883,7 +883,6 @@ def _pipe_launch_plan(m: int, n: int, k: int, config: tuple, defaults: tuple):
 # Compiled pipelined kernels by specialization (see _launch_pipe): key -> (CompiledKernel,
 # constexpr values in parameter order)
 _COMPILED: dict = {}
-_PIPE_RUNTIME_ARGS = 13  # x, w, s, g, b, y, ws, cnt, M, N, K, stride_xm, stride_ym
 
 
 def _specialization(a) -> tuple:
