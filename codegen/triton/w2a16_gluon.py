@@ -813,17 +813,17 @@ MAX_M = 8               # rows routed here by torch.ops.lowbit.qlinear (MP = 8; 
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory one program may use (sm_90)
 
 
-def default_config(m: int, n: int, k: int, **over) -> dict:
+def default_config(m: int, n: int, k: int, defaults: dict | None = None, **over) -> dict:
     """Tile sizes. ``SPLIT_K=0``: 8 up to 64 row blocks, 4 above (measured; at least one tile
     per split); ``MP`` (the padded M of the MMA: 8 or 16) from M; ``UNROLL2`` (two tiles per
     loop iteration of the classic kernel) only where every split has an even number of tiles;
     ``STAGES`` (default 2: the pipelined kernel) falls back to 0 (the classic kernel) where the
     pipelined kernel's shared memory (x of a K share staged whole) would exceed
-    :data:`SMEM_LIMIT`, unless STAGES was asked for."""
+    :data:`SMEM_LIMIT`, unless STAGES was asked for. ``defaults``: in place of :data:`DEFAULTS`."""
     unknown = set(over) - set(DEFAULTS) - {"MP"}
     if unknown:
         raise ValueError(f"unknown Gluon W2A16 config keys {sorted(unknown)} (known: {sorted(set(DEFAULTS) | {'MP'})})")
-    cfg = dict(DEFAULTS)
+    cfg = dict(DEFAULTS if defaults is None else defaults)
     cfg.update({a: b for a, b in over.items() if b is not None})
     if cfg.get("MP") is None:
         cfg["MP"] = 8 if m <= 8 else 16
@@ -862,7 +862,7 @@ def _pipe_launch_plan(m: int, n: int, k: int, config: tuple, defaults: tuple):
     config and the :data:`DEFAULTS` in force (both as sorted items), computed once: the per-call
     work of an eager decode step is then a dictionary lookup instead of the config, plan and
     layout objects (whose hashing alone cost ~10 us per launch)."""
-    cfg = default_config(m, n, k, **dict(config))
+    cfg = default_config(m, n, k, dict(defaults), **dict(config))
     if not cfg["STAGES"]:
         return cfg, None, None
     if cfg["STAGES"] < 0:
