@@ -56,7 +56,8 @@ def main() -> int:
     from lowbit.codegen.triton import w2a2 as k2
 
     print(f"# {torch.cuda.get_device_name()}; torch {torch.__version__}")
-    print("| M, K, N | cuBLAS bf16 | cuBLAS FP8 (promoted / fast) | lowbit W2A2 (promoted / fast) | error (promoted / fast) |")
+    print("| M, K, N | cuBLAS bf16 | cuBLAS FP8 (promoted / fast) | lowbit W2A2 (promoted / fast) "
+          "| error (promoted / fast) |")
     print("|---|---:|---:|---:|---:|")
     for m, k, n in SHAPES:
         packed, stored, gscale, w = random_2bit_weight(n, k, "int", seed=1, device="cuda")

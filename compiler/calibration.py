@@ -40,9 +40,9 @@ def from_generations(model, samples: int = 16, seq_len: int = 512, seed: int = 0
     as ``generate(min_new_tokens=...)`` did, end-of-sequence tokens are never sampled.
 
     Hugging Face causal LMs with full-attention layers only (transformers >= 4.56, tested with
-    5.17 and 5.24) run :func:`_decode`, a decoding loop of our own: one preallocated key/value buffer per batch (no per-step
-    concatenation), one token per step, sampling on the model's device with a seeded
-    ``torch.Generator`` (Gumbel-max; see :func:`_sample`). Other models go through
+    5.17 and 5.24) run :func:`_decode`, a decoding loop of our own: one preallocated key/value
+    buffer per batch (no per-step concatenation), one token per step, sampling on the model's
+    device with a seeded ``torch.Generator`` (Gumbel-max; see :func:`_sample`). Other models go through
     ``model.generate``. Same ``seed``, ``batch_size``, model and device give the same ids;
     another ``batch_size`` or device gives other (equally valid) samples, and the ids differ
     from those of earlier lowbit versions, which called ``model.generate`` for every model.
