@@ -124,3 +124,17 @@ def test_bf16_autocast(model):
                        _generate(model, samples=4, seq_len=16, seed=8, amp="none"))
     with pytest.raises(ValueError, match="amp"):
         _generate(model, samples=1, seq_len=4, amp="fp8")
+
+
+def test_sampling_replays_from_full_forward_logits(model):
+    """Each sampled token is the Gumbel-max draw that the same generator state gives on the
+    full-sequence logits (no cache): the loop feeds step t's logits, in order, to the sampler."""
+    first = torch.randint(0, VOCAB, (4, 1), generator=torch.Generator().manual_seed(9))
+    ids = _decode(model, first, 20, torch.Generator().manual_seed(123), 1.0, 0)
+    with torch.no_grad():
+        full = model(ids).logits[:, :-1].float()
+    gen = torch.Generator().manual_seed(123)
+    for t in range(19):
+        noise = torch.empty(4, VOCAB).exponential_(generator=gen)
+        want = (full[:, t] - noise.clamp_min(torch.finfo(noise.dtype).tiny).log()).argmax(-1)
+        assert torch.equal(ids[:, t + 1], want), t
