@@ -342,6 +342,12 @@ CODEBOOK_VARIANTS = [_DEC, _V8, dict(_DEC, BLOCK_V=4), dict(_V8, SPLIT_K=8), dic
 # refuses BLOCK_N > 32 * num_warps (Triton would convert layouts through the table's shared memory in the loop),
 # so wider row blocks run with TABLE="global"
 _TAB = dict(path="table")
+# the Gluon W2A16 pipeline in codebook mode (codegen/triton/codebook_gluon.py): defaults BLOCK_N=64, SPLIT_K 8 up
+# to 64 row blocks and 4 above, STAGES=2 (a cp.async ring of two tiles), table words in shared memory
+_GLU = dict(path="gluon")
+CODEBOOK_GLUON_VARIANTS = [dict(_GLU, BLOCK_N=128), dict(_GLU, SPLIT_K=8), dict(_GLU, SPLIT_K=2),
+                           dict(_GLU, STAGES=3), dict(_GLU, BLOCK_N=128, SPLIT_K=8), dict(_GLU, SPLIT_K=16),
+                           dict(_GLU, BLOCK_N=256, num_warps=8), dict(_GLU, STAGES=4, SPLIT_K=8)]
 CODEBOOK_TABLE_VARIANTS = [dict(_TAB, R=8), dict(_TAB, R=8, PREFETCH=0), dict(_TAB, PREFETCH=0),
                            dict(_TAB, PREFETCH=16), dict(_TAB, R=4), dict(_TAB, LOADS="rotated"),
                            dict(_TAB, SPLIT_N=4), dict(_TAB, RED=16), dict(_TAB, BLOCK_N=128, num_warps=4),
@@ -356,6 +362,7 @@ def run_codebook(with_variants, shapes=CODEBOOK_SHAPES, dtype=torch.bfloat16, in
     tile variants."""
     from lowbit.codebook import dequantize_codebook_weight
     from lowbit.codegen.triton import codebook as kc
+    from lowbit.codegen.triton import codebook_gluon as cg
 
     dev = "cuda"
     rows = []
@@ -378,7 +385,12 @@ def run_codebook(with_variants, shapes=CODEBOOK_SHAPES, dtype=torch.bfloat16, in
         del wbs, wb
         nset = max(1, math.ceil(STREAM_BYTES / idx.nbytes))
         sets = [idx] + [idx.clone() for _ in range(nset - 1)]
-        variants = [{}, dict(_DEC), dict(_TAB)]  # {}: path=None (table at M=1 with K, N >= 8192, else decode)
+        variants = [{}, dict(_DEC), dict(_TAB)]  # {}: path=None (Gluon for bf16 x of <= 8 rows, else table at
+        #                                          M=1 with K, N >= 8192, else decode)
+        if m <= 8 and dtype == torch.bfloat16:
+            variants.insert(1, dict(_GLU))
+        if with_variants and (m, k, n) == (1, 8192, 8192) and which in ("all", "gluon"):
+            variants += [dict(v) for v in CODEBOOK_GLUON_VARIANTS]
         if with_variants and (m, k, n) == (1, 8192, 8192):
             variants += [dict(v) for v in CODEBOOK_VARIANTS[1:]] if which in ("all", "decode") else []
             variants += [dict(v) for v in CODEBOOK_TABLE_VARIANTS] if which in ("all", "table") else []
@@ -386,11 +398,15 @@ def run_codebook(with_variants, shapes=CODEBOOK_SHAPES, dtype=torch.bfloat16, in
             variants.append(dict(_V8))
         for v in variants:
             route = "table" if kc._table_route(m, k, n, index_bits) else "decode"
+            if cg.unsupported(x, idx, index_bits, k) is None:
+                route = "gluon"
             name = "codebook GEMV " + (" ".join(f"{a}={b}" for a, b in v.items()) if v else
                                        f"default ({route}) {kc.default_config(route, m, n, k // 16)}")
             try:
                 y = kc.codebook_gemv(x, idx, cb, sc, gs, None, index_bits, k, out_dtype=torch.float32, **v)
                 err = _rel(y, ref)
+                for i in range(nset):  # the Gluon path converts each index tensor once: not inside the graph
+                    kc.codebook_gemv(x, sets[i], cb, sc, gs, None, index_bits, k, **v)
                 t = time_graph(lambda i, v=v: kc.codebook_gemv(x, sets[i], cb, sc, gs, None, index_bits, k, **v),
                                nset, 50, 20)
                 _row(rows, label, m, k, n, name, t, t_bf16, err)
@@ -398,6 +414,8 @@ def run_codebook(with_variants, shapes=CODEBOOK_SHAPES, dtype=torch.bfloat16, in
                 rows.append(dict(shape=label, m=m, k=k, n=n, variant=name, error=str(e)[:200]))
                 print(f"{label:28s} {name:52s} FAILED {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
                       flush=True)
+        for i in range(nset):
+            torch.ops.lowbit.codebook_linear(x, sets[i], cb, sc, gs, None, 16, index_bits, k, "e4m3")
         t = time_graph(lambda i: torch.ops.lowbit.codebook_linear(x, sets[i], cb, sc, gs, None, 16, index_bits, k,
                                                                   "e4m3"), nset, 50, 20)
         _row(rows, label, m, k, n, "torch.ops.lowbit.codebook_linear", t, t_bf16)
@@ -454,7 +472,7 @@ def main(argv=None):
     ap.add_argument("--extra", default="[]",
                     help='JSON list of w2a16_linear keyword sets timed at every W2A16 shape, e.g. '
                          '\'[{"path": "skinny", "num_warps": 4}]\'')
-    ap.add_argument("--codebook-variants", default="all", choices=["all", "decode", "table"],
+    ap.add_argument("--codebook-variants", default="all", choices=["all", "decode", "table", "gluon"],
                     help="with --variants: which codebook tile variants to time at 1 x 8192 x 8192")
     ap.add_argument("--once", action="store_true",
                     help="run the default kernel of each shape twice and exit (for ncu / nsys)")

@@ -45,10 +45,13 @@ Two kernels:
   applies the scales and bias): deterministic, no memset. Products are exact; rounding
   happens in the fp32 table sums, the per-row sum of R entries and the fp32 reduction only.
 
-``codebook_gemv(path=None)`` (what ``torch.ops.lowbit.codebook_linear`` runs) takes "table" for
-one row of x with K, N >= 8192 and c = 11, where the H200 measured it faster (34.0 us against 52
-for "decode" at K = N = 8192), and "decode" elsewhere; a table build that the TTGIR guard
-refuses is recomputed by "decode" (with a warning).
+``codebook_gemv(path=None)`` (what ``torch.ops.lowbit.codebook_linear`` runs) takes
+``path="gluon"`` (:mod:`.codebook_gluon`: the Gluon W2A16 pipeline with a table lookup in
+place of the bit unpacking) for bf16 x of at most 8 rows with K a multiple of 256 and N of 64.
+Among the Triton paths it takes "table" for one row of x with K, N >= 8192 and c = 11, where
+the H200 measured it faster (34.0 us against 52 for "decode" at K = N = 8192), and "decode"
+elsewhere; a table build that the TTGIR guard refuses is recomputed by "decode" (with a
+warning).
 
 Bytes per weight: ``c / 16`` of an index (11/16 bit for the ``btc`` preset) plus the row scale:
 about 1/23 of bf16 weights.
@@ -617,13 +620,15 @@ def codebook_gemv(x: torch.Tensor, indices_packed: torch.Tensor, codebook_packed
                   **config) -> torch.Tensor:
     """``x @ W^T + bias`` for a codebook weight with v = 16 and per-row E4M3 scales (module
     docstring). ``x`` bf16/fp16 [..., K]; output in x's dtype (or ``out_dtype``). ``path``:
+    "gluon" (the Gluon W2A16 pipeline in codebook mode, :mod:`.codebook_gluon`: what None picks
+    on CUDA for bf16 x of at most 8 rows, K a multiple of 256 and N of 64),
     "decode" (codewords expanded to +-1 tiles on tensor cores) or "table" (one lookup in a
     per-chunk table of codeword dot products per index: ``_codebook_table_kernel``); None (the
     default) picks "table" for one row of x with K, N >= 8192 and c = 11, where the H200
     measured it faster (M=1, K = N = 8192: 34.0 us against 52 for "decode", cuBLAS bf16 33.7;
     M=1, 8192 -> 28672: 158 with R=8, R=16 not timed there, against 188.5), and "decode"
     everywhere else (M=1, 4096 x 4096: 14.9 us against 26.0 with R=8; M=16, 8192 x 8192: 53
-    against 241 with R=8). ``config`` overrides tile sizes (``_DECODE_DEFAULTS``,
+    against 241 with R=8) among the Triton paths. ``config`` overrides tile sizes (``_DECODE_DEFAULTS``,
     ``_TABLE_DEFAULTS``; the table path's default R is halved for every index bit past 11, so
     that the table stays within 128 KB)."""
     n = indices_packed.shape[0]
@@ -637,9 +642,19 @@ def codebook_gemv(x: torch.Tensor, indices_packed: torch.Tensor, codebook_packed
     m = x2.shape[0]
     auto = path is None
     if auto:
-        path = "table" if _table_route(m, k, n, index_bits) else "decode"
+        from .codebook_gluon import unsupported as gluon_unsupported
+
+        if gluon_unsupported(x, indices_packed, index_bits, kp) is None:
+            path = "gluon"
+        else:
+            path = "table" if _table_route(m, k, n, index_bits) else "decode"
+    if path == "gluon":
+        from .codebook_gluon import codebook_gluon, prepared
+
+        idx16, table, rowscale = prepared(indices_packed, codebook_packed, scales, global_scale, index_bits, kp)
+        return codebook_gluon(x, idx16, table, rowscale, bias, out_dtype=out_dtype, **config)
     if path not in ("decode", "table"):
-        raise ValueError(f"path must be 'decode', 'table' or None, got {path!r}")
+        raise ValueError(f"path must be 'gluon', 'decode', 'table' or None, got {path!r}")
     cfg = default_config(path, m, n, mv)
     if path == "table":
         cfg["R"] = max(1, min(cfg["R"], 32768 >> index_bits))  # the default R within the 128 KB table limit

@@ -489,6 +489,14 @@ if HAVE_GLUON:
             v = _shift(w, 9)
             p6 = _pair(v, s, o16, True)
             p7 = _pair(v, s, o4, False)
+        return _mma_pairs(acc, p0, p1, p2, p3, p4, p5, p6, p7, xu, BLOCK_N, MP, AL, BL)
+
+    @gluon.jit
+    def _mma_pairs(acc, p0, p1, p2, p3, p4, p5, p6, p7, xu, BLOCK_N: gl.constexpr, MP: gl.constexpr,
+                   AL: gl.constexpr, BL: gl.constexpr):
+        """acc + one mma_v2 of the A tile made of the bf16 pairs p_i [BLOCK_N, 4, 2] (pair i of the
+        group of lane t: K elements 2i, 2i + 1) against xu [MP, 4, 16] (x elements of those groups,
+        natural order); every layout conversion is asserted trivial."""
         # dims (n, t, j, i0, i1, i2) -> (n, i2, i1, i0, t, j): k = j + 2t + 8 i0 + 16 i1 + 32 i2
         a = gl.join(gl.join(gl.join(p0, p1), gl.join(p2, p3)), gl.join(gl.join(p4, p5), gl.join(p6, p7)))
         a = gl.reshape(gl.permute(a, (0, 5, 4, 3, 1, 2)), [BLOCK_N, 64])
@@ -638,6 +646,87 @@ if HAVE_GLUON:
         acc = _step(acc, w3, s3, o3, q3, _x_u(xt, 3, MP, XR, XSL, X4), HALF, BLOCK_N, MP, AL, BL)
         return acc
 
+    # codebook mode (``CB``; lowbit.codegen.triton.codebook_gluon's docstring)
+    _SIGN_PAIR_ASM = gl.constexpr("""{
+            .reg .b32 t;
+            lop3.b32 t, $2, 0x80008000, 0x3F803F80, 0xEA;
+            mov.b32 {$0, $1}, t;
+            }""")
+
+    @gluon.jit
+    def _sign_pair(v):
+        """[.., 2] bf16 ``{+-1, +-1}`` with the signs of bits 15 and 31 of v (one LOP3:
+        ``v & 0x80008000 | 0x3F803F80``, the bits of bf16 1.0 under each sign)."""
+        lo, hi = gl.inline_asm_elementwise(asm=_SIGN_PAIR_ASM, constraints="=h,=h,r", args=[v],
+                                           dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+        return gl.join(lo, hi)
+
+    @gluon.jit
+    def _st_shared(byte_off, value):
+        """Store int32 ``value`` at byte ``byte_off`` of the kernel's dynamic shared memory
+        (``global_smem``), past everything Triton allocates there (the launcher reserves it)."""
+        return gl.inline_asm_elementwise(
+            asm="""{
+            .reg .u32 a;
+            mov.u32 a, global_smem;
+            add.u32 a, a, $1;
+            st.shared.b32 [a], $2;
+            mov.u32 $0, 0;
+            }""", constraints="=r,r,r", args=[byte_off, value], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _ld_shared(byte_off):
+        """The int32 at byte ``byte_off`` of the kernel's dynamic shared memory. Not pure, so that
+        it stays after the barrier that follows the table's stores."""
+        return gl.inline_asm_elementwise(
+            asm="""{
+            .reg .u32 a;
+            mov.u32 a, global_smem;
+            add.u32 a, a, $1;
+            ld.shared.b32 $0, [a];
+            }""", constraints="=r,r", args=[byte_off], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _cb_step(acc, idx, xu, TAB_OFF: gl.constexpr, BLOCK_N: gl.constexpr, MP: gl.constexpr,
+                 AL: gl.constexpr, BL: gl.constexpr):
+        """acc + one mma_v2 over the 4 vectors (one per lane t) whose codebook indices are idx
+        [BLOCK_N, 4]: each index's table word T (bit 8 + i: sign of element 2i, bit 24 + i: of
+        element 2i + 1) is read from shared memory, and pair i is ``T << (7 - i)`` made into
+        bf16 +-1 by one LOP3."""
+        t = _ld_shared(idx.to(gl.int32) * 4 + TAB_OFF)
+        p0 = _sign_pair(t << 7)
+        p1 = _sign_pair(t << 6)
+        p2 = _sign_pair(t << 5)
+        p3 = _sign_pair(t << 4)
+        p4 = _sign_pair(t << 3)
+        p5 = _sign_pair(t << 2)
+        p6 = _sign_pair(t << 1)
+        p7 = _sign_pair(t)
+        return _mma_pairs(acc, p0, p1, p2, p3, p4, p5, p6, p7, xu, BLOCK_N, MP, AL, BL)
+
+    @gluon.jit
+    def _cb_tile_pipe(acc, w, xt, TAB_OFF: gl.constexpr, BLOCK_N: gl.constexpr, MP: gl.constexpr,
+                      XR: gl.constexpr, XSL: gl.constexpr, X4: gl.constexpr, AL: gl.constexpr, BL: gl.constexpr):
+        """The codebook tile: int16 indices w [BLOCK_N, 16] (vector g = 4t + u of the tile), x
+        read per column u from the staged shared tile ``xt`` as in ``_tile_pipe``."""
+        we, wo = gl.split(gl.reshape(w, [BLOCK_N, 4, 2, 2]))
+        w0, w2 = gl.split(we)
+        w1, w3 = gl.split(wo)
+        acc = _cb_step(acc, w0, _x_u(xt, 0, MP, XR, XSL, X4), TAB_OFF, BLOCK_N, MP, AL, BL)
+        acc = _cb_step(acc, w1, _x_u(xt, 1, MP, XR, XSL, X4), TAB_OFF, BLOCK_N, MP, AL, BL)
+        acc = _cb_step(acc, w2, _x_u(xt, 2, MP, XR, XSL, X4), TAB_OFF, BLOCK_N, MP, AL, BL)
+        acc = _cb_step(acc, w3, _x_u(xt, 3, MP, XR, XSL, X4), TAB_OFF, BLOCK_N, MP, AL, BL)
+        return acc
+
+    @gluon.jit
+    def _cb_table_to_shared(t_ptr, TAB_OFF: gl.constexpr, TAB_N: gl.constexpr, num_warps: gl.constexpr):
+        """Copy the int32 table words [TAB_N] to bytes [TAB_OFF, TAB_OFF + 4 TAB_N) of the dynamic
+        shared memory (16-byte loads), then a CTA barrier."""
+        lay: gl.constexpr = gl.BlockedLayout([4], [32], [num_warps], [0])
+        offs = gl.arange(0, TAB_N, layout=lay)
+        _st_shared(offs * 4 + TAB_OFF, gl.load(t_ptr + offs))
+        gl.thread_barrier()
+
     @gluon.jit
     def _issue_x(pid, tiles, M, x_ptr, stride_xm, x_ring, x_tt, x_m, x_off, SPLIT_K: gl.constexpr,
                  TPI: gl.constexpr):
@@ -654,7 +743,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _issue(slot, tt, ok, pid, tiles, w_ptr, s_ptr, SWN: gl.constexpr, SSN: gl.constexpr,
                w_ring, s_ring, w_off, s_off, BLOCK_N: gl.constexpr, SPLIT_K: gl.constexpr,
-               TPI: gl.constexpr, WL: gl.constexpr, SL: gl.constexpr):
+               TPI: gl.constexpr, WL: gl.constexpr, SL: gl.constexpr, CB: gl.constexpr):
         """cp.async the words and scale words of stream position ``tt`` (tile tt of the program's
         work item) into ring slot ``slot``; where ``ok`` is false or the tile is past K the copy
         is masked (zero fill into the slot, which is then never read). One commit group per
@@ -668,19 +757,24 @@ if HAVE_GLUON:
         smask = gl.full([BLOCK_N, 4], 0, gl.int32, SL) < lim
         cp.async_copy_global_to_shared(w_ring.index(slot), w_ptr + (rb * BLOCK_N * SWN + tile * 16) + w_off,
                                        mask=wmask)
-        cp.async_copy_global_to_shared(s_ring.index(slot), s_ptr + (rb * BLOCK_N * SSN + tile * 4) + s_off,
-                                       mask=smask)
+        if not CB:
+            cp.async_copy_global_to_shared(s_ring.index(slot), s_ptr + (rb * BLOCK_N * SSN + tile * 4) + s_off,
+                                           mask=smask)
         cp.commit_group()
 
     @gluon.jit
     def _finish(acc, rb, c, M, N, g_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
                 HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, MP: gl.constexpr, SPLIT_K: gl.constexpr,
-                MMA: gl.constexpr):
-        """Epilogue of both kernels for row block rb and K share c: the global scale, then the
+                MMA: gl.constexpr, CB: gl.constexpr = False):
+        """Epilogue of both kernels for row block rb and K share c: the global scale (``CB``: the
+        per-row scales, fp32 [N] at g_ptr), then the
         serial split-K reduction (each share stores its fp32 partial in ws, the last to arrive
         sums them in order and resets the counter) and the bias."""
-        acc = acc * gl.load(g_ptr)
         yn = rb * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+        if CB:
+            acc = acc * gl.load(g_ptr + yn)[:, None]
+        else:
+            acc = acc * gl.load(g_ptr)
         ym = gl.arange(0, MP, layout=gl.SliceLayout(0, MMA))
         ymask = (ym < M)[None, :] & (yn < N)[:, None]
         if SPLIT_K > 1:
@@ -723,7 +817,7 @@ if HAVE_GLUON:
         XR: gl.constexpr, XT: gl.constexpr, PDL: gl.constexpr,
         WL: gl.constexpr, SL: gl.constexpr, XSL: gl.constexpr, X4: gl.constexpr, XCL: gl.constexpr,
         WSH: gl.constexpr, XSH: gl.constexpr, XSH2: gl.constexpr, MMA: gl.constexpr, AL: gl.constexpr,
-        BL: gl.constexpr,
+        BL: gl.constexpr, CB: gl.constexpr = False, TAB_OFF: gl.constexpr = 0, TAB_N: gl.constexpr = 0,
     ):
         """Pipelined variant (module docstring): program ``pid`` computes work item pid (row block
         ``pid // SPLIT_K``, K share ``pid % SPLIT_K`` of TPI tiles); its words and scale words go
@@ -731,11 +825,21 @@ if HAVE_GLUON:
         shared memory (staged once). ``PDL``: launched with programmatic dependent launch; the
         first STAGES - 1 positions of words and scales (weights: never written by an earlier
         kernel) are requested before waiting for the previous grid, x and every write after it,
-        and dependents may launch once the main loop is done."""
+        and dependents may launch once the main loop is done.
+
+        ``CB`` (codebook mode, lowbit.codegen.triton.codebook_gluon): ``w_ptr`` holds int16
+        codebook indices [N, K/16] (one per vector of 16 weights, in the words' places), ``s_ptr``
+        the int32 table words [TAB_N], copied once to bytes ``TAB_OFF ..`` of the dynamic shared
+        memory (past Triton's own, reserved by the launcher), ``g_ptr`` fp32 per-row scales;
+        no scale ring."""
         pid = gl.program_id(0)
         tiles = K // 256
-        w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 16], WSH)
-        s_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 4], WSH)
+        if CB:
+            w_ring = gl.allocate_shared_memory(gl.int16, [STAGES, BLOCK_N, 16], WSH)
+            s_ring = w_ring  # unused
+        else:
+            w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 16], WSH)
+            s_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 4], WSH)
         x_ring = gl.allocate_shared_memory(gl.int32, [1, XT, XR * 4, 32], XSH)
         # the same bytes as [XT] tiles (same swizzle of the two minor dimensions)
         x_tiles = x_ring._reinterpret(gl.int32, [XT, XR * 4, 32], XSH2)
@@ -753,10 +857,12 @@ if HAVE_GLUON:
             # the item's x, once: committed with position 0 (the first _issue below or in the loop)
             _issue_x(pid, tiles, M, x_ptr, stride_xm, x_ring, x_tt, x_m, x_off, SPLIT_K, TPI)
         acc = gl.zeros([BLOCK_N, MP], gl.float32, layout=MMA)
+        if CB:
+            _cb_table_to_shared(s_ptr, TAB_OFF, TAB_N, gl.num_warps())
         # prologue: positions 0 .. STAGES-2 (a static_range here crashes Triton 3.6's lowering)
         for p in range(STAGES - 1):
             _issue(p % STAGES, p, p < TPI, pid, tiles, w_ptr, s_ptr, SWN, SSN,
-                   w_ring, s_ring, w_off, s_off, BLOCK_N, SPLIT_K, TPI, WL, SL)
+                   w_ring, s_ring, w_off, s_off, BLOCK_N, SPLIT_K, TPI, WL, SL, CB)
         if PDL:
             # x is the previous grid's output: wait for it, then copy it as a group of its own,
             # committed after positions 0 .. STAGES-2 and before position STAGES-1
@@ -766,7 +872,7 @@ if HAVE_GLUON:
         for j in range(0, TPI):
             p = j + STAGES - 1
             _issue(p % STAGES, p, p < TPI, pid, tiles, w_ptr, s_ptr, SWN, SSN,
-                   w_ring, s_ring, w_off, s_off, BLOCK_N, SPLIT_K, TPI, WL, SL)
+                   w_ring, s_ring, w_off, s_off, BLOCK_N, SPLIT_K, TPI, WL, SL, CB)
             # groups committed: j + STAGES (+ 1 for x under PDL); leave the STAGES - 1 of
             # positions j + 1 .. p. Under PDL at j = 0 only position STAGES - 1 was committed
             # after x, so leave at most one group.
@@ -782,13 +888,16 @@ if HAVE_GLUON:
             slot = j % STAGES
             if (pid % SPLIT_K) * TPI + j < tiles:
                 w = w_ring.index(slot).load(WL)
-                sw = s_ring.index(slot).load(SL)
-                acc = _tile_pipe(acc, w, sw, x_tiles.index(j), HALF, BLOCK_N, MP, XR, XSL, X4, AL, BL)
+                if CB:
+                    acc = _cb_tile_pipe(acc, w, x_tiles.index(j), TAB_OFF, BLOCK_N, MP, XR, XSL, X4, AL, BL)
+                else:
+                    sw = s_ring.index(slot).load(SL)
+                    acc = _tile_pipe(acc, w, sw, x_tiles.index(j), HALF, BLOCK_N, MP, XR, XSL, X4, AL, BL)
         cp.wait_group(0)
         if PDL:
             _grid_dependents_may_launch()
         _finish(acc, pid // SPLIT_K, pid % SPLIT_K, M, N, g_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
-                HAS_BIAS, BLOCK_N, MP, SPLIT_K, MMA)
+                HAS_BIAS, BLOCK_N, MP, SPLIT_K, MMA, CB)
 
 # ----------------------------------------------------------------------------------------
 # launcher
@@ -876,7 +985,7 @@ def _pipe_launch_plan(m: int, n: int, k: int, config: tuple, defaults: tuple):
     constexprs = dict(
         BLOCK_N=bn, MP=mp, SPLIT_K=cfg["SPLIT_K"], TPI=plan["TPI"], STAGES=cfg["STAGES"], XR=plan["XR"],
         XT=plan["XT"], PDL=bool(cfg["PDL"]), WL=w_l, SL=s_l, XSL=xs_l, X4=x4_l, XCL=xc_l, WSH=flat, XSH=xsw,
-        XSH2=xsw2, MMA=mma, AL=a_l, BL=b_l)
+        XSH2=xsw2, MMA=mma, AL=a_l, BL=b_l, CB=False, TAB_OFF=0, TAB_N=0)
     return cfg, plan, constexprs
 
 
@@ -893,6 +1002,33 @@ def _specialization(a) -> tuple:
     return (a == 1, a % 16 == 0, -2**31 <= a < 2**31)
 
 
+SHARED_NO_OPT_IN = 48 * 1024  # dynamic shared memory a kernel may use without the opt-in attribute
+
+
+def _compile_codebook(args: tuple, constexprs: dict, num_warps: int, pdl: bool):
+    """Compile the pipelined kernel in codebook mode (``CB``) without launching it, with its
+    table placed past all of Triton's shared memory: a first build (``TAB_OFF=0``) gives
+    Triton's own size, a second puts the table at that offset (rounded to 16 bytes; the table
+    is reached through inline PTX only, so the two builds allocate the same), and the compiled
+    kernel's launch size is raised to cover the table. Returns (compiled kernel, TAB_OFF)."""
+    first = _w2a16_pipe_kernel.warmup(*args, **{**constexprs, "TAB_OFF": 0}, grid=(1,), num_warps=num_warps,
+                                      launch_pdl=pdl)
+    off = -(-first.metadata.shared // 16) * 16
+    compiled = _w2a16_pipe_kernel.warmup(*args, **{**constexprs, "TAB_OFF": off}, grid=(1,),
+                                         num_warps=num_warps, launch_pdl=pdl)
+    total = off + 4 * constexprs["TAB_N"]
+    packed = getattr(compiled, "packed_metadata", None)
+    if compiled.metadata.shared != first.metadata.shared or not (
+            isinstance(packed, tuple) and len(packed) == 3 and packed[2] in (compiled.metadata.shared, total)):
+        raise RuntimeError("codebook Gluon kernel: this Triton version's launch metadata is not the expected "
+                           "(num_warps, num_ctas, shared); the table cannot be placed")
+    if total > SHARED_NO_OPT_IN:
+        raise ValueError(f"codebook Gluon kernel: {total} bytes of shared memory with the table "
+                         f"(> {SHARED_NO_OPT_IN}); use a smaller BLOCK_N / SPLIT_K or fewer index bits")
+    compiled.packed_metadata = (packed[0], packed[1], total)
+    return compiled, off
+
+
 def _launch_pipe(grid: int, args: tuple, constexprs: dict, num_warps: int, pdl: bool, key_extra: tuple):
     """``_w2a16_pipe_kernel[(grid,)](*args, **constexprs)``. The first launch of a
     specialization goes through Triton's JIT (which compiles or finds the kernel); later ones
@@ -904,6 +1040,15 @@ def _launch_pipe(grid: int, args: tuple, constexprs: dict, num_warps: int, pdl: 
     hit = _COMPILED.get(key)
     if hit is not None:
         compiled, tail = hit
+        compiled[(grid, 1, 1)](*args, *tail)
+        return
+    if constexprs.get("CB"):
+        # codebook mode: never launched through the JIT (its launch would not reserve the table)
+        compiled, off = _compile_codebook(args, constexprs, num_warps, pdl)
+        constexprs = {**constexprs, "TAB_OFF": off}
+        names = list(_w2a16_pipe_kernel.arg_names)
+        tail = tuple(constexprs[nm] for nm in names[len(args):])
+        _COMPILED[key] = (compiled, tail)
         compiled[(grid, 1, 1)](*args, *tail)
         return
     compiled = _w2a16_pipe_kernel[(grid,)](*args, **constexprs, num_warps=num_warps, launch_pdl=pdl)

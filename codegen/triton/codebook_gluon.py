@@ -1,0 +1,204 @@
+"""Codebook GEMV (``btc`` format, v = 16, per-row E4M3 scales) on the Gluon W2A16 pipeline.
+
+The W2A16 decode kernel of :mod:`lowbit.codegen.triton.w2a16_gluon` builds its tensor-core A
+operand in registers from one int32 word per group of 16 weights. A codebook weight has one
+index per vector of 16 weights instead, so the same kernel (``CB=True``) runs it with the
+index in the word's place and a table lookup in place of the bit unpacking; the cp.async ring,
+the staged x, the MMA layouts and the serial split-K reduction are shared.
+
+Math (:mod:`lowbit.codebook`): element j of vector m of row n has the sign
+``codebook[idx[n, m], j]`` and the value ``+-0.5 * e4m3(S[n]) * global``, so
+
+    y[r, n] = rowscale[n] * sum_m sum_j sign(n, 16 m + j) * x[r, 16 m + j] + bias[n],
+    rowscale[n] = 0.5 * fp32(e4m3(S[n])) * global      (fp32, exact: a power-of-two factor
+                                                        times one fp32 product)
+
+The signs are exact +-1 in bf16, so the tensor-core products are exact and only the fp32
+accumulation and the final scaling round.
+
+Offline formats (computed once per weight, :func:`prepared`)
+------------------------------------------------------------
+* indices: int16 ``[N, Kp / 16]`` (index m of row n at [n, m]; lowbit stores them as a c-bit
+  stream per row). One 16-bit index per 16 weights: 1 bit per weight plus 16/K for the row
+  scale, against 2.5 for W2A16.
+* table words: int32 ``[2^c]``. Word T[c] has bit ``8 + i`` set when element 2i of codeword c
+  is negative and bit ``24 + i`` when element 2i + 1 is (i < 8). ``T << (7 - i)`` puts the
+  signs of the K-adjacent pair (2i, 2i + 1) at bits 15 and 31, and one LOP3
+  ``& 0x80008000 | 0x3F803F80`` makes the bf16x2 ``{+-1, +-1}`` that meets the natural x pair
+  ``x[16 m + 2i : 16 m + 2i + 2]``, exactly as pair i of a W2A16 word does. Cost per vector: a
+  sign extension, an address, one shared-memory load, 7 shifts and 8 LOP3 (about one
+  instruction per weight).
+* row scales: fp32 ``[N]`` (``rowscale`` above), applied to the accumulator.
+
+The table lives in shared memory: each program copies it there once (8 KB at c = 11) and
+reads it with ``ld.shared`` through inline PTX at a byte offset past everything Triton
+allocates (Gluon on Triton 3.6 has no gather from shared memory). The launcher compiles
+the kernel twice to learn that offset and raises the launch's shared-memory size to cover
+the table (:func:`lowbit.codegen.triton.w2a16_gluon._compile_codebook`); the table must fit
+with the rest in 48 KB, which holds for c <= 12 at the default tiles.
+
+Shapes: x bf16 with at most 8 rows, K a multiple of 256 (the padded width Kp = K), N of the
+tile's BLOCK_N (64). Everything else goes to :func:`lowbit.codegen.triton.codebook.codebook_gemv`.
+The CPU tests (tests/test_codebook_gluon.py) check the formats and replay the sign
+construction in torch; tests/gpu/test_gluon_w2a16.py runs the kernel against float64.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from . import w2a16_gluon as _g
+
+MAX_INDEX_BITS = 12   # table of 2^12 words = 16 KB: with the rings and x within 48 KB
+VECTOR = 16
+
+
+def table_words(codebook_packed: torch.Tensor, index_bits: int) -> torch.Tensor:
+    """int32 table words [2^c] of lowbit's packed codebook (uint8 bitstream, bit j of codeword c
+    at bit 16 c + j, set for a negative element): bit 8 + i of word c is element 2i's bit, bit
+    24 + i element 2i + 1's (module docstring)."""
+    from lowbit.codebook import unpack_codebook
+
+    neg = (unpack_codebook(codebook_packed, 1 << index_bits, VECTOR) != 0).to(torch.int64)  # [C, 16]
+    i = torch.arange(8, dtype=torch.int64, device=neg.device)
+    word = (neg[:, 0::2] << (8 + i)).sum(-1) + (neg[:, 1::2] << (24 + i)).sum(-1)
+    word = torch.where(word >= 2**31, word - 2**32, word)
+    return word.to(torch.int32)
+
+
+def signs_of_table(words: torch.Tensor) -> torch.Tensor:
+    """The kernel's sign construction replayed in torch: int8 +-1 [C, 16] from table words, pair
+    i being the bits 15 and 31 of ``word << (7 - i)`` (inverse of :func:`table_words`)."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    out = torch.empty((w.shape[0], VECTOR), dtype=torch.int8, device=w.device)
+    for i in range(8):
+        v = (w << (7 - i)) & 0xFFFFFFFF
+        out[:, 2 * i] = 1 - 2 * ((v >> 15) & 1)
+        out[:, 2 * i + 1] = 1 - 2 * ((v >> 31) & 1)
+    return out
+
+
+def indices_int16(indices_packed: torch.Tensor, vectors: int, index_bits: int) -> torch.Tensor:
+    """int16 [N, vectors] of lowbit's c-bit index stream uint8 [N, ceil(vectors c / 8)]."""
+    from lowbit.codebook import unpack_indices
+
+    if not 1 <= index_bits <= 15:
+        raise ValueError(f"int16 indices hold at most 15 bits, got {index_bits}")
+    return unpack_indices(indices_packed, vectors, index_bits).to(torch.int16)
+
+
+def row_scales(scales: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """fp32 [N]: ``0.5 * fp32(e4m3 S[n]) * global`` (per-row E4M3 scales [N, 1])."""
+    return (scales.reshape(-1).float() * global_scale.reshape(1).float()) * 0.5
+
+
+def unsupported(x: torch.Tensor, indices_packed: torch.Tensor, index_bits: int, padded_width: int,
+                max_m: int = _g.MAX_M) -> str | None:
+    """Why this codebook call does not take the Gluon kernel, or None (the caller has checked the
+    format: v = 16, per-row E4M3 scales)."""
+    from .w2a16 import _interpreting
+
+    if not _g.HAVE_GLUON:
+        return "no triton.experimental.gluon"
+    if _interpreting():
+        return "Triton's interpreter does not run Gluon"
+    if x.device.type != "cuda":
+        return f"{x.device.type} activations (Gluon path: CUDA)"
+    if x.dtype != torch.bfloat16:
+        return f"{x.dtype} activations (Gluon path: bf16)"
+    m = x.numel() // max(x.shape[-1], 1)
+    if m > max_m:
+        return f"{m} rows (Gluon path: at most {max_m})"
+    n, k = indices_packed.shape[0], x.shape[-1]
+    if k % _g.TILE_K or padded_width != k or n % _g.DEFAULTS["BLOCK_N"]:
+        return f"K={k} (padded {padded_width}), N={n} (Gluon path: K = Kp a multiple of {_g.TILE_K}, " \
+               f"N of {_g.DEFAULTS['BLOCK_N']})"
+    if index_bits > MAX_INDEX_BITS:
+        return f"{index_bits} index bits (Gluon path: at most {MAX_INDEX_BITS})"
+    return None
+
+
+_PREPARED: dict = {}
+
+
+def prepared(indices_packed: torch.Tensor, codebook_packed: torch.Tensor, scales: torch.Tensor,
+             global_scale: torch.Tensor, index_bits: int, padded_width: int):
+    """(int16 indices, table words, row scales) of a weight, computed once and kept while the
+    index tensor lives and none of the four tensors is modified in place (keyed by identity
+    and version counters), so inference converts each weight on its first call only."""
+    parts = (indices_packed, codebook_packed, scales, global_scale)
+    key = id(indices_packed)
+    versions = tuple(t._version for t in parts)
+    hit = _PREPARED.get(key)
+    if hit is not None:
+        refs, vers, out = hit
+        if all(r() is t for r, t in zip(refs, parts)) and vers == versions and out[0].shape[1] * VECTOR == padded_width:
+            return out
+    out = (indices_int16(indices_packed, padded_width // VECTOR, index_bits).contiguous(),
+           table_words(codebook_packed, index_bits).contiguous(),
+           row_scales(scales, global_scale).contiguous())
+    _PREPARED[key] = (tuple(weakref.ref(t) for t in parts), versions, out)
+    weakref.finalize(indices_packed, _PREPARED.pop, key, None)
+    return out
+
+
+def codebook_gluon(x: torch.Tensor, indices: torch.Tensor, table: torch.Tensor, rowscale: torch.Tensor,
+                   bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, **config) -> torch.Tensor:
+    """``x @ W^T + bias`` for bf16 x [..., K] (at most 16 rows) and a codebook weight in the
+    offline formats of the module docstring: ``indices`` int16 [N, K/16], ``table`` int32 [2^c],
+    ``rowscale`` fp32 [N]. ``config``: the pipelined kernel's keys of
+    :data:`lowbit.codegen.triton.w2a16_gluon.DEFAULTS` (STAGES >= 1)."""
+    if not _g.HAVE_GLUON:
+        raise RuntimeError("codebook_gluon needs triton.experimental.gluon")
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"the Gluon kernel takes bf16 activations, got {x.dtype}")
+    n, mv = indices.shape
+    k = x.shape[-1]
+    if indices.dtype != torch.int16 or table.dtype != torch.int32 or rowscale.dtype != torch.float32:
+        raise TypeError(f"expected int16 indices, int32 table words and fp32 row scales, got {indices.dtype}, "
+                        f"{table.dtype}, {rowscale.dtype}")
+    c = table.numel().bit_length() - 1
+    if table.numel() != 1 << c or c > MAX_INDEX_BITS or rowscale.numel() != n:
+        raise ValueError(f"table of {table.numel()} words (a power of two up to 2^{MAX_INDEX_BITS}) and "
+                         f"{rowscale.numel()} row scales for {n} rows")
+    if mv * VECTOR != k:
+        raise ValueError(f"indices cover {mv * VECTOR} columns, x has {k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m > 16:
+        raise ValueError(f"the Gluon kernel handles M <= 16 rows, got {m}")
+    out_dtype = out_dtype or x.dtype
+    if m == 0:
+        return x.new_empty((*lead, n), dtype=out_dtype)
+    config_key = (tuple(sorted(config.items())), tuple(sorted(_g.DEFAULTS.items())))
+    cfg, plan, constexprs = _g._pipe_launch_plan(m, n, k, *config_key)
+    if plan is None:
+        raise ValueError("the codebook kernel is the pipelined one: STAGES must be >= 1")
+    bn, split, nw = cfg["BLOCK_N"], cfg["SPLIT_K"], cfg["num_warps"]
+    if n % bn or k % _g.TILE_K:
+        raise ValueError(f"N ({n}) must be a multiple of BLOCK_N ({bn}) and K ({k}) of {_g.TILE_K}")
+    if max(m, split) * max(n, k) * 16 >= 2**31:
+        raise ValueError("too large for 32-bit indexing")
+    idx = indices if indices.stride(-1) == 1 else indices.contiguous()
+    if idx.stride(0) % 8 or idx.data_ptr() % 16:
+        raise ValueError("the indices need 16-byte aligned rows")
+    x32 = x2.view(torch.int32)
+    y = torch.empty((m, n), device=x.device, dtype=out_dtype)
+    if split > 1:
+        from .w2a16 import _tile_counters
+
+        ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+        cnt = _tile_counters(x.device, n // bn)
+    else:
+        ws, cnt = y, rowscale  # unused
+    has_bias = bias is not None
+    consts = dict(constexprs, CB=True, TAB_N=1 << c)
+    _g._launch_pipe(plan["G"], (x32, idx, table, rowscale, bias if has_bias else rowscale, y, ws, cnt,
+                                m, n, k, x32.stride(0), y.stride(0)),
+                    dict(HALF=False, HAS_BIAS=has_bias, SWN=idx.stride(0), SSN=0, **consts), nw, bool(cfg["PDL"]),
+                    ("codebook", c, m, n, k, config_key, has_bias, idx.stride(0)))
+    return y.reshape(*lead, n)
