@@ -26,6 +26,17 @@ def test_table_words_carry_the_codebook_signs(c):
     assert torch.equal(cg.signs_of_table(words).float(), signs)
 
 
+@pytest.mark.parametrize("c", [1, 8, 11])
+def test_byte_table_carries_the_codebook_signs(c):
+    signs, _, _, cb, _, _ = _codebook_weight(4, 256, c, seed=c + 1)
+    words = cg.table_bytes(cb, c)
+    assert words.dtype == torch.int32 and words.shape == (4 << c,)
+    assert torch.equal(cg.signs_of_byte_table(words).float(), signs)
+    # every byte is the high byte of bf16 +1 (0x3F80) or -1 (0xBF80)
+    b = words.view(torch.uint8)
+    assert bool(((b == 0x3F) | (b == 0xBF)).all())
+
+
 def test_table_word_bit_of_each_element():
     """A codeword with only element j negative sets exactly bit 8 + j/2 (j even) or 24 + (j-1)/2
     (j odd): the pair (2i, 2i + 1) lands on bits 15 / 31 after a left shift by 7 - i."""
@@ -40,16 +51,19 @@ def test_table_word_bit_of_each_element():
         assert ((words[j].item() << (7 - i)) & 0xFFFFFFFF) == 1 << (15 if j % 2 == 0 else 31)
 
 
-@pytest.mark.parametrize("n,k,c", [(64, 256, 11), (128, 512, 8), (64, 768, 12)])
-def test_formats_reproduce_the_dequantized_product(n, k, c):
+@pytest.mark.parametrize("n,k,c,byte_table", [(64, 256, 11, True), (64, 256, 11, False), (128, 512, 8, True),
+                                              (64, 768, 12, False)])
+def test_formats_reproduce_the_dequantized_product(n, k, c, byte_table):
     """y = rowscale * sum_m <signs[idx[n, m]], x[16 m: 16 m + 16]> on the prepared formats, in
     float64, equals x @ W^T with lowbit's dequantized codebook weight."""
     signs, idx, idx_packed, cb, stored, gscale = _codebook_weight(n, k, c, seed=n + c)
-    idx16, table, rowscale = cg.prepared(idx_packed, cb, stored, gscale, c, k)
+    idx16, table, rowscale, is_bytes = cg.prepared(idx_packed, cb, stored, gscale, c, k, byte_table)
+    assert is_bytes == byte_table
     assert idx16.dtype == torch.int16 and torch.equal(idx16.long(), idx)
     assert rowscale.dtype == torch.float32 and rowscale.shape == (n,)
     x = torch.randn(3, k, dtype=torch.float64)
-    s = cg.signs_of_table(table).double()[idx16.long()]                  # [n, k/16, 16]
+    signs = cg.signs_of_byte_table(table) if byte_table else cg.signs_of_table(table)
+    s = signs.double()[idx16.long()]                                     # [n, k/16, 16]
     y = torch.einsum("nmj,rmj->rn", s, x.reshape(3, k // 16, 16)) * rowscale.double()
     w = dequantize_codebook_weight(idx_packed, cb, stored, gscale, 16, c, k, "e4m3").double()
     ref = x @ w.T
@@ -62,7 +76,8 @@ def test_prepared_is_cached_until_a_tensor_changes():
     assert cg.prepared(idx_packed, cb, stored, gscale, 11, 256) is a
     gscale.mul_(2.0)  # in place: the row scales must follow
     b = cg.prepared(idx_packed, cb, stored, gscale, 11, 256)
-    assert b is not a and torch.equal(b[2], a[2] * 2)
+    assert b is not a and torch.equal(b.rowscale, a.rowscale * 2)
+    assert a.byte_table and not cg.prepared(idx_packed, cb, stored, gscale, 11, 256, byte_table=False).byte_table
 
 
 def test_unsupported_says_why():
@@ -71,3 +86,7 @@ def test_unsupported_says_why():
     assert cg.unsupported(x, idx_packed, 11, 256) is not None   # CPU (or the interpreter)
     with pytest.raises(ValueError, match="15 bits"):
         cg.indices_int16(idx_packed, 16, 16)
+    _, _, idx12, cb12, st12, gs12 = _codebook_weight(64, 256, 12, seed=5)
+    assert not cg.prepared(idx12, cb12, st12, gs12, 12, 256).byte_table   # 2^12 x 16 bytes: too large
+    with pytest.raises(ValueError, match="at most 11 index bits"):
+        cg.prepared(idx12, cb12, st12, gs12, 12, 256, byte_table=True)

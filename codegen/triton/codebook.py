@@ -651,8 +651,9 @@ def codebook_gemv(x: torch.Tensor, indices_packed: torch.Tensor, codebook_packed
     if path == "gluon":
         from .codebook_gluon import codebook_gluon, prepared
 
-        idx16, table, rowscale = prepared(indices_packed, codebook_packed, scales, global_scale, index_bits, kp)
-        return codebook_gluon(x, idx16, table, rowscale, bias, out_dtype=out_dtype, **config)
+        byte_table = config.pop("BYTE_TABLE", None)
+        operands = prepared(indices_packed, codebook_packed, scales, global_scale, index_bits, kp, byte_table)
+        return codebook_gluon(x, operands, bias, out_dtype=out_dtype, **config)
     if path not in ("decode", "table"):
         raise ValueError(f"path must be 'gluon', 'decode', 'table' or None, got {path!r}")
     cfg = default_config(path, m, n, mv)

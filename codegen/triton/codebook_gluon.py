@@ -28,21 +28,30 @@ Offline formats (computed once per weight, :func:`prepared`)
   ``x[16 m + 2i : 16 m + 2i + 2]``, exactly as pair i of a W2A16 word does. Cost per vector: a
   sign extension, an address, one shared-memory load, 7 shifts and 8 LOP3 (about one
   instruction per weight).
+* byte table (the default for c <= 11): int32 ``[4 * 2^c]``, 16 bytes per codeword; byte b of
+  word 4c + q is the high byte of bf16 ``sign(element 4q + b)``: 0x3F or 0xBF. One 16-byte
+  shared-memory load per vector, and pair i is one PRMT of word i // 2 that puts bytes (0, 1)
+  or (2, 3) under low bytes 0x80 (bf16 +-1 is 0x3F80 / 0xBF80): half an instruction per
+  weight, no shifts. Its main loop has 1.48 SASS instructions per weight against 2.24 for the
+  sign words (Triton 3.6, sm_90, K = N = 8192, default tiles), at the price of 32 KB of shared
+  memory and more bank conflicts on the random 16-byte loads.
 * row scales: fp32 ``[N]`` (``rowscale`` above), applied to the accumulator.
 
-The table lives in shared memory: each program copies it there once (8 KB at c = 11) and
-reads it with ``ld.shared`` through inline PTX at a byte offset past everything Triton
-allocates (Gluon on Triton 3.6 has no gather from shared memory). The launcher compiles
-the kernel twice to learn that offset and raises the launch's shared-memory size to cover
-the table (:func:`lowbit.codegen.triton.w2a16_gluon._compile_codebook`); the table must fit
-with the rest in 48 KB, which holds for c <= 12 at the default tiles.
+The table lives in shared memory: each program copies it there once (32 KB for the byte
+table at c = 11, 8 KB for the sign words) and reads it with ``ld.shared`` through inline PTX at
+a byte offset past everything Triton allocates (Gluon on Triton 3.6 has no gather from shared
+memory). The launcher compiles the kernel twice to learn that offset and raises the compiled
+kernel's shared-memory size to cover the table before it is loaded
+(:func:`lowbit.codegen.triton.w2a16_gluon._compile_codebook`), so Triton's loader opts in to
+more than 48 KB where the rings, x and the table need it.
 
 Measured on an H200 (2026-12-01, ``python bench/kernels.py --suites codebook --variants
---codebook-variants gluon``, M=1, c=11, docs/benchmarks.md): 13.1 us at K = N = 8192 (cuBLAS bf16
-33.3: 2.54x; the Triton table path 33.7), 6.7 at 4096^2 (1.94x), 32.7 at 8192 -> 28672 (3.27x).
-The main loop has 1.94 SASS instructions per weight (Triton 3.6, sm_90), about 0.45 of them
-register moves into the MMA operands: the kernel is bound by instruction issue, as W2A16's is,
-not by its 1 bit per weight.
+--codebook-variants gluon``, M=1, c=11, docs/benchmarks.md), with the sign words: 13.1 us at
+K = N = 8192 (cuBLAS bf16 33.3: 2.54x; the Triton table path 33.7), 6.7 at 4096^2 (1.94x), 32.7
+at 8192 -> 28672 (3.27x). That main loop has 2.24 SASS instructions per weight, about 0.45 of
+them register moves that ptxas adds to place the LOP3 results in the MMA operand registers: the
+kernel is bound by instruction issue, as W2A16's is, not by its 1 bit per weight; hence the
+byte table.
 
 Shapes: x bf16 with at most 8 rows, K a multiple of 256 (the padded width Kp = K), N of the
 tile's BLOCK_N (64). Everything else goes to :func:`lowbit.codegen.triton.codebook.codebook_gemv`.
@@ -52,13 +61,25 @@ construction in torch; tests/gpu/test_gluon_w2a16.py runs the kernel against flo
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 
 from . import w2a16_gluon as _g
 
 MAX_INDEX_BITS = 12   # table of 2^12 words = 16 KB: with the rings and x within 48 KB
+MAX_BYTE_TABLE_BITS = 11  # byte table of 2^11 x 16 bytes = 32 KB
 VECTOR = 16
+
+
+class CodebookOperands(NamedTuple):
+    """What the kernel reads for one weight (module docstring): int16 indices [N, Kp/16], the
+    table (int32: 2^c sign words, or 4 x 2^c words of bytes when ``byte_table``) and fp32 row
+    scales [N]."""
+    indices: torch.Tensor
+    table: torch.Tensor
+    rowscale: torch.Tensor
+    byte_table: bool
 
 
 def table_words(codebook_packed: torch.Tensor, index_bits: int) -> torch.Tensor:
@@ -72,6 +93,37 @@ def table_words(codebook_packed: torch.Tensor, index_bits: int) -> torch.Tensor:
     word = (neg[:, 0::2] << (8 + i)).sum(-1) + (neg[:, 1::2] << (24 + i)).sum(-1)
     word = torch.where(word >= 2**31, word - 2**32, word)
     return word.to(torch.int32)
+
+
+def table_bytes(codebook_packed: torch.Tensor, index_bits: int) -> torch.Tensor:
+    """int32 byte table [4 * 2^c] of lowbit's packed codebook: byte b of word 4c + q is the high
+    byte of bf16 sign(element 4q + b of codeword c): 0x3F for +1, 0xBF for -1 (module docstring)."""
+    from lowbit.codebook import unpack_codebook
+
+    neg = (unpack_codebook(codebook_packed, 1 << index_bits, VECTOR) != 0).to(torch.int64)  # [C, 16]
+    byte = (0x3F | (neg << 7)).reshape(-1, 4, 4)                                              # [C, q, b]
+    word = (byte << (8 * torch.arange(4, dtype=torch.int64, device=neg.device))).sum(-1).reshape(-1)
+    word = torch.where(word >= 2**31, word - 2**32, word)
+    return word.to(torch.int32)
+
+
+def signs_of_byte_table(words: torch.Tensor) -> torch.Tensor:
+    """The byte-table path's pairs replayed in torch: int8 +-1 [C, 16]. Pair i is one PRMT of word
+    i // 2: bytes (0, 1) or (2, 3), each under a low byte 0x80, read as bf16."""
+    w = (words.to(torch.int64) & 0xFFFFFFFF).reshape(-1, 4)
+    out = torch.empty((w.shape[0], VECTOR), dtype=torch.int8, device=w.device)
+    for i in range(8):
+        q, half = divmod(i, 2)
+        for j in range(2):
+            byte = (w[:, q] >> (8 * (2 * half + j))) & 0xFF
+            bits = (byte << 8) | 0x80                                  # the bf16 pattern of the pair's half
+            out[:, 2 * i + j] = _bf16_of_bits(bits).to(torch.int8)
+    return out
+
+
+def _bf16_of_bits(bits: torch.Tensor) -> torch.Tensor:
+    """float32 values of bf16 bit patterns (uint16 in int64)."""
+    return (bits.to(torch.int32) << 16).view(torch.float32)
 
 
 def signs_of_table(words: torch.Tensor) -> torch.Tensor:
@@ -130,32 +182,40 @@ _PREPARED: dict = {}
 
 
 def prepared(indices_packed: torch.Tensor, codebook_packed: torch.Tensor, scales: torch.Tensor,
-             global_scale: torch.Tensor, index_bits: int, padded_width: int):
-    """(int16 indices, table words, row scales) of a weight, computed once and kept while the
-    index tensor lives and none of the four tensors is modified in place (keyed by identity
-    and version counters), so inference converts each weight on its first call only."""
+             global_scale: torch.Tensor, index_bits: int, padded_width: int,
+             byte_table: bool | None = None) -> CodebookOperands:
+    """The :class:`CodebookOperands` of a weight, computed once and kept while the index tensor
+    lives and none of the four tensors is modified in place (keyed by identity and version
+    counters), so inference converts each weight on its first call only. ``byte_table``: the
+    byte table (one PRMT per pair; default where c <= 11) or the sign words (shift + LOP3)."""
+    if byte_table is None:
+        byte_table = index_bits <= MAX_BYTE_TABLE_BITS
     parts = (indices_packed, codebook_packed, scales, global_scale)
     key = id(indices_packed)
     versions = tuple(t._version for t in parts)
     hit = _PREPARED.get(key)
     if hit is not None:
         refs, vers, out = hit
-        if all(r() is t for r, t in zip(refs, parts)) and vers == versions and out[0].shape[1] * VECTOR == padded_width:
+        if all(r() is t for r, t in zip(refs, parts)) and vers == versions and \
+                out.indices.shape[1] * VECTOR == padded_width and out.byte_table == byte_table:
             return out
-    out = (indices_int16(indices_packed, padded_width // VECTOR, index_bits).contiguous(),
-           table_words(codebook_packed, index_bits).contiguous(),
-           row_scales(scales, global_scale).contiguous())
+    if byte_table and index_bits > MAX_BYTE_TABLE_BITS:
+        raise ValueError(f"the byte table holds at most {MAX_BYTE_TABLE_BITS} index bits, got {index_bits}")
+    table = table_bytes if byte_table else table_words
+    out = CodebookOperands(indices_int16(indices_packed, padded_width // VECTOR, index_bits).contiguous(),
+                           table(codebook_packed, index_bits).contiguous(),
+                           row_scales(scales, global_scale).contiguous(), bool(byte_table))
     _PREPARED[key] = (tuple(weakref.ref(t) for t in parts), versions, out)
     weakref.finalize(indices_packed, _PREPARED.pop, key, None)
     return out
 
 
-def codebook_gluon(x: torch.Tensor, indices: torch.Tensor, table: torch.Tensor, rowscale: torch.Tensor,
-                   bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, **config) -> torch.Tensor:
+def codebook_gluon(x: torch.Tensor, operands: CodebookOperands, bias: torch.Tensor | None = None,
+                   out_dtype: torch.dtype | None = None, **config) -> torch.Tensor:
     """``x @ W^T + bias`` for bf16 x [..., K] (at most 16 rows) and a codebook weight in the
-    offline formats of the module docstring: ``indices`` int16 [N, K/16], ``table`` int32 [2^c],
-    ``rowscale`` fp32 [N]. ``config``: the pipelined kernel's keys of
-    :data:`lowbit.codegen.triton.w2a16_gluon.DEFAULTS` (STAGES >= 1)."""
+    offline formats of the module docstring (:func:`prepared`). ``config``: the pipelined
+    kernel's keys of :data:`lowbit.codegen.triton.w2a16_gluon.DEFAULTS` (STAGES >= 1)."""
+    indices, table, rowscale, byte_table = operands
     if not _g.HAVE_GLUON:
         raise RuntimeError("codebook_gluon needs triton.experimental.gluon")
     if x.dtype != torch.bfloat16:
@@ -165,8 +225,9 @@ def codebook_gluon(x: torch.Tensor, indices: torch.Tensor, table: torch.Tensor, 
     if indices.dtype != torch.int16 or table.dtype != torch.int32 or rowscale.dtype != torch.float32:
         raise TypeError(f"expected int16 indices, int32 table words and fp32 row scales, got {indices.dtype}, "
                         f"{table.dtype}, {rowscale.dtype}")
-    c = table.numel().bit_length() - 1
-    if table.numel() != 1 << c or c > MAX_INDEX_BITS or rowscale.numel() != n:
+    words_per_entry = 4 if byte_table else 1
+    c = (table.numel() // words_per_entry).bit_length() - 1
+    if table.numel() != words_per_entry << c or c > MAX_INDEX_BITS or rowscale.numel() != n:
         raise ValueError(f"table of {table.numel()} words (a power of two up to 2^{MAX_INDEX_BITS}) and "
                          f"{rowscale.numel()} row scales for {n} rows")
     if mv * VECTOR != k:
@@ -203,9 +264,9 @@ def codebook_gluon(x: torch.Tensor, indices: torch.Tensor, table: torch.Tensor, 
     else:
         ws, cnt = y, rowscale  # unused
     has_bias = bias is not None
-    consts = dict(constexprs, CB=True, TAB_N=1 << c)
+    consts = dict(constexprs, CB=True, TAB_N=table.numel(), TAB_BYTES=bool(byte_table))
     _g._launch_pipe(plan["G"], (x32, idx, table, rowscale, bias if has_bias else rowscale, y, ws, cnt,
                                 m, n, k, x32.stride(0), y.stride(0)),
                     dict(HALF=False, HAS_BIAS=has_bias, SWN=idx.stride(0), SSN=0, **consts), nw, bool(cfg["PDL"]),
-                    ("codebook", c, m, n, k, config_key, has_bias, idx.stride(0)))
+                    ("codebook", c, bool(byte_table), m, n, k, config_key, has_bias, idx.stride(0)))
     return y.reshape(*lead, n)

@@ -687,12 +687,55 @@ if HAVE_GLUON:
             }""", constraints="=r,r", args=[byte_off], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
+    def _ld_shared_v4(byte_off):
+        """The four int32 at byte ``byte_off`` (16-byte aligned) of the dynamic shared memory."""
+        return gl.inline_asm_elementwise(
+            asm="""{
+            .reg .u32 a;
+            mov.u32 a, global_smem;
+            add.u32 a, a, $4;
+            ld.shared.v4.b32 {$0, $1, $2, $3}, [a];
+            }""", constraints="=r,=r,=r,=r,r", args=[byte_off], dtype=(gl.int32, gl.int32, gl.int32, gl.int32),
+            is_pure=False, pack=1)
+
+    _BYTE_PAIR_LO = gl.constexpr("""{
+            .reg .b32 c, t;
+            mov.b32 c, 0x80808080;
+            prmt.b32 t, $2, c, 0x1404;
+            mov.b32 {$0, $1}, t;
+            }""")
+    _BYTE_PAIR_HI = gl.constexpr("""{
+            .reg .b32 c, t;
+            mov.b32 c, 0x80808080;
+            prmt.b32 t, $2, c, 0x3424;
+            mov.b32 {$0, $1}, t;
+            }""")
+
+    @gluon.jit
+    def _byte_pair(w, HI: gl.constexpr):
+        """[.., 2] bf16 of bytes 0, 1 (``HI``: 2, 3) of w, each the high byte of bf16 +-1 (0x3F or
+        0xBF), under the low byte 0x80: one PRMT."""
+        if HI:
+            asm: gl.constexpr = _BYTE_PAIR_HI
+        else:
+            asm: gl.constexpr = _BYTE_PAIR_LO
+        lo, hi = gl.inline_asm_elementwise(asm=asm, constraints="=h,=h,r", args=[w],
+                                           dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+        return gl.join(lo, hi)
+
+    @gluon.jit
     def _cb_step(acc, idx, xu, TAB_OFF: gl.constexpr, BLOCK_N: gl.constexpr, MP: gl.constexpr,
-                 AL: gl.constexpr, BL: gl.constexpr):
+                 AL: gl.constexpr, BL: gl.constexpr, BYTES: gl.constexpr = False):
         """acc + one mma_v2 over the 4 vectors (one per lane t) whose codebook indices are idx
         [BLOCK_N, 4]: each index's table word T (bit 8 + i: sign of element 2i, bit 24 + i: of
         element 2i + 1) is read from shared memory, and pair i is ``T << (7 - i)`` made into
         bf16 +-1 by one LOP3."""
+        if BYTES:
+            # byte table: 16 bytes per codeword, byte e = high byte of bf16 sign(e) (one PRMT per pair)
+            q0, q1, q2, q3 = _ld_shared_v4(idx.to(gl.int32) * 16 + TAB_OFF)
+            return _mma_pairs(acc, _byte_pair(q0, False), _byte_pair(q0, True), _byte_pair(q1, False),
+                              _byte_pair(q1, True), _byte_pair(q2, False), _byte_pair(q2, True),
+                              _byte_pair(q3, False), _byte_pair(q3, True), xu, BLOCK_N, MP, AL, BL)
         t = _ld_shared(idx.to(gl.int32) * 4 + TAB_OFF)
         p0 = _sign_pair(t << 7)
         p1 = _sign_pair(t << 6)
@@ -706,16 +749,17 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _cb_tile_pipe(acc, w, xt, TAB_OFF: gl.constexpr, BLOCK_N: gl.constexpr, MP: gl.constexpr,
-                      XR: gl.constexpr, XSL: gl.constexpr, X4: gl.constexpr, AL: gl.constexpr, BL: gl.constexpr):
+                      XR: gl.constexpr, XSL: gl.constexpr, X4: gl.constexpr, AL: gl.constexpr, BL: gl.constexpr,
+                      BYTES: gl.constexpr):
         """The codebook tile: int16 indices w [BLOCK_N, 16] (vector g = 4t + u of the tile), x
         read per column u from the staged shared tile ``xt`` as in ``_tile_pipe``."""
         we, wo = gl.split(gl.reshape(w, [BLOCK_N, 4, 2, 2]))
         w0, w2 = gl.split(we)
         w1, w3 = gl.split(wo)
-        acc = _cb_step(acc, w0, _x_u(xt, 0, MP, XR, XSL, X4), TAB_OFF, BLOCK_N, MP, AL, BL)
-        acc = _cb_step(acc, w1, _x_u(xt, 1, MP, XR, XSL, X4), TAB_OFF, BLOCK_N, MP, AL, BL)
-        acc = _cb_step(acc, w2, _x_u(xt, 2, MP, XR, XSL, X4), TAB_OFF, BLOCK_N, MP, AL, BL)
-        acc = _cb_step(acc, w3, _x_u(xt, 3, MP, XR, XSL, X4), TAB_OFF, BLOCK_N, MP, AL, BL)
+        acc = _cb_step(acc, w0, _x_u(xt, 0, MP, XR, XSL, X4), TAB_OFF, BLOCK_N, MP, AL, BL, BYTES)
+        acc = _cb_step(acc, w1, _x_u(xt, 1, MP, XR, XSL, X4), TAB_OFF, BLOCK_N, MP, AL, BL, BYTES)
+        acc = _cb_step(acc, w2, _x_u(xt, 2, MP, XR, XSL, X4), TAB_OFF, BLOCK_N, MP, AL, BL, BYTES)
+        acc = _cb_step(acc, w3, _x_u(xt, 3, MP, XR, XSL, X4), TAB_OFF, BLOCK_N, MP, AL, BL, BYTES)
         return acc
 
     @gluon.jit
@@ -818,6 +862,7 @@ if HAVE_GLUON:
         WL: gl.constexpr, SL: gl.constexpr, XSL: gl.constexpr, X4: gl.constexpr, XCL: gl.constexpr,
         WSH: gl.constexpr, XSH: gl.constexpr, XSH2: gl.constexpr, MMA: gl.constexpr, AL: gl.constexpr,
         BL: gl.constexpr, CB: gl.constexpr = False, TAB_OFF: gl.constexpr = 0, TAB_N: gl.constexpr = 0,
+        TAB_BYTES: gl.constexpr = False,
     ):
         """Pipelined variant (module docstring): program ``pid`` computes work item pid (row block
         ``pid // SPLIT_K``, K share ``pid % SPLIT_K`` of TPI tiles); its words and scale words go
@@ -889,7 +934,8 @@ if HAVE_GLUON:
             if (pid % SPLIT_K) * TPI + j < tiles:
                 w = w_ring.index(slot).load(WL)
                 if CB:
-                    acc = _cb_tile_pipe(acc, w, x_tiles.index(j), TAB_OFF, BLOCK_N, MP, XR, XSL, X4, AL, BL)
+                    acc = _cb_tile_pipe(acc, w, x_tiles.index(j), TAB_OFF, BLOCK_N, MP, XR, XSL, X4, AL, BL,
+                                        TAB_BYTES)
                 else:
                     sw = s_ring.index(slot).load(SL)
                     acc = _tile_pipe(acc, w, sw, x_tiles.index(j), HALF, BLOCK_N, MP, XR, XSL, X4, AL, BL)
@@ -985,7 +1031,7 @@ def _pipe_launch_plan(m: int, n: int, k: int, config: tuple, defaults: tuple):
     constexprs = dict(
         BLOCK_N=bn, MP=mp, SPLIT_K=cfg["SPLIT_K"], TPI=plan["TPI"], STAGES=cfg["STAGES"], XR=plan["XR"],
         XT=plan["XT"], PDL=bool(cfg["PDL"]), WL=w_l, SL=s_l, XSL=xs_l, X4=x4_l, XCL=xc_l, WSH=flat, XSH=xsw,
-        XSH2=xsw2, MMA=mma, AL=a_l, BL=b_l, CB=False, TAB_OFF=0, TAB_N=0)
+        XSH2=xsw2, MMA=mma, AL=a_l, BL=b_l, CB=False, TAB_OFF=0, TAB_N=0, TAB_BYTES=False)
     return cfg, plan, constexprs
 
 
@@ -1002,30 +1048,33 @@ def _specialization(a) -> tuple:
     return (a == 1, a % 16 == 0, -2**31 <= a < 2**31)
 
 
-SHARED_NO_OPT_IN = 48 * 1024  # dynamic shared memory a kernel may use without the opt-in attribute
-
-
 def _compile_codebook(args: tuple, constexprs: dict, num_warps: int, pdl: bool):
     """Compile the pipelined kernel in codebook mode (``CB``) without launching it, with its
     table placed past all of Triton's shared memory: a first build (``TAB_OFF=0``) gives
     Triton's own size, a second puts the table at that offset (rounded to 16 bytes; the table
     is reached through inline PTX only, so the two builds allocate the same), and the compiled
-    kernel's launch size is raised to cover the table. Returns (compiled kernel, TAB_OFF)."""
+    kernel's shared-memory size is raised to cover the table before its first load (so that
+    Triton's loader also opts in to more than 48 KB where needed, and every launch reserves it).
+    Returns (compiled kernel, TAB_OFF)."""
     first = _w2a16_pipe_kernel.warmup(*args, **{**constexprs, "TAB_OFF": 0}, grid=(1,), num_warps=num_warps,
                                       launch_pdl=pdl)
     off = -(-first.metadata.shared // 16) * 16
+    total = off + 4 * constexprs["TAB_N"]
+    if total > SMEM_LIMIT:
+        raise ValueError(f"codebook Gluon kernel: {total} bytes of shared memory with the table (> {SMEM_LIMIT})")
     compiled = _w2a16_pipe_kernel.warmup(*args, **{**constexprs, "TAB_OFF": off}, grid=(1,),
                                          num_warps=num_warps, launch_pdl=pdl)
-    total = off + 4 * constexprs["TAB_N"]
+    if getattr(compiled, "_lowbit_table_shared", None) == total:
+        return compiled, off  # the same build, reserved already (another grid or argument key)
     packed = getattr(compiled, "packed_metadata", None)
-    if compiled.metadata.shared != first.metadata.shared or not (
-            isinstance(packed, tuple) and len(packed) == 3 and packed[2] in (compiled.metadata.shared, total)):
-        raise RuntimeError("codebook Gluon kernel: this Triton version's launch metadata is not the expected "
-                           "(num_warps, num_ctas, shared); the table cannot be placed")
-    if total > SHARED_NO_OPT_IN:
-        raise ValueError(f"codebook Gluon kernel: {total} bytes of shared memory with the table "
-                         f"(> {SHARED_NO_OPT_IN}); use a smaller BLOCK_N / SPLIT_K or fewer index bits")
+    if compiled.metadata.shared != first.metadata.shared or getattr(compiled, "module", 0) is not None or not (
+            isinstance(packed, tuple) and len(packed) == 3 and packed[2] == compiled.metadata.shared):
+        raise RuntimeError("codebook Gluon kernel: this Triton version's compiled-kernel metadata is not the "
+                           "expected one (an unloaded kernel, (num_warps, num_ctas, shared)); the table cannot "
+                           "be placed")
+    compiled.metadata = compiled.metadata._replace(shared=total)
     compiled.packed_metadata = (packed[0], packed[1], total)
+    compiled._lowbit_table_shared = total
     return compiled, off
 
 

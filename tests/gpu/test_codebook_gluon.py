@@ -50,6 +50,9 @@ def _weight(n, k, c, seed):
     (1, 4096, 4096, 11, True, dict(STAGES=3)),
     (4, 4096, 4096, 11, False, dict(PDL=True)),
     (12, 1024, 1024, 11, False, dict(MP=16)),
+    (1, 8192, 8192, 11, False, dict(BYTE_TABLE=False)),
+    (3, 4096, 4096, 11, True, dict(BYTE_TABLE=False, BLOCK_N=128)),
+    (2, 2048, 2048, 5, True, {}),                        # a byte table smaller than one load's layout
 ])
 def test_codebook_gluon_against_float64(m, n, k, c, bias, config):
     idx, cb, sc, gs = _weight(n, k, c, seed=m + n + c)
@@ -58,10 +61,12 @@ def test_codebook_gluon_against_float64(m, n, k, c, bias, config):
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     ref = x.double() @ w.double().T + (b.double() if bias else 0)
     del w
-    idx16, table, rowscale = cg.prepared(idx, cb, sc, gs, c, k)
-    y = cg.codebook_gluon(x, idx16, table, rowscale, b, out_dtype=torch.float32, **config)
+    config = dict(config)
+    ops = cg.prepared(idx, cb, sc, gs, c, k, config.pop("BYTE_TABLE", None))
+    assert ops.byte_table == (c <= 11 and ops.table.numel() == 4 << c)
+    y = cg.codebook_gluon(x, ops, b, out_dtype=torch.float32, **config)
     assert rel_error(y, ref) < 1e-5
-    y2 = cg.codebook_gluon(x, idx16, table, rowscale, b, out_dtype=torch.float32, **config)
+    y2 = cg.codebook_gluon(x, ops, b, out_dtype=torch.float32, **config)
     assert torch.equal(y, y2)  # the split-K counters were left at zero, same order of sums
 
 
@@ -76,7 +81,9 @@ def test_codebook_gemv_routes_bf16_decode_to_gluon():
     assert cg.unsupported(x.half(), idx, c, k) is not None
     assert cg.unsupported(torch.randn(9, k, device=DEV, dtype=torch.bfloat16), idx, c, k) is not None
     y = kc.codebook_gemv(x, idx, cb, sc, gs, None, c, k)
-    assert torch.equal(y, cg.codebook_gluon(x, *cg.prepared(idx, cb, sc, gs, c, k)))
+    assert torch.equal(y, cg.codebook_gluon(x, cg.prepared(idx, cb, sc, gs, c, k)))
+    words = kc.codebook_gemv(x, idx, cb, sc, gs, None, c, k, out_dtype=torch.float32, BYTE_TABLE=False)
+    assert torch.equal(words, kc.codebook_gemv(x, idx, cb, sc, gs, None, c, k, out_dtype=torch.float32))  # same sums
     assert torch.equal(torch.ops.lowbit.codebook_linear(x, idx, cb, sc, gs, None, 16, c, k, "e4m3"), y)
     w = dequantize_codebook_weight(idx, cb, sc, gs, 16, c, k, "e4m3")
     assert rel_error(y.float(), x.double() @ w.double().T) < 1e-2
@@ -89,15 +96,15 @@ def test_codebook_gluon_in_a_cuda_graph():
     a = cg.prepared(*_weight(n, k, c, seed=11), c, k)
     b = cg.prepared(*_weight(n, k, c, seed=12), c, k)
     x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
-    eager = cg.codebook_gluon(cg.codebook_gluon(x, *a), *b)
+    eager = cg.codebook_gluon(cg.codebook_gluon(x, a), b)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        cg.codebook_gluon(cg.codebook_gluon(x, *a), *b)
+        cg.codebook_gluon(cg.codebook_gluon(x, a), b)
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = cg.codebook_gluon(cg.codebook_gluon(x, *a), *b)
+        out = cg.codebook_gluon(cg.codebook_gluon(x, a), b)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
