@@ -343,10 +343,10 @@ CODEBOOK_VARIANTS = [_DEC, _V8, dict(_DEC, BLOCK_V=4), dict(_V8, SPLIT_K=8), dic
 # so wider row blocks run with TABLE="global"
 _TAB = dict(path="table")
 # the Gluon W2A16 pipeline in codebook mode (codegen/triton/codebook_gluon.py): defaults BLOCK_N=64, SPLIT_K 8 up
-# to 64 row blocks and 4 above, STAGES=2 (a cp.async ring of two tiles), the byte table in shared memory
-# (c <= 11; BYTE_TABLE=False: the 4-byte sign words, shift + LOP3 per pair)
+# to 64 row blocks and 4 above, STAGES=2 (a cp.async ring of two tiles), the 4-byte sign words in shared
+# memory (shift + LOP3 per pair; BYTE_TABLE=True: 16 bytes per codeword, one PRMT per pair, slower)
 _GLU = dict(path="gluon")
-CODEBOOK_GLUON_VARIANTS = [dict(_GLU, BYTE_TABLE=False), dict(_GLU, BYTE_TABLE=False, BLOCK_N=128),
+CODEBOOK_GLUON_VARIANTS = [dict(_GLU, BYTE_TABLE=True), dict(_GLU, BYTE_TABLE=True, BLOCK_N=128),
                            dict(_GLU, BLOCK_N=128), dict(_GLU, SPLIT_K=8), dict(_GLU, SPLIT_K=2),
                            dict(_GLU, STAGES=3), dict(_GLU, BLOCK_N=128, SPLIT_K=8), dict(_GLU, SPLIT_K=16),
                            dict(_GLU, BLOCK_N=256, num_warps=8), dict(_GLU, STAGES=4, SPLIT_K=8)]

@@ -28,13 +28,15 @@ Offline formats (computed once per weight, :func:`prepared`)
   ``x[16 m + 2i : 16 m + 2i + 2]``, exactly as pair i of a W2A16 word does. Cost per vector: a
   sign extension, an address, one shared-memory load, 7 shifts and 8 LOP3 (about one
   instruction per weight).
-* byte table (the default for c <= 11): int32 ``[4 * 2^c]``, 16 bytes per codeword; byte b of
+* byte table (an option, ``byte_table=True``, c <= 11; slower, below): int32 ``[4 * 2^c]``, 16 bytes per codeword; byte b of
   word 4c + q is the high byte of bf16 ``sign(element 4q + b)``: 0x3F or 0xBF. One 16-byte
   shared-memory load per vector, and pair i is one PRMT of word i // 2 that puts bytes (0, 1)
   or (2, 3) under low bytes 0x80 (bf16 +-1 is 0x3F80 / 0xBF80): half an instruction per
   weight, no shifts. Its main loop has 1.48 SASS instructions per weight against 2.24 for the
   sign words (Triton 3.6, sm_90, K = N = 8192, default tiles), at the price of 32 KB of shared
-  memory and more bank conflicts on the random 16-byte loads.
+  memory and more bank conflicts on the random 16-byte loads, and those cost more than the
+  instructions saved: on the H200 (same run, M=1) 17.5 us against 13.2 at 8192^2, 8.2 against
+  6.7 at 4096^2, 56.5 against 32.7 at 8192 -> 28672.
 * row scales: fp32 ``[N]`` (``rowscale`` above), applied to the accumulator.
 
 The table lives in shared memory: each program copies it there once (32 KB for the byte
@@ -50,8 +52,9 @@ Measured on an H200 (2026-12-01, ``python bench/kernels.py --suites codebook --v
 K = N = 8192 (cuBLAS bf16 33.3: 2.54x; the Triton table path 33.7), 6.7 at 4096^2 (1.94x), 32.7
 at 8192 -> 28672 (3.27x). That main loop has 2.24 SASS instructions per weight, about 0.45 of
 them register moves that ptxas adds to place the LOP3 results in the MMA operand registers: the
-kernel is bound by instruction issue, as W2A16's is, not by its 1 bit per weight; hence the
-byte table.
+kernel is bound by instruction issue, as W2A16's is, not by its 1 bit per weight. The byte
+table removes a third of the instructions but its random 16-byte shared-memory loads conflict
+on more banks, and it is slower.
 
 Shapes: x bf16 with at most 8 rows, K a multiple of 256 (the padded width Kp = K), N of the
 tile's BLOCK_N (64). Everything else goes to :func:`lowbit.codegen.triton.codebook.codebook_gemv`.
@@ -68,7 +71,7 @@ import torch
 from . import w2a16_gluon as _g
 
 MAX_INDEX_BITS = 12   # table of 2^12 words = 16 KB: with the rings and x within 48 KB
-MAX_BYTE_TABLE_BITS = 11  # byte table of 2^11 x 16 bytes = 32 KB
+MAX_BYTE_TABLE_BITS = 11  # byte table of 2^11 x 16 bytes = 32 KB (an option: slower, see the docstring)
 VECTOR = 16
 
 
@@ -187,9 +190,9 @@ def prepared(indices_packed: torch.Tensor, codebook_packed: torch.Tensor, scales
     """The :class:`CodebookOperands` of a weight, computed once and kept while the index tensor
     lives and none of the four tensors is modified in place (keyed by identity and version
     counters), so inference converts each weight on its first call only. ``byte_table``: the
-    byte table (one PRMT per pair; default where c <= 11) or the sign words (shift + LOP3)."""
-    if byte_table is None:
-        byte_table = index_bits <= MAX_BYTE_TABLE_BITS
+    byte table (one PRMT per pair, c <= 11; measured slower) instead of the sign words (shift +
+    LOP3; the default)."""
+    byte_table = bool(byte_table)
     parts = (indices_packed, codebook_packed, scales, global_scale)
     key = id(indices_packed)
     versions = tuple(t._version for t in parts)

@@ -50,9 +50,10 @@ def _weight(n, k, c, seed):
     (1, 4096, 4096, 11, True, dict(STAGES=3)),
     (4, 4096, 4096, 11, False, dict(PDL=True)),
     (12, 1024, 1024, 11, False, dict(MP=16)),
-    (1, 8192, 8192, 11, False, dict(BYTE_TABLE=False)),
-    (3, 4096, 4096, 11, True, dict(BYTE_TABLE=False, BLOCK_N=128)),
-    (2, 2048, 2048, 5, True, {}),                        # a byte table smaller than one load's layout
+    (1, 8192, 8192, 11, False, dict(BYTE_TABLE=True)),
+    (3, 4096, 4096, 11, True, dict(BYTE_TABLE=True, BLOCK_N=128)),
+    (8, 4096, 8192, 11, False, dict(BYTE_TABLE=True)),    # x of 8 rows + the byte table: over 48 KB
+    (2, 2048, 2048, 5, True, dict(BYTE_TABLE=True)),      # a byte table smaller than one load's layout
 ])
 def test_codebook_gluon_against_float64(m, n, k, c, bias, config):
     idx, cb, sc, gs = _weight(n, k, c, seed=m + n + c)
@@ -62,8 +63,9 @@ def test_codebook_gluon_against_float64(m, n, k, c, bias, config):
     ref = x.double() @ w.double().T + (b.double() if bias else 0)
     del w
     config = dict(config)
-    ops = cg.prepared(idx, cb, sc, gs, c, k, config.pop("BYTE_TABLE", None))
-    assert ops.byte_table == (c <= 11 and ops.table.numel() == 4 << c)
+    byte_table = config.pop("BYTE_TABLE", False)
+    ops = cg.prepared(idx, cb, sc, gs, c, k, byte_table)
+    assert ops.byte_table == byte_table and ops.table.numel() == (4 if byte_table else 1) << c
     y = cg.codebook_gluon(x, ops, b, out_dtype=torch.float32, **config)
     assert rel_error(y, ref) < 1e-5
     y2 = cg.codebook_gluon(x, ops, b, out_dtype=torch.float32, **config)
@@ -82,8 +84,8 @@ def test_codebook_gemv_routes_bf16_decode_to_gluon():
     assert cg.unsupported(torch.randn(9, k, device=DEV, dtype=torch.bfloat16), idx, c, k) is not None
     y = kc.codebook_gemv(x, idx, cb, sc, gs, None, c, k)
     assert torch.equal(y, cg.codebook_gluon(x, cg.prepared(idx, cb, sc, gs, c, k)))
-    words = kc.codebook_gemv(x, idx, cb, sc, gs, None, c, k, out_dtype=torch.float32, BYTE_TABLE=False)
-    assert torch.equal(words, kc.codebook_gemv(x, idx, cb, sc, gs, None, c, k, out_dtype=torch.float32))  # same sums
+    byte_table = kc.codebook_gemv(x, idx, cb, sc, gs, None, c, k, out_dtype=torch.float32, BYTE_TABLE=True)
+    assert torch.equal(byte_table, kc.codebook_gemv(x, idx, cb, sc, gs, None, c, k, out_dtype=torch.float32))
     assert torch.equal(torch.ops.lowbit.codebook_linear(x, idx, cb, sc, gs, None, 16, c, k, "e4m3"), y)
     w = dequantize_codebook_weight(idx, cb, sc, gs, 16, c, k, "e4m3")
     assert rel_error(y.float(), x.double() @ w.double().T) < 1e-2
