@@ -236,12 +236,7 @@ def codebook_gluon(x: torch.Tensor, operands: CodebookOperands, bias: torch.Tens
     if mv * VECTOR != k:
         raise ValueError(f"indices cover {mv * VECTOR} columns, x has {k}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    if m > 16:
-        raise ValueError(f"the Gluon kernel handles M <= 16 rows, got {m}")
+    x2, m = _g._x_rows(x)
     out_dtype = out_dtype or x.dtype
     if m == 0:
         return x.new_empty((*lead, n), dtype=out_dtype)
@@ -259,13 +254,7 @@ def codebook_gluon(x: torch.Tensor, operands: CodebookOperands, bias: torch.Tens
         raise ValueError("the indices need 16-byte aligned rows")
     x32 = x2.view(torch.int32)
     y = torch.empty((m, n), device=x.device, dtype=out_dtype)
-    if split > 1:
-        from .w2a16 import _tile_counters
-
-        ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
-        cnt = _tile_counters(x.device, n // bn)
-    else:
-        ws, cnt = y, rowscale  # unused
+    ws, cnt = _g._split_k_buffers(y, split, bn, rowscale)
     has_bias = bias is not None
     consts = dict(constexprs, CB=True, TAB_N=table.numel(), TAB_BYTES=bool(byte_table))
     _g._launch_pipe(plan["G"], (x32, idx, table, rowscale, bias if has_bias else rowscale, y, ws, cnt,

@@ -698,18 +698,15 @@ if HAVE_GLUON:
             }""", constraints="=r,=r,=r,=r,r", args=[byte_off], dtype=(gl.int32, gl.int32, gl.int32, gl.int32),
             is_pure=False, pack=1)
 
-    _BYTE_PAIR_LO = gl.constexpr("""{
+    _BYTE_PAIR_ASM = """{
             .reg .b32 c, t;
             mov.b32 c, 0x80808080;
-            prmt.b32 t, $2, c, 0x1404;
+            prmt.b32 t, $2, c, SELECTOR;
             mov.b32 {$0, $1}, t;
-            }""")
-    _BYTE_PAIR_HI = gl.constexpr("""{
-            .reg .b32 c, t;
-            mov.b32 c, 0x80808080;
-            prmt.b32 t, $2, c, 0x3424;
-            mov.b32 {$0, $1}, t;
-            }""")
+            }"""
+    # output bytes (low first): c's 0x80, w's byte 0 / 2, c's 0x80, w's byte 1 / 3
+    _BYTE_PAIR_LO = gl.constexpr(_BYTE_PAIR_ASM.replace("SELECTOR", "0x1404"))
+    _BYTE_PAIR_HI = gl.constexpr(_BYTE_PAIR_ASM.replace("SELECTOR", "0x3424"))
 
     @gluon.jit
     def _byte_pair(w, HI: gl.constexpr):
@@ -876,7 +873,8 @@ if HAVE_GLUON:
         codebook indices [N, K/16] (one per vector of 16 weights, in the words' places), ``s_ptr``
         the int32 table words [TAB_N], copied once to bytes ``TAB_OFF ..`` of the dynamic shared
         memory (past Triton's own, reserved by the launcher), ``g_ptr`` fp32 per-row scales;
-        no scale ring."""
+        no scale ring. ``TAB_BYTES``: the table holds 16 bytes per codeword (one PRMT per pair)
+        instead of one sign word (shift + LOP3)."""
         pid = gl.program_id(0)
         tiles = K // 256
         if CB:
@@ -1118,6 +1116,27 @@ def _cached_pipe_layouts(block_n, mp, xr, xt, num_warps):
     return _pipe_layouts(block_n, mp, xr, xt, num_warps)
 
 
+def _x_rows(x: torch.Tensor):
+    """(x as [M, K] rows the kernels read: unit stride, 16-byte aligned rows; M), M <= 16."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
+        x2 = x2.contiguous()
+    if x2.shape[0] > 16:
+        raise ValueError(f"the Gluon kernel handles M <= 16 rows, got {x2.shape[0]}")
+    return x2, x2.shape[0]
+
+
+def _split_k_buffers(y: torch.Tensor, split: int, block_n: int, unused: torch.Tensor):
+    """(fp32 partials [split, M, N], arrival counters per row block) of the serial split-K
+    reduction; with one split the kernel reads neither (placeholders)."""
+    if split == 1:
+        return y, unused
+    from lowbit.codegen.triton.w2a16 import _tile_counters
+
+    m, n = y.shape
+    return torch.empty((split, m, n), device=y.device, dtype=torch.float32), _tile_counters(y.device, n // block_n)
+
+
 def w2a16_gluon(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor,
                 bias: torch.Tensor | None = None, grid: str = "int", out_dtype: torch.dtype | None = None,
                 **config) -> torch.Tensor:
@@ -1150,12 +1169,7 @@ def w2a16_gluon(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, glo
         raise TypeError(f"expected E4M3 group scales, got {scales.dtype}")
     k = x.shape[-1]
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    if m > 16:
-        raise ValueError(f"the Gluon kernel handles M <= 16 rows, got {m}")
+    x2, m = _x_rows(x)
     out_dtype = out_dtype or x.dtype
     if m == 0:
         return x.new_empty((*lead, n), dtype=out_dtype)
@@ -1176,13 +1190,7 @@ def w2a16_gluon(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, glo
     x32 = x2.view(torch.int32)                      # bf16 pairs
     g = global_scale.reshape(1).float()
     y = torch.empty((m, n), device=x.device, dtype=out_dtype)
-    if split > 1:
-        from lowbit.codegen.triton.w2a16 import _tile_counters
-
-        ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
-        cnt = _tile_counters(x.device, n // bn)
-    else:
-        ws, cnt = y, g  # unused
+    ws, cnt = _split_k_buffers(y, split, bn, g)
     if plan is not None:
         half, has_bias, swn, ssn = grid == "half", bias is not None, words.stride(0), s32.stride(0)
         _launch_pipe(plan["G"], (x32, words, s32, g, bias if has_bias else g, y, ws, cnt,
