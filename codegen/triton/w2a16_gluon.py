@@ -647,19 +647,17 @@ if HAVE_GLUON:
         return acc
 
     # codebook mode (``CB``; lowbit.codegen.triton.codebook_gluon's docstring)
-    _SIGN_PAIR_ASM = gl.constexpr("""{
-            .reg .b32 t;
-            lop3.b32 t, $2, 0x80008000, 0x3F803F80, 0xEA;
-            mov.b32 {$0, $1}, t;
-            }""")
-
     @gluon.jit
     def _sign_pair(v):
         """[.., 2] bf16 ``{+-1, +-1}`` with the signs of bits 15 and 31 of v (one LOP3:
-        ``v & 0x80008000 | 0x3F803F80``, the bits of bf16 1.0 under each sign)."""
-        lo, hi = gl.inline_asm_elementwise(asm=_SIGN_PAIR_ASM, constraints="=h,=h,r", args=[v],
-                                           dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
-        return gl.join(lo, hi)
+        ``v & 0x80008000 | 0x3F803F80``, the bits of bf16 1.0 under each sign). The asm packs two
+        bf16 per 32-bit result (``pack=2``, element 0 in the low half), so the LOP3 writes the MMA
+        operand register itself: splitting it into 16-bit halves and joining them again made
+        ptxas add a register move per pair (80 against 18 IMAD.MOV in the kernel; the PTX data
+        flow is the same, checked register for register)."""
+        return gl.inline_asm_elementwise(asm="lop3.b32 $0, $1, 0x80008000, 0x3F803F80, 0xEA;",
+                                         constraints="=r,r,r", args=[gl.join(v, v)], dtype=gl.bfloat16,
+                                         is_pure=True, pack=2)
 
     @gluon.jit
     def _st_shared(byte_off, value):
@@ -699,10 +697,9 @@ if HAVE_GLUON:
             is_pure=False, pack=1)
 
     _BYTE_PAIR_ASM = """{
-            .reg .b32 c, t;
+            .reg .b32 c;
             mov.b32 c, 0x80808080;
-            prmt.b32 t, $2, c, SELECTOR;
-            mov.b32 {$0, $1}, t;
+            prmt.b32 $0, $1, c, SELECTOR;
             }"""
     # output bytes (low first): c's 0x80, w's byte 0 / 2, c's 0x80, w's byte 1 / 3
     _BYTE_PAIR_LO = gl.constexpr(_BYTE_PAIR_ASM.replace("SELECTOR", "0x1404"))
@@ -716,9 +713,8 @@ if HAVE_GLUON:
             asm: gl.constexpr = _BYTE_PAIR_HI
         else:
             asm: gl.constexpr = _BYTE_PAIR_LO
-        lo, hi = gl.inline_asm_elementwise(asm=asm, constraints="=h,=h,r", args=[w],
-                                           dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
-        return gl.join(lo, hi)
+        return gl.inline_asm_elementwise(asm=asm, constraints="=r,r,r", args=[gl.join(w, w)], dtype=gl.bfloat16,
+                                         is_pure=True, pack=2)  # packed as in _sign_pair
 
     @gluon.jit
     def _cb_step(acc, idx, xu, TAB_OFF: gl.constexpr, BLOCK_N: gl.constexpr, MP: gl.constexpr,
