@@ -63,18 +63,17 @@ the GPU).
 Shapes: x bf16 with at most 8 rows, K a multiple of 256 (the padded width Kp = K), N of the
 tile's BLOCK_N (64). Everything else goes to :func:`lowbit.codegen.triton.codebook.codebook_gemv`.
 The CPU tests (tests/test_codebook_gluon.py) check the formats and replay the sign
-construction in torch; tests/gpu/test_gluon_w2a16.py runs the kernel against float64.
+construction in torch; tests/gpu/test_codebook_gluon.py runs the kernel against float64.
 """
 from __future__ import annotations
 
-import weakref
 from typing import NamedTuple
 
 import torch
 
 from . import w2a16_gluon as _g
 
-MAX_INDEX_BITS = 12   # table of 2^12 words = 16 KB: with the rings and x within 48 KB
+MAX_INDEX_BITS = 12   # table of 2^12 words = 16 KB
 MAX_BYTE_TABLE_BITS = 11  # byte table of 2^11 x 16 bytes = 32 KB (an option: slower, see the docstring)
 VECTOR = 16
 
@@ -155,27 +154,20 @@ def indices_int16(indices_packed: torch.Tensor, vectors: int, index_bits: int) -
 
 
 def row_scales(scales: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
-    """fp32 [N]: ``0.5 * fp32(e4m3 S[n]) * global`` (per-row E4M3 scales [N, 1])."""
-    return (scales.reshape(-1).float() * global_scale.reshape(1).float()) * 0.5
+    """fp32 [N]: ``0.5 * fp32(e4m3 S[n]) * global`` (per-row E4M3 scales [N, 1]): half of lowbit's
+    effective scale, the magnitude of a weight on the 1-bit half grid."""
+    from lowbit.formats import effective_scales
+
+    return effective_scales(scales, global_scale).reshape(-1) * 0.5
 
 
 def unsupported(x: torch.Tensor, indices_packed: torch.Tensor, index_bits: int, padded_width: int,
                 max_m: int = _g.MAX_M) -> str | None:
     """Why this codebook call does not take the Gluon kernel, or None (the caller has checked the
     format: v = 16, per-row E4M3 scales)."""
-    from .w2a16 import _interpreting
-
-    if not _g.HAVE_GLUON:
-        return "no triton.experimental.gluon"
-    if _interpreting():
-        return "Triton's interpreter does not run Gluon"
-    if x.device.type != "cuda":
-        return f"{x.device.type} activations (Gluon path: CUDA)"
-    if x.dtype != torch.bfloat16:
-        return f"{x.dtype} activations (Gluon path: bf16)"
-    m = x.numel() // max(x.shape[-1], 1)
-    if m > max_m:
-        return f"{m} rows (Gluon path: at most {max_m})"
+    why = _g.runtime_problem(x) or _g.activation_problem(x, max_m)
+    if why:
+        return why
     n, k = indices_packed.shape[0], x.shape[-1]
     if k % _g.TILE_K or padded_width != k or n % _g.DEFAULTS["BLOCK_N"]:
         return f"K={k} (padded {padded_width}), N={n} (Gluon path: K = Kp a multiple of {_g.TILE_K}, " \
@@ -197,24 +189,15 @@ def prepared(indices_packed: torch.Tensor, codebook_packed: torch.Tensor, scales
     byte table (one PRMT per pair, c <= 11; measured slower) instead of the sign words (shift +
     LOP3; the default)."""
     byte_table = bool(byte_table)
-    parts = (indices_packed, codebook_packed, scales, global_scale)
-    key = id(indices_packed)
-    versions = tuple(t._version for t in parts)
-    hit = _PREPARED.get(key)
-    if hit is not None:
-        refs, vers, out = hit
-        if all(r() is t for r, t in zip(refs, parts)) and vers == versions and \
-                out.indices.shape[1] * VECTOR == padded_width and out.byte_table == byte_table:
-            return out
     if byte_table and index_bits > MAX_BYTE_TABLE_BITS:
         raise ValueError(f"the byte table holds at most {MAX_BYTE_TABLE_BITS} index bits, got {index_bits}")
     table = table_bytes if byte_table else table_words
-    out = CodebookOperands(indices_int16(indices_packed, padded_width // VECTOR, index_bits).contiguous(),
-                           table(codebook_packed, index_bits).contiguous(),
-                           row_scales(scales, global_scale).contiguous(), bool(byte_table))
-    _PREPARED[key] = (tuple(weakref.ref(t) for t in parts), versions, out)
-    weakref.finalize(indices_packed, _PREPARED.pop, key, None)
-    return out
+    return _g.cached_conversion(
+        _PREPARED, (id(indices_packed), index_bits, padded_width, byte_table),
+        (indices_packed, codebook_packed, scales, global_scale),
+        lambda: CodebookOperands(indices_int16(indices_packed, padded_width // VECTOR, index_bits).contiguous(),
+                                 table(codebook_packed, index_bits).contiguous(),
+                                 row_scales(scales, global_scale).contiguous(), byte_table))
 
 
 def codebook_gluon(x: torch.Tensor, operands: CodebookOperands, bias: torch.Tensor | None = None,

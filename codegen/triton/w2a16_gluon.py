@@ -1208,6 +1208,11 @@ def gluon_unsupported(x: torch.Tensor, packed: torch.Tensor, max_m: int = MAX_M)
     """Why ``torch.ops.lowbit.qlinear`` does not route this W2A16 call to the Gluon kernel, or
     None: it takes CUDA bf16 x with at most ``max_m`` rows, K a multiple of 256 and N of the
     default BLOCK_N (the caller has already checked the 2-bit packed format)."""
+    return runtime_problem(x) or _shape_problem(x, packed, max_m)
+
+
+def runtime_problem(x: torch.Tensor) -> str | None:
+    """Why no Gluon kernel can run on x here (no Gluon, Triton's interpreter, not CUDA), or None."""
     from .w2a16 import _interpreting
 
     if not HAVE_GLUON:
@@ -1216,15 +1221,24 @@ def gluon_unsupported(x: torch.Tensor, packed: torch.Tensor, max_m: int = MAX_M)
         return "Triton's interpreter does not run Gluon"
     if x.device.type != "cuda":
         return f"{x.device.type} activations (Gluon path: CUDA)"
-    return _shape_problem(x, packed, max_m)
+    return None
 
 
-def _shape_problem(x: torch.Tensor, packed: torch.Tensor, max_m: int) -> str | None:
+def activation_problem(x: torch.Tensor, max_m: int) -> str | None:
+    """Why the Gluon kernels do not take these activations (not bf16, more than ``max_m`` rows),
+    or None."""
     if x.dtype != torch.bfloat16:
         return f"{x.dtype} activations (Gluon path: bf16)"
     m = x.numel() // max(x.shape[-1], 1)
     if m > max_m:
         return f"{m} rows (Gluon path: at most {max_m})"
+    return None
+
+
+def _shape_problem(x: torch.Tensor, packed: torch.Tensor, max_m: int) -> str | None:
+    why = activation_problem(x, max_m)
+    if why:
+        return why
     n, k = packed.shape[0], x.shape[-1]
     if k % TILE_K or n % DEFAULTS["BLOCK_N"]:
         return f"K={k}, N={n} (Gluon path: K a multiple of {TILE_K}, N of {DEFAULTS['BLOCK_N']})"
@@ -1233,24 +1247,32 @@ def _shape_problem(x: torch.Tensor, packed: torch.Tensor, max_m: int) -> str | N
     return None
 
 
+def cached_conversion(cache: dict, key, sources: tuple, compute):
+    """``compute()`` once per ``key`` while every tensor of ``sources`` lives and none is modified
+    in place (checked through identity and version counters); the entry leaves ``cache`` when
+    the first source is freed. Offline weight conversions use it so that inference converts each
+    weight on its first call only (before any CUDA-graph capture that replays it)."""
+    import weakref
+
+    versions = tuple(t._version for t in sources)
+    hit = cache.get(key)
+    if hit is not None:
+        refs, vers, out = hit
+        if vers == versions and all(r() is t for r, t in zip(refs, sources)):
+            return out
+    out = compute()
+    cache[key] = (tuple(weakref.ref(t) for t in sources), versions, out)
+    weakref.finalize(sources[0], cache.pop, key, None)
+    return out
+
+
 _REPACKED: dict = {}
 
 
 def repacked(packed: torch.Tensor) -> torch.Tensor:
     """:func:`repack_w2a16` of a weight, computed once and kept while that tensor lives and is
-    not modified in place (keyed by the tensor's identity and version counter), so inference
-    repacks each weight on its first call only (before any CUDA-graph capture that replays it)."""
-    import weakref
-
-    key = id(packed)
-    hit = _REPACKED.get(key)
-    if hit is not None:
-        ref, version, words = hit
-        if ref() is packed and version == packed._version:
-            return words
-    words = repack_w2a16(packed)
-    _REPACKED[key] = (weakref.ref(packed, lambda _, k=key: _REPACKED.pop(k, None)), packed._version, words)
-    return words
+    not modified in place (:func:`cached_conversion`, keyed by the tensor's identity)."""
+    return cached_conversion(_REPACKED, id(packed), (packed,), lambda: repack_w2a16(packed))
 
 
 # ----------------------------------------------------------------------------------------
