@@ -89,3 +89,17 @@ def test_unsupported_says_why():
     _, _, idx12, cb12, st12, gs12 = _codebook_weight(64, 256, 12, seed=5)
     with pytest.raises(ValueError, match="at most 11 index bits"):
         cg.prepared(idx12, cb12, st12, gs12, 12, 256, byte_table=True)
+
+
+def test_shape_problem_sends_oversized_k_to_triton():
+    """Codebook mode has no classic-kernel fallback: where the staged share of x cannot fit in
+    one program's shared memory the call must be refused (and so routed to a Triton path)."""
+    assert cg.shape_problem(1, 8192, 8192, 11, 8192) is None
+    assert cg.shape_problem(8, 28672, 8192, 11, 8192) is None
+    # 8 rows of K = 65536 split 4 ways: 8 * 16384 bf16 of x alone are 256 KiB, over the 227 KiB
+    assert 8 * (65536 // 4) * 2 > 227 * 1024
+    why = cg.shape_problem(8, 8192, 65536, 11, 65536)
+    assert why is not None and "shared memory" in why
+    assert cg.shape_problem(1, 8192, 8192, 11, 8448) is not None     # padded width != K
+    assert cg.shape_problem(1, 8160, 8192, 11, 8192) is not None     # N not a multiple of 64
+    assert cg.shape_problem(1, 8192, 8192, 16, 8192) is not None     # too many index bits

@@ -168,12 +168,26 @@ def unsupported(x: torch.Tensor, indices_packed: torch.Tensor, index_bits: int, 
     why = _g.runtime_problem(x) or _g.activation_problem(x, max_m)
     if why:
         return why
-    n, k = indices_packed.shape[0], x.shape[-1]
+    m = x.numel() // max(x.shape[-1], 1)
+    return shape_problem(m, indices_packed.shape[0], x.shape[-1], index_bits, padded_width)
+
+
+def shape_problem(m: int, n: int, k: int, index_bits: int, padded_width: int) -> str | None:
+    """Why an M x K by N x K codebook product does not fit the Gluon kernel's default launch, or
+    None: K = Kp a multiple of 256, N of BLOCK_N, at most :data:`MAX_INDEX_BITS` index bits, and
+    the pipelined plan (a K share of x staged whole, the stage ring and the table) within the
+    shared memory of one program. Codebook mode has no classic-kernel fallback, so a K whose
+    staged x would not fit goes to a Triton path instead."""
     if k % _g.TILE_K or padded_width != k or n % _g.DEFAULTS["BLOCK_N"]:
         return f"K={k} (padded {padded_width}), N={n} (Gluon path: K = Kp a multiple of {_g.TILE_K}, " \
                f"N of {_g.DEFAULTS['BLOCK_N']})"
     if index_bits > MAX_INDEX_BITS:
         return f"{index_bits} index bits (Gluon path: at most {MAX_INDEX_BITS})"
+    cfg, plan, _ = _g._pipe_launch_plan(max(m, 1), n, k, (), tuple(sorted(_g.DEFAULTS.items())))
+    table = 4 << index_bits
+    if plan is None or plan["smem"] + table > _g.SMEM_LIMIT:
+        need = _g.pipe_plan(max(m, 1), n, k, {**cfg, "STAGES": cfg["STAGES"] or _g.DEFAULTS["STAGES"]})["smem"]
+        return f"K={k} at {m} rows: {need + table} bytes of shared memory with the table (> {_g.SMEM_LIMIT})"
     return None
 
 
