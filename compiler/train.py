@@ -690,13 +690,19 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
 
     ``data``: [S, T] token ids (see :func:`training_data`); on resume it is read from the
     checkpoint. ``calibration``: token ids for the recipe's calibrated passes and GPTQ
-    (default: the first rows of ``data``). Returns the trained model with FakeQuantLinear
+    (default: the first rows of ``data``). ``seconds``: stop at the first end-to-end step or
+    block end once this long has passed since the call (preparing the model, GPTQ included,
+    counts), with a checkpoint written there. Returns the trained model with FakeQuantLinear
     sites; :func:`lowbit.freeze` packs it.
     """
     import copy
 
+    # the time limit counts from here: preparing the model (GPTQ, minutes on a real one) uses it too
+    deadline = None if seconds is None else time.monotonic() + seconds
     recipe = get_recipe(recipe)
     config = config or TrainConfig.from_recipe(recipe)
+    if not config.stages:  # a config made by hand: one stage at the recipe's own formats
+        config = replace(config, stages=[recipe_stage(recipe)])
     if stage_formats(recipe, config.stages[-1]) != (recipe.weight, recipe.activation):
         raise ValueError(f"the last stage {config.stages[-1]!r} must be the recipe's formats ({recipe_stage(recipe)})")
     out = Path(out) if out else None
@@ -731,7 +737,7 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
             raise ValueError("finish=True ends a run from its checkpoint: it needs resume=True")
         trainer.finish()
     else:
-        trainer.run(max_steps=max_steps, seconds=seconds)
+        trainer.run(max_steps=max_steps, seconds=None if deadline is None else deadline - time.monotonic())
     student.lowbit_recipe = recipe
     student.lowbit_train_history = trainer.history
     return student

@@ -364,6 +364,29 @@ def test_time_limit_checkpoints_and_finish_ends_at_the_best_evaluation(tmp_path,
         assert m.weight_format == recipe.weight
 
 
+def test_time_limit_counts_the_preparation(tmp_path, monkeypatch):
+    """``seconds`` counts from the call of ``train``: a preparation (GPTQ) that takes longer than
+    the limit leaves no time to train, so the run stops with a checkpoint at its first chance."""
+    import lowbit.train as train_mod
+
+    now = [0.0]
+    real_prepare = train_mod.prepare_qat
+
+    def slow_prepare(*args, **kwargs):
+        now[0] += 1000.0          # the preparation takes 1000 s on this clock
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(train_mod, "prepare_qat", slow_prepare)
+    model = _tiny_llama(1)
+    data = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(3))
+    cfg = TrainConfig(block_steps=1, e2e_steps=4, batch_size=2)
+    student = train(model, "w2a16", data, cfg, out=tmp_path, progress=False, seconds=500)
+    state = json.loads((tmp_path / "state.json").read_text())["state"]
+    assert state["stage"] == 0 and state["phase"] == "block" and state["block"] == 1
+    assert [h["phase"] for h in student.lowbit_train_history] == ["block"]
+
+
 def test_cli_train_and_resume(tmp_path, capsys):
     from lowbit.cli import main
     from lowbit.llama2c import shared_data_dir
