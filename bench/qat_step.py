@@ -6,7 +6,8 @@ A SmolLM2-135M-shaped Llama (built from its config with seeded random weights: t
 step does not depend on the values) is compiled in trainable form (RTN start) and timed:
 
 * ``float step``: forward + backward of the float model in bf16 autocast (a yardstick: what
-  the architecture's arithmetic costs at this batch);
+  the architecture's arithmetic costs at this batch); with ``--compiled-float`` also under
+  ``torch.compile`` (what a compiled training step could gain);
 * ``e2e eager`` / ``e2e graph``: the trainer's end-to-end KL step (teacher forward, student
   forward and backward, clipping, Adam), eagerly and replayed as a CUDA graph
   (``TrainConfig.cuda_graph``); the same for a block-reconstruction step;
@@ -62,6 +63,8 @@ def main(argv=None):
     p.add_argument("--profile-rows", type=int, default=25)
     p.add_argument("--torch-hadamard", action="store_true",
                    help="the Hadamard butterflies as stages in torch instead of the Triton kernel")
+    p.add_argument("--compiled-float", action="store_true",
+                   help="also time the float model's forward + backward under torch.compile")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu: a smoke run of the script (no CUDA graphs, no memory figures)")
     args = p.parse_args(argv)
@@ -91,17 +94,28 @@ def main(argv=None):
     # yardstick: the float model's forward + backward in bf16 autocast
     fmodel = model.to(dev).train()
     ids = data[: args.batch_size].to(dev)
-    times = []
-    for _ in range(args.steps):
-        sync()
-        t0 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = fmodel(ids, use_cache=False).logits.float().logsumexp(-1).mean()
-        loss.backward()
-        sync()
-        times.append(time.perf_counter() - t0)
-    rows["float step (fwd+bwd, bf16)"] = median(times[2:])
-    del fmodel, model, loss
+
+    def float_steps(net):
+        times = []
+        for _ in range(args.steps):
+            sync()
+            t0 = time.perf_counter()
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = net(ids, use_cache=False).logits.float().logsumexp(-1).mean()
+            loss.backward()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return times
+
+    rows["float step (fwd+bwd, bf16)"] = median(float_steps(fmodel)[2:])
+    print(f"float step: {rows['float step (fwd+bwd, bf16)']:.4f} s", flush=True)
+    if args.compiled_float:
+        # what torch.compile makes of the same architecture: the room a compiled training step has
+        times = float_steps(torch.compile(fmodel))
+        rows["float step, torch.compile"] = median(times[2:])
+        print(f"float step under torch.compile: {rows['float step, torch.compile']:.4f} s "
+              f"(first two steps, compilation included: {sum(times[:2]):.0f} s)", flush=True)
+    del fmodel, model
 
     base = TrainConfig(stages=[recipe_stage(recipe)], batch_size=args.batch_size, e2e_steps=args.steps,
                        block_steps=args.steps, warmup=0.05, grad_clip=1.0)
