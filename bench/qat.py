@@ -62,9 +62,12 @@ def probe(trainer: Trainer, steps: int = 10) -> dict:
 
     out = {}
     sync()
+    t0 = time.perf_counter()
     t.train_e2e(0, 0)
     sync()
     out["e2e_step"] = per_step()
+    # the phase's eager warm-up and capture (and, with compile=True, the compilation)
+    out["e2e_warmup"] = t.step_times[GRAPH_WARMUP] - t0
     blocks = block_names(model)
     if blocks:
         t.step_times = []

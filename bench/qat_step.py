@@ -10,7 +10,8 @@ step does not depend on the values) is compiled in trainable form (RTN start) an
   ``torch.compile`` (what a compiled training step could gain);
 * ``e2e eager`` / ``e2e graph``: the trainer's end-to-end KL step (teacher forward, student
   forward and backward, clipping, Adam), eagerly and replayed as a CUDA graph
-  (``TrainConfig.cuda_graph``); the same for a block-reconstruction step;
+  (``TrainConfig.cuda_graph``); the same for a block-reconstruction step; with ``--compile``
+  also with the blocks compiled (``TrainConfig.compile``), eagerly and in a CUDA graph;
 
 then one eager end-to-end step runs under ``torch.profiler`` and the kernels with the most
 GPU time are printed. Times are medians of ``--steps`` steps after warm-up. On CUDA the trainer
@@ -63,6 +64,8 @@ def main(argv=None):
     p.add_argument("--profile-rows", type=int, default=25)
     p.add_argument("--torch-hadamard", action="store_true",
                    help="the Hadamard butterflies as stages in torch instead of the Triton kernel")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the end-to-end step with compiled blocks (TrainConfig.compile), eager and graphed")
     p.add_argument("--compiled-float", action="store_true",
                    help="also time the float model's forward + backward under torch.compile")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -119,12 +122,18 @@ def main(argv=None):
 
     base = TrainConfig(stages=[recipe_stage(recipe)], batch_size=args.batch_size, e2e_steps=args.steps,
                        block_steps=args.steps, warmup=0.05, grad_clip=1.0)
-    for graphed in (False, True) if cuda else (False,):
-        tr = Trainer(student, recipe, replace(base, cuda_graph=graphed), data, progress=False)
+    variants = [(graphed, False) for graphed in ((False, True) if cuda else (False,))]
+    if args.compile:
+        variants += [(graphed, True) for graphed in ((False, True) if cuda else (False,))]
+    for graphed, compiled in variants:
+        tr = Trainer(student, recipe, replace(base, cuda_graph=graphed, compile=compiled), data, progress=False)
         pr = probe(tr, args.steps)  # short phases on a copy of the model
-        name = "graph" if graphed else "eager"
+        name = ("compiled blocks + " if compiled else "") + ("graph" if graphed else "eager")
         rows[f"e2e {name}"] = pr["e2e_step"]
-        rows[f"block {name}"] = pr["block_step"]
+        print(f"e2e {name}: {pr['e2e_step']:.4f} s per step (warm-up{' and compilation' if compiled else ''}: "
+              f"{pr['e2e_warmup']:.1f} s)", flush=True)
+        if not compiled:  # the block phase does not compile
+            rows[f"block {name}"] = pr["block_step"]
         del tr
         if cuda:
             rows[f"peak GiB ({name})"] = torch.cuda.max_memory_allocated() / 2 ** 30

@@ -125,8 +125,6 @@ def cmd_train(args) -> int:
 
     if args.cuda_graph and not str(args.device).startswith("cuda"):
         raise SystemExit(f"--cuda-graph needs --device cuda (got --device {args.device})")
-    if args.cuda_graph and args.compile:
-        raise SystemExit("--cuda-graph and --compile are alternatives: choose one")
     if args.finish and not args.resume:
         raise SystemExit("--finish ends a run from its checkpoint: add --resume")
     model, tokenizer = _load(args.model)
@@ -272,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=0,
                    help="end-to-end steps between held-out evaluations; the phase ends at the best one")
     t.add_argument("--keep-last", action="store_true", help="with --eval-every: end at the last step, not the best")
-    t.add_argument("--compile", action="store_true", help="end-to-end steps through torch.compile")
+    t.add_argument("--compile", action="store_true",
+                   help="end-to-end steps with each block compiled by torch.compile (one compilation serves "
+                        "every block; combines with --cuda-graph)")
     t.add_argument("--cuda-graph", action="store_true",
                    help="replay each phase's training step as one CUDA graph (fewer launches; CUDA only)")
     t.add_argument("--checkpoint-every", type=int, default=0, help="end-to-end steps between checkpoints")

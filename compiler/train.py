@@ -102,7 +102,7 @@ class TrainConfig:
     holdout: int = 0               # sequences at the end of the data kept out of training, to evaluate on
     eval_every: int = 0            # end-to-end steps between held-out KL evaluations (0: none)
     keep_best: bool = True         # with evaluations: end each end-to-end phase at its best held-out KL
-    compile: bool = False          # run the end-to-end forward/backward through torch.compile
+    compile: bool = False          # end-to-end phases: each block through torch.compile (one graph for all)
     cuda_graph: bool = False       # replay each phase's training step as one CUDA graph (CUDA only)
     temperature: float = 1.0       # of the end-to-end KL
     seed: int = 0
@@ -185,6 +185,22 @@ def block_names(model: nn.Module) -> list[str]:
     return out
 
 
+def compile_blocks(model: nn.Module, on: bool) -> None:
+    """Compile each block of :func:`block_names` in place (``nn.Module.compile``), or return them
+    to eager calls (``on=False``). Regional compilation: the blocks run the same code, so
+    torch.compile traces and compiles one graph per variant (the student; the teacher, whose
+    sites are in ``float_mode``; their backward; the no-grad evaluation) and every block reuses it.
+    Compiling therefore costs the same for 2 blocks or 30, where compiling the whole model costs
+    time in proportion to its depth. State-dict keys do not change, so checkpoints and ``freeze``
+    see the plain modules."""
+    for name in block_names(model):
+        block = model.get_submodule(name)
+        if on:
+            block.compile()
+        else:
+            block._compiled_call_impl = None  # what nn.Module.compile sets; None calls eagerly again
+
+
 class _Stop(Exception):
     pass
 
@@ -243,8 +259,6 @@ class Trainer:
                 pass
         if config.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device (it is on {self.device})")
-        if config.cuda_graph and config.compile:
-            raise ValueError("cuda_graph and compile are alternatives: choose one")
         self._graph: dict | None = None  # the current phase's captured step (see _graph_step)
         self.step_times: list[float] = []  # perf_counter() after each optimizer step (for timing probes)
         self.graph_replays = 0  # steps replayed from a captured CUDA graph
@@ -252,9 +266,6 @@ class Trainer:
         self.interrupted = False  # run() stopped at a limit (max_steps, seconds) before the end
         if config.gradient_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
             student.gradient_checkpointing_enable()
-        # the end-to-end phase's network: the model itself, or its torch.compile'd form (the
-        # fake quantizers' many small ops fused; teacher and student are two compiled graphs)
-        self._e2e_net = torch.compile(student) if config.compile else student
 
     # -- helpers ----------------------------------------------------------------------------
     def autocast(self):
@@ -441,9 +452,9 @@ class Trainer:
     def e2e_loss(self, ids: torch.Tensor) -> torch.Tensor:
         t = self.config.temperature
         with torch.no_grad(), float_mode(self.model), self.autocast():
-            teacher = _call_logits(self._e2e_net, ids)
+            teacher = _call_logits(self.model, ids)
         with self.autocast():
-            student = _call_logits(self._e2e_net, ids)
+            student = _call_logits(self.model, ids)
         logp_t = F.log_softmax(teacher.float() / t, -1)
         logp_s = F.log_softmax(student.float() / t, -1)
         kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean()
@@ -482,7 +493,17 @@ class Trainer:
     def train_e2e(self, stage: int, start_step: int) -> None:
         """End-to-end KL steps. With ``eval_every``, the held-out KL is measured before the first
         step and every ``eval_every`` steps; with ``keep_best`` the phase ends with the site
-        tensors of the lowest one (so it never ends worse, on held-out data, than it began)."""
+        tensors of the lowest one (so it never ends worse, on held-out data, than it began).
+        With ``compile`` the blocks run compiled during the phase (:func:`compile_blocks`)."""
+        if not self.config.compile:
+            return self._train_e2e(stage, start_step)
+        compile_blocks(self.model, True)
+        try:
+            self._train_e2e(stage, start_step)
+        finally:
+            compile_blocks(self.model, False)
+
+    def _train_e2e(self, stage: int, start_step: int) -> None:
         cfg = self.config
         sites = fake_quant_sites(self.model)
         evals = cfg.eval_every > 0

@@ -132,9 +132,9 @@ def test_nested_stage_transition_carries_codes():
     assert torch.equal(fq.codes(), quantize_weight_rtn(latent, QFormat(3, "int", 16, "e4m3")).codes)
 
 
-def _tiny_llama(seed=0):
+def _tiny_llama(seed=0, layers=2):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                    tie_word_embeddings=False)
     torch.manual_seed(seed)
@@ -264,24 +264,37 @@ def test_keep_best_ends_the_phase_at_the_lowest_heldout_kl():
 @pytest.mark.skipif(not any(__import__("shutil").which(c) for c in ("g++", "c++", "clang++")),
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_end_to_end_steps_match_eager():
-    """compile=True runs the end-to-end steps through torch.compile (rotated sites included: the
-    Hadamard op's base matrix enters the trace as a constant); the losses and the trained
-    latent weights stay within float rounding of the eager run."""
-    model = _tiny_llama(4)
-    data = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(4))
+    """compile=True runs the end-to-end steps with each block compiled (rotated sites included:
+    the Hadamard op's base matrix enters the trace as a constant); the losses and the trained
+    latent weights stay within float rounding of the eager run. The blocks share their compiled
+    graphs: a model of 4 blocks traces the same graphs as one of 2, and after the phase the
+    blocks are plain eager modules again."""
+    from torch._dynamo.utils import counters
+
     recipe = lowbit.get_recipe("w2a16").with_passes({"name": "rotate"})
-    runs = {}
-    for comp in (False, True):
-        cfg = TrainConfig(stages=["w2"], e2e_steps=2, batch_size=2, compile=comp)
-        student = prepare_qat(copy.deepcopy(model), recipe, calibration=data[:2], inplace=True, progress=False)
-        trainer = Trainer(student, recipe, cfg, data, progress=False)
-        trainer.run()
-        runs[comp] = ([h["loss"] for h in trainer.history], fake_quant_sites(student))
-    (le, se), (lc, sc) = runs[False], runs[True]
-    assert len(le) == len(lc) == 2 and le[0] > 0
-    assert lc == pytest.approx(le, rel=1e-3)
-    for name in se:
-        assert torch.allclose(sc[name].weight, se[name].weight, rtol=1e-4, atol=1e-6), name
+    data = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(4))
+    graphs = {}
+    for layers in (2, 4):
+        model = _tiny_llama(4, layers)
+        runs = {}
+        for comp in (False, True):
+            cfg = TrainConfig(stages=["w2"], e2e_steps=2, batch_size=2, compile=comp, holdout=2, eval_every=1)
+            student = prepare_qat(copy.deepcopy(model), recipe, calibration=data[:2], inplace=True, progress=False)
+            trainer = Trainer(student, recipe, cfg, data, progress=False)
+            torch._dynamo.reset()
+            counters.clear()
+            trainer.run()
+            graphs[layers] = (counters["stats"]["unique_graphs"], counters["stats"]["calls_captured"])
+            runs[comp] = ([(h["phase"], h["loss"]) for h in trainer.history], fake_quant_sites(student))
+            assert all(getattr(b, "_compiled_call_impl", None) is None for b in student.model.layers)
+        (he, se), (hc, sc) = runs[False], runs[True]
+        assert [p for p, _ in he] == [p for p, _ in hc] and [p for p, _ in he].count("e2e") == 2
+        le, lc = [v for _, v in he], [v for _, v in hc]
+        assert min(le) > 0 and lc == pytest.approx(le, rel=1e-3)
+        for name in se:
+            assert torch.allclose(sc[name].weight, se[name].weight, rtol=1e-4, atol=1e-6), name
+    # the same graphs, as many traced calls, for twice the blocks (a whole-model trace would grow)
+    assert graphs[4] == graphs[2] and graphs[2][0] > 0
 
 
 @pytest.mark.parametrize("evaluation,rotated", [({}, False), (dict(holdout=2, eval_every=1, lr=0.5), True)])
