@@ -153,6 +153,8 @@ PRESETS = {
     "w4a4": lambda: _preset("w4a4", 4, 4),
     "w3a16": lambda: _preset("w3a16", 3, 0),
     "w2a16": lambda: _preset("w2a16", 2, 0),
+    # the symmetric 2-bit grid: values (q + 1/2) s, q in {-2, -1, 0, 1}, i.e. +-s/2 and +-3s/2
+    "w2a16-half": lambda: Recipe("w2a16-half", QFormat(2, "half", 16, "e4m3")),
     "w2a2": lambda: _preset("w2a2", 2, 2),
     "btc": _btc,
 }

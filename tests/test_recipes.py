@@ -67,3 +67,26 @@ def test_bad_overrides():
         Recipe("x", QFormat(2), overrides=[{"sites": "lm_head", "weight": {"bits": 4}, "grid": "int"}])
     with pytest.raises(ValueError, match="non-empty list"):
         Recipe("x", QFormat(2), overrides=[{"sites": [], "weight": {"bits": 4}}])
+
+
+def test_w2a16_half_preset_puts_weights_on_the_symmetric_grid(tiny_llama, calib_ids):
+    """``w2a16-half``: every dequantized weight is +-1/2 or +-3/2 times its group's effective
+    scale (never 0, unlike the int grid's {-2, -1, 0, 1}), and a site computes x W^T with them."""
+    import torch
+
+    import lowbit
+    from lowbit.quant_linear import QuantLinear
+
+    qm = lowbit.compile_quantized(tiny_llama, "w2a16-half", calibration=calib_ids, progress=False)
+    sites = [m for m in qm.modules() if isinstance(m, QuantLinear)]
+    assert sites and all(m.weight_format == QFormat(2, "half", 16, "e4m3") for m in sites)
+    site = sites[0]
+    w = site.dequantized_weight().double()
+    scale = (site.weight_scales.double() * float(site.weight_global)).repeat_interleave(16, dim=1)[:, :w.shape[1]]
+    live = scale > 0
+    ratio = w[live] / scale[live]
+    levels = (2 * ratio).round() / 2
+    assert set(levels.unique().tolist()) == {-1.5, -0.5, 0.5, 1.5}
+    assert (ratio - levels).abs().max() < 1e-6   # fp32 rounding of the products, nothing more
+    x = torch.randn(3, site.in_features, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(site(x).double(), x.double() @ w.T, rtol=1e-5, atol=1e-5)
