@@ -5,6 +5,7 @@
     python bench/kernels.py --suites w2a2   # w2a16, w2a2, codebook (comma-separated)
     python bench/kernels.py --variants      # also the tile-size variants (slower: more compiles)
     python bench/kernels.py --suites codebook --variants --codebook-variants table  # table path tiles
+    python bench/kernels.py --suites w2a16 --grid half   # W2A16 on the symmetric half grid (w2a16-half)
     python bench/kernels.py --json out.json # full numbers
 
 Every timing replays a CUDA graph of many calls (launch gaps out of the way) that cycle
@@ -115,7 +116,7 @@ def time_graph(fn, nsets, calls, replays):
     return statistics.median(times)
 
 
-def run(shapes, with_variants, dtype=torch.bfloat16, extra=()):
+def run(shapes, with_variants, dtype=torch.bfloat16, extra=(), grid="int"):
     import triton
 
     import lowbit.codegen.triton as lt
@@ -127,7 +128,7 @@ def run(shapes, with_variants, dtype=torch.bfloat16, extra=()):
     for m, k, n, label in shapes:
         t0 = time.time()
         packed, stored, gscale = make_weight(n, k, dev, seed=n + k)
-        w = dequantize_weight(packed, stored, gscale, QFormat(2, "int"))  # fp32 [N, K]
+        w = dequantize_weight(packed, stored, gscale, QFormat(2, grid))  # fp32 [N, K]
         x = torch.randn(m, k, device=dev, dtype=dtype)
         mr = min(m, 256)  # rows checked in float64
         ref = (x[:mr].double() @ w.double().T)
@@ -141,7 +142,8 @@ def run(shapes, with_variants, dtype=torch.bfloat16, extra=()):
         t_cublas = time_graph(lambda i: F.linear(x, wbs[i]), nb, calls, replays)
         y = F.linear(x, wb)
         err_cublas = ((y[:mr].double() - ref).norm() / ref.norm()).item()
-        rows.append(dict(shape=label, m=m, k=k, n=n, variant="cuBLAS bf16", us=t_cublas, ratio=1.0, err=err_cublas))
+        rows.append(dict(shape=label, m=m, k=k, n=n, grid=grid, variant="cuBLAS bf16", us=t_cublas, ratio=1.0,
+                         err=err_cublas))
         print(f"{label:24s} {'cuBLAS bf16':42s} {t_cublas:9.1f} us  err {err_cublas:.1e}", flush=True)
         del wbs, wb
 
@@ -160,7 +162,7 @@ def run(shapes, with_variants, dtype=torch.bfloat16, extra=()):
                 if v.get("op"):
                     def fn(i):
                         p, s = sets[i]
-                        return torch.ops.lowbit.qlinear(x, p, s, gscale, None, 2, "int", 16, "e4m3", 0, "int", 16,
+                        return torch.ops.lowbit.qlinear(x, p, s, gscale, None, 2, grid, 16, "e4m3", 0, "int", 16,
                                                         "e4m3")
                 elif v.get("prepermuted"):
                     # bound for a kernel layout whose x needs no permutation: the x permutation
@@ -173,26 +175,26 @@ def run(shapes, with_variants, dtype=torch.bfloat16, extra=()):
                         p, s = sets[i]
                         real, w2a16_mod.permute_pairs = w2a16_mod.permute_pairs, lambda _x: xp
                         try:
-                            return lt.w2a16_linear(x, p, s, gscale, **kv)
+                            return lt.w2a16_linear(x, p, s, gscale, grid=grid, **kv)
                         finally:
                             w2a16_mod.permute_pairs = real
                     v = kv
                 else:
                     def fn(i, v=v):
                         p, s = sets[i]
-                        return lt.w2a16_linear(x, p, s, gscale, **v)
+                        return lt.w2a16_linear(x, p, s, gscale, grid=grid, **v)
                 y = fn(0)
                 torch.cuda.synchronize()
                 err = ((y[:mr].double() - ref).norm() / ref.norm()).item()
                 if not v.get("op"):
-                    y32 = lt.w2a16_linear(x, packed, stored, gscale, out_dtype=torch.float32, **v)
+                    y32 = lt.w2a16_linear(x, packed, stored, gscale, grid=grid, out_dtype=torch.float32, **v)
                     err32 = ((y32[:mr].double() - ref).norm() / ref.norm()).item()
                 else:
                     err32 = float("nan")
                 t = time_graph(fn, npk, calls, replays)
                 gbs = wbytes / t / 1e3
-                row = dict(shape=label, m=m, k=k, n=n, variant=name, us=t, ratio=t_cublas / t, err=err, err_fp32=err32,
-                           weight_GBps=gbs)
+                row = dict(shape=label, m=m, k=k, n=n, grid=grid, variant=name, us=t, ratio=t_cublas / t, err=err,
+                           err_fp32=err32, weight_GBps=gbs)
                 rows.append(row)
                 flag = "" if err32 != err32 or err32 < 1e-3 else "  <-- fp32 error above 1e-3"
                 print(f"{label:24s} {name:42s} {t:9.1f} us  x{t_cublas / t:5.2f}  {gbs:6.0f} GB/s(w)  "
@@ -467,6 +469,8 @@ def table(rows):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", action="store_true", help="also time tile-size variants")
+    ap.add_argument("--grid", default="int", choices=["int", "half"],
+                    help="the w2a16 suite's weight grid (half: the w2a16-half preset's +-s/2, +-3s/2)")
     ap.add_argument("--shapes", default="all", help="comma-separated indices into SHAPES (w2a16), or 'all'")
     ap.add_argument("--suites", default="w2a16,w2a2,codebook",
                     help="comma-separated: w2a16, w2a2, codebook, hadamard")
@@ -501,7 +505,7 @@ def main(argv=None):
           flush=True)
     rows = []
     if "w2a16" in suites:
-        rows += run(shapes, args.variants, extra=json.loads(args.extra))
+        rows += run(shapes, args.variants, extra=json.loads(args.extra), grid=args.grid)
     if "w2a2" in suites:
         rows += run_w2a2(args.variants)
     if "codebook" in suites:
