@@ -67,7 +67,8 @@ class QuantizePass(LowbitPass):
         """``ignore``: callable(site name) -> bool, or a list of fnmatch patterns.
 
         ``weight_quantizer``: optional callable(site, weight, inputs, fmt) -> QTensor
-        replacing RTN (GPTQ plugs in here). ``formats``: optional callable(site name) ->
+        replacing RTN (GPTQ plugs in here). Given calibration inputs it also takes precedence
+        over codes a pass left on a site (``weight_qtensor``, rounding-aware splitting). ``formats``: optional callable(site name) ->
         (weight format, activation format) or None (float), e.g. ``Recipe.formats_for``
         (per-site overrides); it replaces ``ignore`` and the two formats when given.
         """
@@ -134,7 +135,10 @@ class QuantizePass(LowbitPass):
         weight_format, act_format = self.formats(name)
         qt: QTensor | None = None
         hint = getattr(existing, "weight_qtensor", None)
-        if hint is not None and hint.fmt == weight_format and hint.codes.shape == weight.shape:
+        # a weight quantizer with the site's calibration inputs (GPTQ) sees the activations; a pass's
+        # codes (rounding-aware splitting) do not, so they serve only where no such quantizer runs
+        calibrated = self.weight_quantizer is not None and x_weight is not None
+        if hint is not None and not calibrated and hint.fmt == weight_format and hint.codes.shape == weight.shape:
             qt = hint  # made by a pass that optimised the codes (rounding-aware splitting)
         elif self.weight_quantizer is not None:
             qt = self.weight_quantizer(name, weight, x_weight, weight_format)
