@@ -48,17 +48,14 @@ kernel's shared-memory size to cover the table before it is loaded
 more than 48 KB where the rings, x and the table need it.
 
 Measured on an H200 (2026-12-01, ``python bench/kernels.py --suites codebook --variants
---codebook-variants gluon``, M=1, c=11, docs/benchmarks.md), with the sign words: 13.1 us at
-K = N = 8192 (cuBLAS bf16 33.3: 2.54x; the Triton table path 33.7), 6.7 at 4096^2 (1.94x), 32.7
-at 8192 -> 28672 (3.27x). That main loop has 2.24 SASS instructions per weight, about 0.45 of
-them register moves that ptxas adds to place the LOP3 results in the MMA operand registers: the
-kernel is bound by instruction issue, as W2A16's is, not by its 1 bit per weight. The byte
-table removes a third of the instructions but its random 16-byte shared-memory loads conflict
-on more banks, and it is slower. Since those measurements the sign pairs come out of their
-inline PTX as packed 32-bit registers (``_sign_pair``, ``pack=2``): the same PTX data flow
-(checked register for register on the compiled kernels), but ptxas no longer adds a move per
-pair: 1.76 SASS instructions per weight in the main loop instead of 2.24 (not yet timed on
-the GPU).
+--codebook-variants gluon``, M=1, c=11, docs/benchmarks.md), with the sign words as packed
+32-bit asm results (``_sign_pair``, ``pack=2``, so ptxas adds no register move per pair: 1.76
+SASS instructions per weight in the main loop): 12.1 us at K = N = 8192 (cuBLAS bf16 33.5:
+2.78x; the Triton table path 33.5), 6.5 at 4096^2 (2.03x), 32.2 at 8192 -> 28672. Before the
+packing (2.24 instructions per weight, 0.45 of them moves) the same shapes took 13.1, 6.7 and
+32.7 us: the kernel is bound by instruction issue and latency, as W2A16's is, not by its 1 bit
+per weight. The byte table removes a third of the instructions, but its random 16-byte
+shared-memory loads conflict on more banks, and it is slower (17.9 us at 8192^2).
 
 Shapes: x bf16 with at most 8 rows, K a multiple of 256 (the padded width Kp = K), N of the
 tile's BLOCK_N (64). Everything else goes to :func:`lowbit.codegen.triton.codebook.codebook_gemv`.
