@@ -185,20 +185,53 @@ def block_names(model: nn.Module) -> list[str]:
     return out
 
 
-def compile_blocks(model: nn.Module, on: bool) -> None:
-    """Compile each block of :func:`block_names` in place (``nn.Module.compile``), or return them
-    to eager calls (``on=False``). Regional compilation: the blocks run the same code, so
-    torch.compile traces and compiles one graph per variant (the student; the teacher, whose
-    sites are in ``float_mode``; their backward; the no-grad evaluation) and every block reuses it.
-    Compiling therefore costs the same for 2 blocks or 30, where compiling the whole model costs
-    time in proportion to its depth. State-dict keys do not change, so checkpoints and ``freeze``
-    see the plain modules."""
+def causal_mask_droppable(model: nn.Module) -> bool:
+    """Whether the blocks of ``model`` may be called with ``attention_mask=None`` on the trainer's
+    sequences (unpadded, full causal attention): a Hugging Face model whose attention is SDPA,
+    where a missing mask means ``is_causal=True``, and whose layers all attend to the full
+    prefix (no sliding windows)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "_attn_implementation", None) != "sdpa":
+        return False
+    if getattr(cfg, "sliding_window", None) is not None:
+        return False
+    return all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or ()))
+
+
+def _without_mask(call):
+    def call_causal(*args, **kwargs):
+        kwargs["attention_mask"] = None
+        return call(*args, **kwargs)
+
+    return call_causal
+
+
+def compile_blocks(model: nn.Module, on: bool, compile: bool = True, drop_mask: bool = False) -> None:
+    """Route the calls of each block of :func:`block_names` (``on=True``), or return them to
+    plain eager calls (``on=False``).
+
+    * ``compile``: each block through ``torch.compile`` in place (what ``nn.Module.compile``
+      does). Regional compilation: the blocks run the same code, so torch.compile traces and
+      compiles one graph per variant (the student; the teacher, whose sites are in
+      ``float_mode``; their backward; the no-grad evaluation) and every block reuses it.
+      Compiling therefore costs the same for 2 blocks or 30, where compiling the whole model
+      costs time in proportion to its depth.
+    * ``drop_mask`` (only where :func:`causal_mask_droppable`): the blocks are called with
+      ``attention_mask=None``, which SDPA takes as causal attention. Hugging Face models build
+      no mask for unpadded sequences, except while a CUDA graph is being captured, where they
+      cannot look at the values and build a full one. Without the mask, a captured step runs
+      the same attention kernel as an eager one, and compiled blocks see the same arguments
+      in both (a mask appearing during capture made torch.compile recompile there, which a
+      capture does not allow).
+
+    State-dict keys do not change, so checkpoints and ``freeze`` see the plain modules."""
     for name in block_names(model):
         block = model.get_submodule(name)
-        if on:
-            block.compile()
-        else:
-            block._compiled_call_impl = None  # what nn.Module.compile sets; None calls eagerly again
+        if not on:
+            block._compiled_call_impl = None  # None: nn.Module calls _call_impl eagerly again
+            continue
+        call = torch.compile(block._call_impl) if compile else block._call_impl
+        block._compiled_call_impl = _without_mask(call) if drop_mask else call
 
 
 class _Stop(Exception):
@@ -494,10 +527,12 @@ class Trainer:
         """End-to-end KL steps. With ``eval_every``, the held-out KL is measured before the first
         step and every ``eval_every`` steps; with ``keep_best`` the phase ends with the site
         tensors of the lowest one (so it never ends worse, on held-out data, than it began).
-        With ``compile`` the blocks run compiled during the phase (:func:`compile_blocks`)."""
-        if not self.config.compile:
+        With ``compile`` the blocks run compiled during the phase, and on unpadded causal SDPA
+        models they are called without an attention mask (:func:`compile_blocks`)."""
+        drop_mask = causal_mask_droppable(self.model)
+        if not (self.config.compile or drop_mask):
             return self._train_e2e(stage, start_step)
-        compile_blocks(self.model, True)
+        compile_blocks(self.model, True, compile=self.config.compile, drop_mask=drop_mask)
         try:
             self._train_e2e(stage, start_step)
         finally:

@@ -297,6 +297,41 @@ def test_compiled_end_to_end_steps_match_eager():
     assert graphs[4] == graphs[2] and graphs[2][0] > 0
 
 
+def test_blocks_called_without_a_mask_attend_causally():
+    """With ``drop_mask`` the blocks of an SDPA model get ``attention_mask=None`` even when the
+    model built a mask (as Hugging Face models do while a CUDA graph is being captured; here a
+    prepared 4-D causal mask forces one), and the logits equal those of the same model in eager
+    attention with its own mask (a different attention implementation). Models where a missing
+    mask would not mean full causal attention keep theirs."""
+    from lowbit.train import causal_mask_droppable, compile_blocks
+
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(2))
+    model = prepare_qat(_tiny_llama(3), lowbit.get_recipe("w2a16"), calibration=ids, progress=False)
+    causal = torch.ones(12, 12, dtype=torch.bool).tril().expand(2, 1, 12, 12)
+    reference = copy.deepcopy(model)
+    reference.config._attn_implementation = "eager"
+    assert causal_mask_droppable(model) and not causal_mask_droppable(reference)
+    windowed = copy.deepcopy(model)
+    windowed.config.sliding_window = 4
+    assert not causal_mask_droppable(windowed)
+
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+             for b in model.model.layers]
+    with torch.no_grad():
+        want = reference(ids, use_cache=False).logits
+        compile_blocks(model, True, compile=False, drop_mask=True)
+        got = model(ids, attention_mask=causal, use_cache=False).logits
+        assert seen and all(m is None for m in seen)
+        compile_blocks(model, False)
+        seen.clear()
+        masked = model(ids, attention_mask=causal, use_cache=False).logits
+        assert seen and all(m is not None for m in seen)
+    for h in hooks:
+        h.remove()
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(masked, want, atol=1e-5)
+
+
 @pytest.mark.parametrize("evaluation,rotated", [({}, False), (dict(holdout=2, eval_every=1, lr=0.5), True)])
 def test_resume_from_checkpoint_gives_the_same_state(tmp_path, evaluation, rotated):
     """Interrupted and resumed twice = uninterrupted, bit for bit; with held-out evaluation the
