@@ -200,7 +200,8 @@ def causal_mask_droppable(model: nn.Module) -> bool:
 
 def _without_mask(call):
     def call_causal(*args, **kwargs):
-        kwargs["attention_mask"] = None
+        if "attention_mask" in kwargs:
+            kwargs["attention_mask"] = None
         return call(*args, **kwargs)
 
     return call_causal
