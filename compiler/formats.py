@@ -39,6 +39,17 @@ and an E4M3 number gains no mantissa bits, and 2 * 224 = 448 does not overflow):
 2-bit operands can feed FP8 tensor cores without rounding. Wider formats use 448.
 With ``fp16``/``fp32`` scales there is no global scale (it is 1).
 
+Activation clipping
+-------------------
+An activation format may carry a clip ratio ``0 < clip <= 1`` (``QFormat.clip``; weights
+learn or search their clipping per group instead). Dynamic (per-row) quantization then
+multiplies the row's global scale by it after the stored scales are encoded:
+``global_c = fp32(global * clip)``, ``effective = fp32(stored) * global_c``, and the codes
+are computed with that effective scale (so the largest elements of a row clip to the end
+levels). The stored scales are those of ``clip = 1``; ``global_c`` is the global scale
+the op returns. At 2 bits, rotated activations lose far less to clipping than to the
+coarse steps of absmax scaling (see docs/qat.md).
+
 Nested grids
 ------------
 ``int`` codes of b bits derive from 8-bit codes of the same group by a rounding right
@@ -77,6 +88,7 @@ class QFormat:
     grid: str = "int"
     group_size: int = 16
     scale_dtype: str = "e4m3"
+    clip: float = 1.0  # activations only: multiplies the per-row global scale (module docstring)
 
     def __post_init__(self):
         if self.bits not in BITS:
@@ -89,6 +101,9 @@ class QFormat:
             raise ValueError(f"QFormat.group_size must be >= 1, got {self.group_size}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"QFormat.scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
+        if not (isinstance(self.clip, (int, float)) and 0.0 < self.clip <= 1.0):
+            raise ValueError(f"QFormat.clip must be a ratio in (0, 1], got {self.clip!r}")
+        object.__setattr__(self, "clip", float(self.clip))
 
     # -- grid ---------------------------------------------------------------
     @property
@@ -137,10 +152,14 @@ class QFormat:
 
     @property
     def name(self) -> str:
-        return f"{self.grid}{self.bits}_g{self.group_size}_{self.scale_dtype}"
+        clip = "" if self.clip == 1.0 else f"_c{self.clip:g}"
+        return f"{self.grid}{self.bits}_g{self.group_size}_{self.scale_dtype}{clip}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["clip"] == 1.0:  # the default stays out of manifests and recipes
+            del d["clip"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QFormat":
@@ -242,13 +261,16 @@ class QTensor:
 def quantize(x: torch.Tensor, fmt: QFormat, per_row: bool = False, clip_ratio: torch.Tensor | float | None = None) -> QTensor:
     """Round-to-nearest quantization of x along its last dimension in groups.
 
-    ``per_row`` selects one global scale per row (activations) instead of per tensor.
+    ``per_row`` selects one global scale per row (activations) instead of per tensor; per row,
+    ``fmt.clip`` multiplies it (activation clipping).
     ``clip_ratio`` (scalar or per-group tensor) multiplies the unclipped scales.
     """
     scales = unclipped_group_scales(x, fmt)
     if clip_ratio is not None:
         scales = scales * clip_ratio
     stored, gscale = encode_scales(scales, fmt, per_row)
+    if per_row and fmt.clip != 1.0:
+        gscale = gscale * fmt.clip  # activation clipping (module docstring)
     eff = effective_scales(stored, gscale)
     return QTensor(quantize_codes(x, eff, fmt), stored, gscale, fmt)
 

@@ -19,12 +19,13 @@ op: real tensors on the current device, no active dispatch mode (``torch.export`
 
 Ops
 ---
-``quantize_act(x, bits, grid, group_size, scale_dtype) -> (codes, scales, global_scale)``
+``quantize_act(x, bits, grid, group_size, scale_dtype, clip=1.0) -> (codes, scales, global_scale)``
     dynamic per-token, per-group activation quantization along the last dimension.
-    codes int8 ``[..., K]``; scales ``[..., K/G]`` (E4M3 or fp16/fp32); global fp32 ``[..., 1]``.
+    codes int8 ``[..., K]``; scales ``[..., K/G]`` (E4M3 or fp16/fp32); global fp32 ``[..., 1]``
+    (times ``clip``, the activation clip ratio of ``lowbit.formats``).
 
 ``qlinear(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, group_size, w_scale_dtype,
-a_bits, a_grid, a_group_size, a_scale_dtype) -> y``
+a_bits, a_grid, a_group_size, a_scale_dtype, a_clip=1.0) -> y``
     ``y = Qa(x) @ dequant(W)^T + bias`` where ``Qa`` quantizes and dequantizes x with the
     activation format (``a_bits == 0``: x is used as is, W*A16). Output in x's dtype;
     the reference accumulates in fp32. The stored weight may be wider than x (padded to
@@ -47,24 +48,24 @@ from .formats import (
 )
 
 
-def _fmt(bits: int, grid: str, group_size: int, scale_dtype: str) -> QFormat:
-    return QFormat(bits, grid, group_size, scale_dtype)
+def _fmt(bits: int, grid: str, group_size: int, scale_dtype: str, clip: float = 1.0) -> QFormat:
+    return QFormat(bits, grid, group_size, scale_dtype, clip)
 
 
 # -- quantize_act ------------------------------------------------------------------
 
 @torch.library.custom_op("lowbit::quantize_act", mutates_args=())
 def quantize_act(
-    x: torch.Tensor, bits: int, grid: str, group_size: int, scale_dtype: str
+    x: torch.Tensor, bits: int, grid: str, group_size: int, scale_dtype: str, clip: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    fmt = _fmt(bits, grid, group_size, scale_dtype)
+    fmt = _fmt(bits, grid, group_size, scale_dtype, clip)
     qt = quantize(x, fmt, per_row=True)
     return qt.codes, qt.scales, qt.global_scale.expand(*x.shape[:-1], 1).contiguous()
 
 
 @quantize_act.register_fake
-def _(x, bits, grid, group_size, scale_dtype):
-    fmt = _fmt(bits, grid, group_size, scale_dtype)
+def _(x, bits, grid, group_size, scale_dtype, clip=1.0):
+    fmt = _fmt(bits, grid, group_size, scale_dtype, clip)
     k = x.shape[-1]
     codes = x.new_empty(x.shape, dtype=torch.int8)
     scales = x.new_empty((*x.shape[:-1], k // group_size), dtype=fmt.scale_torch_dtype)
@@ -74,7 +75,8 @@ def _(x, bits, grid, group_size, scale_dtype):
 
 def fake_quantize_act(x: torch.Tensor, fmt: QFormat) -> torch.Tensor:
     """Quantize-dequantize x per token and group (the value a W*A* site computes with), fp32."""
-    codes, scales, gscale = torch.ops.lowbit.quantize_act(x, fmt.bits, fmt.grid, fmt.group_size, fmt.scale_dtype)
+    codes, scales, gscale = torch.ops.lowbit.quantize_act(x, fmt.bits, fmt.grid, fmt.group_size, fmt.scale_dtype,
+                                                          fmt.clip)
     return dequantize_codes(codes, effective_scales(scales, gscale), fmt)
 
 
@@ -102,6 +104,7 @@ def qlinear_reference(
     a_grid: str,
     a_group_size: int,
     a_scale_dtype: str,
+    a_clip: float = 1.0,
 ) -> torch.Tensor:
     """The reference numerics of ``lowbit::qlinear`` (any device); backends match it."""
     wfmt = _fmt(w_bits, w_grid, group_size, w_scale_dtype)
@@ -111,7 +114,7 @@ def qlinear_reference(
     if a_bits:
         pad = w_scales.shape[-1] * group_size - k
         xp = torch.nn.functional.pad(xa, (0, pad)) if pad else xa
-        xa = fake_quantize_act(xp, _fmt(a_bits, a_grid, a_group_size, a_scale_dtype))[..., :k]
+        xa = fake_quantize_act(xp, _fmt(a_bits, a_grid, a_group_size, a_scale_dtype, a_clip))[..., :k]
     y = torch.nn.functional.linear(xa, w, None if bias is None else bias.float())
     return y.to(x.dtype)
 
@@ -131,14 +134,15 @@ def qlinear(
     a_grid: str,
     a_group_size: int,
     a_scale_dtype: str,
+    a_clip: float = 1.0,
 ) -> torch.Tensor:
     return qlinear_reference(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, group_size, w_scale_dtype,
-                             a_bits, a_grid, a_group_size, a_scale_dtype)
+                             a_bits, a_grid, a_group_size, a_scale_dtype, a_clip)
 
 
 @qlinear.register_fake
 def _(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, group_size, w_scale_dtype,
-      a_bits, a_grid, a_group_size, a_scale_dtype):
+      a_bits, a_grid, a_group_size, a_scale_dtype, a_clip=1.0):
     return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
 
 

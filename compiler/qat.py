@@ -28,7 +28,9 @@ site) and one log group scale ``t`` per group [N, K'/G].
 Activations (``act_format``) are fake-quantized per token and group exactly as
 ``torch.ops.lowbit.qlinear`` does (``lowbit.ops.fake_quantize_act``), with a plain
 straight-through gradient: dynamic scales are rounded up and never clip, so the
-estimator is exact everywhere except at the rounding itself.
+estimator is exact everywhere except at the rounding itself. A clipped activation format
+(``clip < 1``, :mod:`lowbit.formats`) clamps the largest elements of a row to the end
+levels; their gradient is zero.
 
 Invariants: (1) ``freeze`` changes no output beyond float rounding (in fp32 the frozen
 QuantLinear's reference op gives the same numbers); (2) the prologue of the site (online
@@ -110,14 +112,29 @@ class _FakeQuantWeight(torch.autograd.Function):
 
 
 class _FakeQuantAct(torch.autograd.Function):
-    """Per-token activation fake-quant of ``torch.ops.lowbit.qlinear``; straight-through gradient."""
+    """Per-token activation fake-quant of ``torch.ops.lowbit.qlinear``; straight-through gradient,
+    zero where a clipped format (``fmt.clip < 1``) clamps the element to an end level."""
 
     @staticmethod
     def forward(ctx, x, fmt: QFormat):
-        return ops.fake_quantize_act(x, fmt)
+        codes, scales, gscale = torch.ops.lowbit.quantize_act(x, fmt.bits, fmt.grid, fmt.group_size,
+                                                              fmt.scale_dtype, fmt.clip)
+        eff = effective_scales(scales, gscale)
+        ctx.clipped = fmt.clip != 1.0
+        if ctx.clipped:
+            r = _grouped(x.float(), fmt.group_size) / eff.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).tiny)
+            if fmt.grid == "half":
+                inside = (r >= fmt.qmin) & (r < fmt.qmax + 1)
+            else:
+                inside = (r >= fmt.qmin - 0.5) & (r <= fmt.qmax + 0.5)
+            ctx.save_for_backward(inside.reshape(x.shape))
+        return dequantize_codes(codes, eff, fmt)
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.clipped:
+            (inside,) = ctx.saved_tensors
+            return g * inside.to(g.dtype), None
         return g, None
 
 

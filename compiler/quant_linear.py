@@ -113,7 +113,7 @@ class QuantLinear(nn.Module):
         args = (x, self.weight_packed, self.weight_scales, self.weight_global, self.bias,
                 w.bits, w.grid, w.group_size, w.scale_dtype,
                 a.bits if a else 0, a.grid if a else "int", a.group_size if a else w.group_size,
-                a.scale_dtype if a else "e4m3")
+                a.scale_dtype if a else "e4m3", a.clip if a else 1.0)
         kernel = ops.eager_kernel("qlinear", x)  # plain eager: the op's own kernel, without the dispatcher
         if kernel is not None:
             return kernel(*args)

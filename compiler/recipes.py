@@ -40,6 +40,9 @@ class Recipe:
             self.weight = QFormat.from_dict(self.weight)
         if isinstance(self.activation, dict):
             self.activation = QFormat.from_dict(self.activation)
+        if self.weight.clip != 1.0:
+            raise ValueError("a clip ratio belongs to the activation format; weights choose their clipping per "
+                             "group (clip_search, GPTQ, learned scales)")
         if self.weight_method not in ("rtn", "gptq"):
             raise ValueError(f"weight_method must be 'rtn' or 'gptq', got {self.weight_method!r}")
         for p in self.passes:

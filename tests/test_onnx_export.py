@@ -48,14 +48,16 @@ def _fp8_values(raw: np.ndarray) -> torch.Tensor:
 # -- activation quantization: codes bit-exact ------------------------------------------
 
 ACT_FORMATS = [QFormat(2), QFormat(4), QFormat(8, group_size=32), QFormat(4, "half", 16, "fp16"),
-               QFormat(3, "int", 16, "fp32"), QFormat(1, "half", 16, "e4m3")]
+               QFormat(3, "int", 16, "fp32"), QFormat(1, "half", 16, "e4m3"),
+               # clipped activation formats (the global scale times the clip ratio)
+               QFormat(2, clip=0.7), QFormat(2, "half", clip=0.55), QFormat(4, "half", 16, "fp16", clip=0.8)]
 
 
 class _ActQuant(nn.Module):
     def forward(self, x):
         out = []
         for f in ACT_FORMATS:
-            out += list(torch.ops.lowbit.quantize_act(x, f.bits, f.grid, f.group_size, f.scale_dtype))
+            out += list(torch.ops.lowbit.quantize_act(x, f.bits, f.grid, f.group_size, f.scale_dtype, f.clip))
         return tuple(out)
 
 
@@ -90,7 +92,8 @@ def test_quantize_act_codes_bit_exact_on_onnxruntime(act_session):
         outs = act_session.run(None, {act_session.get_inputs()[0].name: x})
         xt = torch.from_numpy(x)
         for i, f in enumerate(ACT_FORMATS):
-            codes, scales, gscale = torch.ops.lowbit.quantize_act(xt, f.bits, f.grid, f.group_size, f.scale_dtype)
+            codes, scales, gscale = torch.ops.lowbit.quantize_act(xt, f.bits, f.grid, f.group_size, f.scale_dtype,
+                                                                  f.clip)
             o_codes, o_scales, o_global = outs[3 * i: 3 * i + 3]
             assert o_codes.dtype == np.int8
             np.testing.assert_array_equal(o_codes, codes.numpy(), err_msg=f"codes {f.name}")
@@ -133,10 +136,11 @@ class _Sites(nn.Module):
             _ql(24, 48, g, g, prologue=[HadamardPrologue(48)]),       # H_12 x S_4 rotation
             _ql(24, 64, g, g, prologue=[HadamardPrologue(64)]),       # Sylvester rotation
             _ql(24, 48, g, g, prologue=[ChannelSplitPrologue(40, 48, split_index, split_scale)], k_in=40),
+            _ql(24, 64, g, QFormat(2, "half", clip=0.6), prologue=[HadamardPrologue(64)]),  # clipped activations
         ])
 
     def forward(self, x):
-        widths = [64, 40, 64, 64, 64, 64, 64, 48, 64, 40]
+        widths = [64, 40, 64, 64, 64, 64, 64, 48, 64, 40, 64]
         return tuple(s(x[..., :w]) for s, w in zip(self.sites, widths))
 
 
@@ -146,12 +150,12 @@ def test_qlinear_and_prologues_match_reference(kernel):
     module = _Sites().eval()
     model = _export_module(module, (torch.randn(2, 5, 64),), weight_kernel=kernel)
     ops = [n.op_type for n in model.graph.node]
-    nbits_sites = 0 if kernel == "dq" else 9  # all but the half-grid site
+    nbits_sites = 0 if kernel == "dq" else 10  # all but the half-grid site
     assert ops.count("MatMulNBits") == nbits_sites
     # packed weights stay packed: the lowbit buffers are initializers, untouched
     inits = {i.name: i for i in model.graph.initializer}
     packed = [i for name, i in inits.items() if name.endswith("weight_packed")]
-    assert len(packed) == 10 and all(i.data_type == onnx.TensorProto.UINT8 for i in packed)
+    assert len(packed) == 11 and all(i.data_type == onnx.TensorProto.UINT8 for i in packed)
     assert all(i.data_type == onnx.TensorProto.FLOAT8E4M3FN for n, i in inits.items()
                if n.endswith("weight_scales") and not n.startswith("sites.6."))
     sess = _session(model)

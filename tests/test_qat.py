@@ -85,13 +85,13 @@ def test_stored_scales_are_e4m3_values_and_log_scale_gradient():
     assert torch.allclose(fq.log_scale.grad, expect, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("act_bits", [0, 2])
-def test_freeze_is_exact_against_reference_qlinear(act_bits):
+@pytest.mark.parametrize("act_bits,act_grid,clip", [(0, "int", 1.0), (2, "int", 1.0), (2, "half", 0.6)])
+def test_freeze_is_exact_against_reference_qlinear(act_bits, act_grid, clip):
     """After arbitrary training updates, the frozen QuantLinear (reference qlinear op) gives
-    the same fp32 numbers as the FakeQuantLinear; prologues (Hadamard, channel split) and
-    padding (K=40 -> 48) included."""
+    the same fp32 numbers as the FakeQuantLinear; prologues (Hadamard, channel split),
+    padding (K=40 -> 48) and a clipped activation format included."""
     wfmt = QFormat(2, "int", 16, "e4m3")
-    afmt = QFormat(act_bits, "int", 16, "e4m3") if act_bits else None
+    afmt = QFormat(act_bits, act_grid, 16, "e4m3", clip) if act_bits else None
     split = ChannelSplitPrologue(32, 40, index=torch.cat([torch.arange(32), torch.arange(8)]),
                                  scale=torch.cat([torch.ones(32), torch.ones(8)]))
     fq, ql, _ = _site(24, 40, wfmt, afmt, prologue=[HadamardPrologue(32), split], in_features=32)
@@ -107,9 +107,33 @@ def test_freeze_is_exact_against_reference_qlinear(act_bits):
     for op in frozen.prologue:
         xp = op(xp)
     ref = torch.ops.lowbit.qlinear(xp, frozen.weight_packed, frozen.weight_scales, frozen.weight_global, frozen.bias,
-                                   2, "int", 16, "e4m3", act_bits, "int", 16, "e4m3")
+                                   2, "int", 16, "e4m3", act_bits, act_grid, 16, "e4m3", clip)
     assert torch.equal(ref, y)
     assert frozen.weight_scales.dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("grid", ["int", "half"])
+def test_clipped_activation_fake_quant_value_and_gradient(grid):
+    """A clipped activation format: the fake-quant value is the op's, and the gradient is a
+    float64 straight-through estimate written out here: 1 inside the grid's range, 0 where the
+    element is clamped to an end level (some are, at clip 0.5)."""
+    from lowbit.qat import fake_quantize_act
+
+    fmt = QFormat(2, grid, 16, "e4m3", 0.5)
+    x = (torch.randn(4, 64, generator=torch.Generator().manual_seed(3)) * 3).requires_grad_()
+    y = fake_quantize_act(x, fmt)
+    assert torch.equal(y.detach(), lowbit.ops.fake_quantize_act(x.detach(), fmt))
+    g = torch.randn(4, 64, generator=torch.Generator().manual_seed(4))
+    y.backward(g)
+    _, stored, gscale = torch.ops.lowbit.quantize_act(x.detach(), 2, grid, 16, "e4m3", 0.5)
+    eff = (stored.double() * gscale.double()).repeat_interleave(16, -1)
+    r = x.detach().double() / eff
+    lo, hi = (fmt.qmin, fmt.qmax + 1) if grid == "half" else (fmt.qmin - 0.5, fmt.qmax + 0.5)
+    inside = (r >= lo) & ((r < hi) if grid == "half" else (r <= hi))
+    assert 0 < (~inside).sum() < inside.sum()
+    assert torch.equal(x.grad, torch.where(inside, g.double(), 0.0).float())
+    with pytest.raises(ValueError, match="activation format"):
+        lowbit.Recipe("bad", fmt)
 
 
 def test_nested_stage_transition_carries_codes():

@@ -49,6 +49,33 @@ def test_prologue_codes_and_scales_bit_exact(bits, grid, dtype):
     assert all(_same(a, b) for a, b in zip(got, ref))
 
 
+@pytest.mark.parametrize("bits,grid,dtype,hadamard", [(2, "int", torch.bfloat16, False), (2, "half", torch.float16, False),
+                                                      (4, "int", torch.float32, False), (2, "int", torch.bfloat16, True)])
+@pytest.mark.parametrize("clip", [0.55, 0.7])
+def test_prologue_with_activation_clipping_bit_exact(bits, grid, dtype, hadamard, clip):
+    """A clipped activation format: the kernel's codes, scales and (clipped) global equal the
+    reference op's, and the codes follow the definition written out in float64: the stored
+    scales of clip = 1, the global times clip, elements beyond the end levels clamped."""
+    x = _activation(6, 128, seed=7, dtype=dtype)
+    xin = torch.ops.lowbit.hadamard(x) if hadamard else x
+    ref = lowbit_ops.quantize_act._init_fn(xin, bits, grid, 16, "e4m3", clip)
+    got = k2.act_quant(x, bits, grid, hadamard=hadamard, clip=clip)
+    assert all(_same(a, b) for a, b in zip(got, ref))
+    codes, stored, gscale = ref
+    unclipped = lowbit_ops.quantize_act._init_fn(xin, bits, grid, 16, "e4m3")
+    assert _same(stored, unclipped[1]) and torch.equal(gscale, (unclipped[2] * torch.tensor(clip)).float())
+    fmt = QFormat(bits, grid)
+    eff = (stored.double() * gscale.double()).repeat_interleave(16, -1)
+    r = xin.double() / torch.where(eff == 0, 1.0, eff)
+    q = (torch.floor(r) if grid == "half" else torch.round(r)).clamp(fmt.qmin, fmt.qmax)
+    assert torch.equal(codes.double(), torch.where(eff == 0, 0.0, q))
+    assert (codes == fmt.qmax).sum() > (unclipped[0] == fmt.qmax).sum()  # clipping saturates more elements
+    if bits == 2 and grid == "int":  # the E4M3 values of the FP8 GEMM: q * stored, the clip in the global
+        a8, s8, g8 = k2.act_quant(x, 2, "int", hadamard=hadamard, fp8_values=True, clip=clip)
+        assert torch.equal(g8, gscale)
+        assert torch.equal(a8.float(), (codes.float().view(6, 8, 16) * stored.float().unsqueeze(-1)).view(6, 128))
+
+
 def test_prologue_split_gather_padding_and_e4m3_values():
     x = _activation(5, 70, seed=3)
     index = torch.tensor(list(range(70)) + [3, 9, 60, 0, 41, 5, 5, 69, 1, 2])
@@ -87,6 +114,34 @@ def test_w2a2_gemm_against_float64(m, config):
     yr = lowbit_ops.qlinear_reference(x, packed, qt.scales, qt.global_scale, bias, 2, "int", 16, "e4m3",
                                       2, "int", 16, "e4m3")
     assert torch.allclose(y.to(x.dtype).float(), yr.float(), rtol=2e-2, atol=1e-2 * yr.abs().max().item())
+
+
+def test_w2a2_linear_with_clipped_activations_against_float64():
+    """The FP8 GEMM consumes clipped activations unchanged (q * stored in E4M3; the clip ratio
+    rides in the activation's global scale): float64 product of the dequantized operands, and
+    the reference op with the same clip ratio; through the CUDA dispatch function too."""
+    from lowbit.codegen.triton.dispatch import qlinear_triton
+
+    n, k, m = 40, 128, 5
+    qt = quantize_weight_rtn(torch.randn(n, k), QFormat(2))
+    packed = pack_codes(qt.codes, 2)
+    x = _activation(m, k, seed=11)
+    a8, _, ga = k2.act_quant(x, 2, "int", k, fp8_values=True, clip=0.6)
+    ref = (a8.double() * ga.double()) @ qt.dequantize().double().T
+    y = k2.w2a2_linear(x, packed, qt.scales, qt.global_scale, None, out_dtype=torch.float32, clip=0.6,
+                       PAIRS=False, BLOCK_M=16, BLOCK_N=16, BLOCK_G=4)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+    yr = lowbit_ops.qlinear_reference(x.float(), packed, qt.scales, qt.global_scale, None, 2, "int", 16, "e4m3",
+                                      2, "int", 16, "e4m3", 0.6)
+    assert ((yr.double() - ref).norm() / ref.norm()).item() < 1e-5
+    unclipped = lowbit_ops.qlinear_reference(x.float(), packed, qt.scales, qt.global_scale, None, 2, "int", 16,
+                                             "e4m3", 2, "int", 16, "e4m3")
+    assert ((unclipped.double() - ref).norm() / ref.norm()).item() > 1e-3  # the clip ratio matters
+    # a half-grid activation has no exact FP8 path: the dispatch falls back to the reference op
+    yh = qlinear_triton(x.float(), packed, qt.scales, qt.global_scale, None, 2, "int", 16, "e4m3",
+                        2, "half", 16, "e4m3", 0.6)
+    assert torch.equal(yh, lowbit_ops.qlinear_reference(x.float(), packed, qt.scales, qt.global_scale, None, 2,
+                                                        "int", 16, "e4m3", 2, "half", 16, "e4m3", 0.6))
 
 
 def test_w2a2_linear_with_the_online_hadamard_is_the_rotated_site():

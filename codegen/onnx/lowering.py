@@ -143,8 +143,9 @@ def _grouped(x, k: int, group_size: int):
 
 # -- activation quantization ---------------------------------------------------------
 
-def quantize_groups(x, k: int, bits: int, grid: str, group_size: int, scale_dtype: str):
-    """Record the quantization of fp32 ``x`` [..., K] (K static, a multiple of G).
+def quantize_groups(x, k: int, bits: int, grid: str, group_size: int, scale_dtype: str, clip: float = 1.0):
+    """Record the quantization of fp32 ``x`` [..., K] (K static, a multiple of G); ``clip``: the
+    activation clip ratio, which multiplies the global scale once the stored scales are encoded.
 
     Returns ``(q, stored, global_scale, eff)``: codes as fp32 integers [..., K/G, G],
     stored scales [..., K/G] (FLOAT8E4M3FN, FLOAT16 or FLOAT), the fp32 global scale
@@ -174,6 +175,9 @@ def quantize_groups(x, k: int, bits: int, grid: str, group_size: int, scale_dtyp
         safe = op.Expand(_f32(1.0), op.Concat(op.Shape(x, start=0, end=-1), _i64([1]), axis=0))
     else:
         raise ValueError(f"unknown scale dtype {scale_dtype!r}")
+    if clip != 1.0:
+        safe = op.Mul(safe, _f32(clip))
+        eff = op.Mul(op.Cast(stored, to=ir.DataType.FLOAT), safe)
     is_zero = op.Unsqueeze(op.Equal(eff, zero), _i64([-1]))
     den = op.Where(is_zero, _f32(1.0), op.Unsqueeze(eff, _i64([-1])))
     r = op.Div(g, den)
@@ -190,17 +194,17 @@ def dequantize_groups(q, eff, grid: str):
     return op.Mul(q, op.Unsqueeze(eff, _i64([-1])))
 
 
-def quantize_act(x, bits: int, grid: str, group_size: int, scale_dtype: str):
+def quantize_act(x, bits: int, grid: str, group_size: int, scale_dtype: str, clip: float = 1.0):
     """Translation of ``torch.ops.lowbit.quantize_act``: (codes int8, stored scales, global)."""
     xf = op.Cast(x, to=ir.DataType.FLOAT)
-    q, stored, gscale, _ = quantize_groups(xf, _last_dim(x), bits, grid, group_size, scale_dtype)
+    q, stored, gscale, _ = quantize_groups(xf, _last_dim(x), bits, grid, group_size, scale_dtype, clip)
     codes = op.Cast(op.Reshape(q, op.Shape(x)), to=ir.DataType.INT8)
     return codes, stored, gscale
 
 
-def fake_quantize(xf, k: int, bits: int, grid: str, group_size: int, scale_dtype: str):
+def fake_quantize(xf, k: int, bits: int, grid: str, group_size: int, scale_dtype: str, clip: float = 1.0):
     """fp32 ``Qa(x)``: quantize and dequantize x [..., K] with the activation format."""
-    q, _, _, eff = quantize_groups(xf, k, bits, grid, group_size, scale_dtype)
+    q, _, _, eff = quantize_groups(xf, k, bits, grid, group_size, scale_dtype, clip)
     return op.Reshape(dequantize_groups(q, eff, grid), op.Shape(xf))
 
 
@@ -267,7 +271,8 @@ def _nbits_operands(w_packed, w_scales, w_global, bits: int, group_size: int, n:
 
 
 def qlinear(x, w_packed, w_scales, w_global, bias, w_bits: int, w_grid: str, group_size: int,
-            w_scale_dtype: str, a_bits: int, a_grid: str, a_group_size: int, a_scale_dtype: str):
+            w_scale_dtype: str, a_bits: int, a_grid: str, a_group_size: int, a_scale_dtype: str,
+            a_clip: float = 1.0):
     """Translation of ``torch.ops.lowbit.qlinear``: ``y = Qa(x) @ W[:, :K]^T + bias``."""
     k = _last_dim(x)
     n = w_packed.shape[0]
@@ -278,7 +283,7 @@ def qlinear(x, w_packed, w_scales, w_global, bias, w_bits: int, w_grid: str, gro
         zeros = op.Concat(op.Shape(xf, start=0, end=-1), _i64([kp - k]), axis=0)
         xf = op.Concat(xf, op.Expand(_f32(0.0), zeros), axis=-1)
     if a_bits:
-        xf = fake_quantize(xf, kp, a_bits, a_grid, a_group_size, a_scale_dtype)
+        xf = fake_quantize(xf, kp, a_bits, a_grid, a_group_size, a_scale_dtype, a_clip)
     if kernel == "dq":
         w = dequantize_weight(w_packed, w_scales, w_global, w_bits, w_grid, group_size, n, kp)
         y = op.MatMul(xf, op.Transpose(w, perm=[1, 0]))

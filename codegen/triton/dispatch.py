@@ -84,7 +84,7 @@ def w2a16_unsupported(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, gro
 
 
 def w2a2_unsupported(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, group_size, w_scale_dtype,
-                     a_bits, a_grid, a_group_size, a_scale_dtype) -> str | None:
+                     a_bits, a_grid, a_group_size, a_scale_dtype, a_clip=1.0) -> str | None:
     """Why the W2A2 kernels do not cover these arguments, or None when they do."""
     if (w_bits, w_grid, group_size, w_scale_dtype) != (2, "int", 16, "e4m3") \
             or (a_bits, a_grid, a_group_size, a_scale_dtype) != (2, "int", 16, "e4m3"):
@@ -114,27 +114,28 @@ def qlinear_triton(
     a_grid: str,
     a_group_size: int,
     a_scale_dtype: str,
+    a_clip: float = 1.0,
 ) -> torch.Tensor:
-    """``lowbit::qlinear`` on CUDA: the Triton W2A16 kernel or the reference implementation."""
+    """``lowbit::qlinear`` on CUDA: the Triton W2A16 / W2A2 kernels or the reference implementation."""
     if w2a16_unsupported(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, group_size, w_scale_dtype,
                          a_bits) is None:
         if gluon_unsupported(x, w_packed, GLUON_MAX_M) is None:
             return w2a16_gluon(x, repacked(w_packed), w_scales, w_global, bias, grid=w_grid)
         return w2a16_linear(x, w_packed, w_scales, w_global, bias, grid=w_grid)
     if a_bits and w2a2_unsupported(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, group_size,
-                                   w_scale_dtype, a_bits, a_grid, a_group_size, a_scale_dtype) is None:
-        return w2a2_linear(x, w_packed, w_scales, w_global, bias)
+                                   w_scale_dtype, a_bits, a_grid, a_group_size, a_scale_dtype, a_clip) is None:
+        return w2a2_linear(x, w_packed, w_scales, w_global, bias, clip=a_clip)
     return _reference_qlinear(x, w_packed, w_scales, w_global, bias, w_bits, w_grid, group_size, w_scale_dtype,
-                              a_bits, a_grid, a_group_size, a_scale_dtype)
+                              a_bits, a_grid, a_group_size, a_scale_dtype, a_clip)
 
 
-def quantize_act_triton(x: torch.Tensor, bits: int, grid: str, group_size: int, scale_dtype: str):
+def quantize_act_triton(x: torch.Tensor, bits: int, grid: str, group_size: int, scale_dtype: str, clip: float = 1.0):
     """``lowbit::quantize_act`` on CUDA: the Triton prologue (E4M3 scales, groups of 16) or the
     reference implementation."""
     if group_size == 16 and scale_dtype == "e4m3" and x.shape[-1] % 16 == 0 and x.is_floating_point() \
             and x.dtype != torch.float64 and _device_ok(x.device):
-        return act_quant(x, bits, grid)
-    return _ops.quantize_act._init_fn(x, bits, grid, group_size, scale_dtype)
+        return act_quant(x, bits, grid, clip=clip)
+    return _ops.quantize_act._init_fn(x, bits, grid, group_size, scale_dtype, clip)
 
 
 def codebook_linear_triton(x, indices_packed, codebook_packed, scales, global_scale, bias, vector_size: int,

@@ -346,6 +346,7 @@ def _act_quant_kernel(
     ROWS: tl.constexpr, BLOCK_G: tl.constexpr,
     HADAMARD: tl.constexpr = False, HP: tl.constexpr = 1, HSCALE: tl.constexpr = 1.0,
     IN_BF16: tl.constexpr = False, ASM: tl.constexpr = False, EVEN: tl.constexpr = False,
+    CLIP: tl.constexpr = 1.0,
 ):
     """Rows [pid*ROWS, +ROWS): BLOCK_G (a power of two >= KP/16) groups of 16 per row.
     ``HADAMARD``: the input rows (HP wide, a power of two) go through ``torch.ops.lowbit.hadamard``
@@ -421,6 +422,8 @@ def _act_quant_kernel(
     gscale = tl.where(gscale > 0.0, gscale, 1.0)
     ratio = tl.minimum(tl.math.div_rn(s, gscale[:, None] + tl.zeros_like(s)) * 1.0625, SCALE_MAX)
     code_s = _e4m3_code(ratio)
+    if CLIP != 1.0:  # activation clipping (lowbit.formats): the stored scales stay those of clip = 1
+        gscale = gscale * CLIP
     eff = _decode_e4m3(code_s & 0x7F) * gscale[:, None]  # +0 for a -0 scale: e == 0 all the same
     if EVEN:
         gmask = rmask[:, None] & tl.full([1, BLOCK_G], 1, tl.int1)
@@ -611,7 +614,7 @@ def _packed16(x: torch.Tensor) -> bool:
 def act_quant(x: torch.Tensor, bits: int = 2, grid: str = "int", padded_width: int | None = None,
               split_index: torch.Tensor | None = None, split_scale: torch.Tensor | None = None,
               fp8_values: bool = False, rows_per_program: int | None = None, hadamard: bool = False,
-              num_warps: int | None = None):
+              num_warps: int | None = None, clip: float = 1.0):
     """Dynamic per-row activation quantization in groups of 16 with E4M3 scales, in one pass.
 
     ``x`` [..., K_in] (any float dtype); with ``hadamard`` the rows first go through the online
@@ -623,7 +626,8 @@ def act_quant(x: torch.Tensor, bits: int = 2, grid: str = "int", padded_width: i
     global)``: ``out`` int8 codes [..., Kp] (``fp8_values=False``: equal to
     ``torch.ops.lowbit.quantize_act``) or the ``float8_e4m3fn`` values ``q * stored``
     (2-bit ``int`` grid only); scales ``float8_e4m3fn`` [..., Kp/16]; global fp32 [..., 1].
-    ``rows_per_program`` and ``num_warps`` override the launch (tuning).
+    ``rows_per_program`` and ``num_warps`` override the launch (tuning). ``clip``: the activation
+    clip ratio (``QFormat.clip``; the returned global includes it).
     """
     if fp8_values and (bits != 2 or grid != "int"):
         raise ValueError("E4M3 activation values need the 2-bit int grid (exact products)")
@@ -663,7 +667,7 @@ def act_quant(x: torch.Tensor, bits: int = 2, grid: str = "int", padded_width: i
             x2, idx, sc, out, scales, gscale, m, k, kp, x2.stride(0), out.stride(0), scales.stride(0),
             **_fmt_constants(bits, grid, x.is_cuda), SPLIT=split, FP8_OUT=fp8_values, ROWS=rows, BLOCK_G=block_g,
             HADAMARD=hadamard, HP=n_in if hadamard else 1, HSCALE=1.0 / math.sqrt(n_in) if hadamard else 1.0,
-            IN_BF16=x.dtype == torch.bfloat16, ASM=asm, EVEN=even,
+            IN_BF16=x.dtype == torch.bfloat16, ASM=asm, EVEN=even, CLIP=float(clip),
             num_warps=nw)
     out = out.view(torch.float8_e4m3fn) if fp8_values else out
     return (out.reshape(*lead, kp), scales.view(torch.float8_e4m3fn).reshape(*lead, kp // 16),
@@ -759,14 +763,15 @@ def w2a2_gemm(a8: torch.Tensor, a_global: torch.Tensor, w_packed: torch.Tensor, 
 def w2a2_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, w_global: torch.Tensor,
                 bias: torch.Tensor | None = None, split_index: torch.Tensor | None = None,
                 split_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                path: str | None = None, hadamard: bool = False, **config) -> torch.Tensor:
+                path: str | None = None, hadamard: bool = False, clip: float = 1.0, **config) -> torch.Tensor:
     """``torch.ops.lowbit.qlinear`` for 2-bit int-grid weights and activations (groups of 16,
     E4M3 scales): the prologue (:func:`act_quant`, optionally with the online Hadamard and
     gathering split channels) then the FP8 GEMM (:func:`w2a2_gemm`). ``x`` [..., K]; output
-    [..., N] in x's dtype (or ``out_dtype``)."""
+    [..., N] in x's dtype (or ``out_dtype``); ``clip``: the activation clip ratio."""
     n, gp = w_scales.shape
     lead = x.shape[:-1]
-    a8, _, ga = act_quant(x, 2, "int", gp * 16, split_index, split_scale, fp8_values=True, hadamard=hadamard)
+    a8, _, ga = act_quant(x, 2, "int", gp * 16, split_index, split_scale, fp8_values=True, hadamard=hadamard,
+                          clip=clip)
     a8 = a8.reshape(-1, gp * 16)
     out_dtype = out_dtype or x.dtype
     if a8.shape[0] == 0:
