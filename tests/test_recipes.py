@@ -90,3 +90,36 @@ def test_w2a16_half_preset_puts_weights_on_the_symmetric_grid(tiny_llama, calib_
     assert (ratio - levels).abs().max() < 1e-6   # fp32 rounding of the products, nothing more
     x = torch.randn(3, site.in_features, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(site(x).double(), x.double() @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_w2a2_half_preset_clips_activations_and_survives_save_load(tiny_llama, calib_ids, tmp_path):
+    """``w2a2-half``: symmetric-grid weights and activations, the activations with a clip ratio.
+    Each site's activation codes are those of the clipped format written out in float64 (stored
+    scales of clip 1, the global times clip), some elements clamp, and the artifact keeps the
+    ratio (saved and loaded model give identical logits, not those of the unclipped format)."""
+    import torch
+
+    import lowbit
+    from lowbit.quant_linear import QuantLinear
+
+    recipe = lowbit.get_recipe("w2a2-half")
+    clip = recipe.activation.clip
+    assert recipe.weight == QFormat(2, "half") and recipe.activation.grid == "half" and clip < 1
+    qm = lowbit.compile_quantized(tiny_llama, recipe, calibration=calib_ids, progress=False)
+    sites = [m for m in qm.modules() if isinstance(m, QuantLinear)]
+    assert sites and all(m.act_format == recipe.activation for m in sites)
+    x = torch.randn(4, sites[0].in_features, generator=torch.Generator().manual_seed(1)) * 2
+    codes, stored, gscale = torch.ops.lowbit.quantize_act(x, 2, "half", 16, "e4m3", clip)
+    _, stored1, gscale1 = torch.ops.lowbit.quantize_act(x, 2, "half", 16, "e4m3")
+    assert torch.equal(stored.float(), stored1.float()) and torch.equal(gscale, gscale1 * clip)
+    eff = (stored.double() * gscale.double()).repeat_interleave(16, -1)
+    want = torch.floor(x.double() / eff).clamp(-2, 1)
+    assert torch.equal(codes.double(), want) and (torch.floor(x.double() / eff) > 1).any()
+    ids = calib_ids[:1]
+    with torch.no_grad():
+        before = qm(ids).logits
+        lowbit.save(qm, tmp_path / "a")
+        loaded = lowbit.load(tmp_path / "a")
+        after = loaded(ids).logits
+    assert torch.equal(before, after)
+    assert all(m.act_format.clip == clip for m in loaded.modules() if isinstance(m, QuantLinear))
