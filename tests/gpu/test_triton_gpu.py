@@ -139,16 +139,17 @@ def _activation(m, k, dtype, seed):
     return x.to(dtype)
 
 
-@pytest.mark.parametrize("bits,grid,dtype", [(2, "int", torch.bfloat16), (2, "half", torch.float16),
-                                             (4, "int", torch.bfloat16), (2, "int", torch.float32)])
-def test_prologue_bit_exact(bits, grid, dtype):
+@pytest.mark.parametrize("bits,grid,dtype,clip", [(2, "int", torch.bfloat16, 1.0), (2, "half", torch.float16, 1.0),
+                                                  (4, "int", torch.bfloat16, 1.0), (2, "int", torch.float32, 1.0),
+                                                  (2, "int", torch.bfloat16, 0.7), (2, "half", torch.bfloat16, 0.55)])
+def test_prologue_bit_exact(bits, grid, dtype, clip):
     x = _activation(1024, 8192, dtype, seed=bits)
-    ref = lowbit_ops.quantize_act._init_fn(x, bits, grid, 16, "e4m3")
-    got = k2.act_quant(x, bits, grid)
+    ref = lowbit_ops.quantize_act._init_fn(x, bits, grid, 16, "e4m3", clip)
+    got = k2.act_quant(x, bits, grid, clip=clip)
     assert torch.equal(got[0], ref[0])
     assert torch.equal(got[1].view(torch.uint8) & 0x7F, ref[1].view(torch.uint8) & 0x7F)  # +-0: see CPU test
     assert torch.equal(got[2], ref[2])
-    reg = torch.ops.lowbit.quantize_act(x, bits, grid, 16, "e4m3")  # the registered CUDA kernel
+    reg = torch.ops.lowbit.quantize_act(x, bits, grid, 16, "e4m3", clip)  # the registered CUDA kernel
     assert torch.equal(reg[0], ref[0]) and torch.equal(reg[2], ref[2])
 
 
