@@ -181,10 +181,11 @@ def cmd_train(args) -> int:
 def cmd_recipes(args) -> int:
     from .recipes import PRESETS
 
+    width = max(len(name) for name in PRESETS)
     for name, make in PRESETS.items():
         r = make()
         a = r.activation.name if r.activation else "none"
-        print(f"{name:8s} weight {r.weight.name:18s} act {a}")
+        print(f"{name:{width}s}  weight {r.weight.name:18s} act {a}")
     return 0
 
 
