@@ -83,6 +83,12 @@ class _StoredScale(torch.autograd.Function):
         return g, None
 
 
+def _inside_grid(r: torch.Tensor, fmt: QFormat) -> torch.Tensor:
+    """Where ``r = x / s`` rounds into fmt's grid without clamping: ``[lo - 0.5, hi + 0.5)`` in
+    units of the scale, for both grids (the straight-through estimators pass gradient there)."""
+    return (r >= fmt.level_lo - 0.5) & (r < fmt.level_hi + 0.5)
+
+
 class _FakeQuantWeight(torch.autograd.Function):
     """``dequantize_codes(quantize_codes(w, s), s)`` with STE (w) and LSQ (s) gradients."""
 
@@ -101,8 +107,7 @@ class _FakeQuantWeight(torch.autograd.Function):
         live = s != 0
         r = _grouped(w.float(), fmt.group_size) / torch.where(live, s, torch.ones_like(s))
         level = _grouped(codes.float(), fmt.group_size) + (0.5 if fmt.grid == "half" else 0.0)
-        # the range of r that rounds into the grid: [lo - 0.5, hi + 0.5) for both grids
-        inside = (r >= fmt.level_lo - 0.5) & (r < fmt.level_hi + 0.5) & live
+        inside = _inside_grid(r, fmt) & live
         gg = _grouped(g.float(), fmt.group_size)
         grad_w = (gg * inside).reshape(w.shape) if ctx.needs_input_grad[0] else None
         grad_s = None
@@ -122,12 +127,9 @@ class _FakeQuantAct(torch.autograd.Function):
         eff = effective_scales(scales, gscale)
         ctx.clipped = fmt.clip != 1.0
         if ctx.clipped:
-            r = _grouped(x.float(), fmt.group_size) / eff.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).tiny)
-            if fmt.grid == "half":
-                inside = (r >= fmt.qmin) & (r < fmt.qmax + 1)
-            else:
-                inside = (r >= fmt.qmin - 0.5) & (r <= fmt.qmax + 0.5)
-            ctx.save_for_backward(inside.reshape(x.shape))
+            s = eff.float().unsqueeze(-1)
+            r = _grouped(x.float(), fmt.group_size) / torch.where(s != 0, s, torch.ones_like(s))
+            ctx.save_for_backward(_inside_grid(r, fmt).reshape(x.shape))
         return dequantize_codes(codes, eff, fmt)
 
     @staticmethod

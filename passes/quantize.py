@@ -68,7 +68,8 @@ class QuantizePass(LowbitPass):
 
         ``weight_quantizer``: optional callable(site, weight, inputs, fmt) -> QTensor
         replacing RTN (GPTQ plugs in here). Given calibration inputs it also takes precedence
-        over codes a pass left on a site (``weight_qtensor``, rounding-aware splitting). ``formats``: optional callable(site name) ->
+        over codes a pass left on a site (``weight_qtensor``, rounding-aware splitting).
+        ``formats``: optional callable(site name) ->
         (weight format, activation format) or None (float), e.g. ``Recipe.formats_for``
         (per-site overrides); it replaces ``ignore`` and the two formats when given.
         """

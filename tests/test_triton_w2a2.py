@@ -49,8 +49,9 @@ def test_prologue_codes_and_scales_bit_exact(bits, grid, dtype):
     assert all(_same(a, b) for a, b in zip(got, ref))
 
 
-@pytest.mark.parametrize("bits,grid,dtype,hadamard", [(2, "int", torch.bfloat16, False), (2, "half", torch.float16, False),
-                                                      (4, "int", torch.float32, False), (2, "int", torch.bfloat16, True)])
+@pytest.mark.parametrize("bits,grid,dtype,hadamard", [
+    (2, "int", torch.bfloat16, False), (2, "half", torch.float16, False),
+    (4, "int", torch.float32, False), (2, "int", torch.bfloat16, True)])
 @pytest.mark.parametrize("clip", [0.55, 0.7])
 def test_prologue_with_activation_clipping_bit_exact(bits, grid, dtype, hadamard, clip):
     """A clipped activation format: the kernel's codes, scales and (clipped) global equal the
