@@ -68,19 +68,24 @@ from lowbit.passes.weights import get_attr_path, install_module
 MIN_SCALE = 2.0 ** -9  # smallest positive E4M3 value (subnormal)
 
 
-class _StoredScale(torch.autograd.Function):
+def _straight_through(value: torch.Tensor, source: torch.Tensor, slope: torch.Tensor | None = None) -> torch.Tensor:
+    """``value`` in the forward, gradient ``slope * g`` (or ``g``) into ``source`` in the backward.
+
+    ``value + (source - source.detach()) * slope``: the added term is exactly zero for finite
+    ``source`` and ``slope``, so the forward is bit for bit ``value``. Written with detach
+    rather than as a ``torch.autograd.Function`` because torch.compile traces it as plain
+    tensor math: torch 2.11 compiled blocks with these estimators as autograd Functions into
+    graphs whose backward gave every latent weight and scale a zero gradient."""
+    delta = source - source.detach()
+    return value.detach() + (delta if slope is None else delta * slope)
+
+
+def _stored_scale(ratio: torch.Tensor, fmt: QFormat) -> torch.Tensor:
     """Forward: the stored group scale (E4M3-rounded, or rounded to fp16/fp32); backward: identity."""
-
-    @staticmethod
-    def forward(ctx, ratio, fmt: QFormat):
-        ratio = ratio.clamp(MIN_SCALE, fmt.scale_max if fmt.scale_dtype == "e4m3" else float("inf"))
-        if fmt.scale_dtype == "e4m3":
-            return round_e4m3(ratio)
-        return ratio.to(fmt.scale_torch_dtype).float()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
+    with torch.no_grad():
+        stored = ratio.clamp(MIN_SCALE, fmt.scale_max if fmt.scale_dtype == "e4m3" else float("inf"))
+        stored = round_e4m3(stored) if fmt.scale_dtype == "e4m3" else stored.to(fmt.scale_torch_dtype).float()
+    return _straight_through(stored, ratio)
 
 
 def _inside_grid(r: torch.Tensor, fmt: QFormat) -> torch.Tensor:
@@ -89,55 +94,39 @@ def _inside_grid(r: torch.Tensor, fmt: QFormat) -> torch.Tensor:
     return (r >= fmt.level_lo - 0.5) & (r < fmt.level_hi + 0.5)
 
 
-class _FakeQuantWeight(torch.autograd.Function):
-    """``dequantize_codes(quantize_codes(w, s), s)`` with STE (w) and LSQ (s) gradients."""
-
-    @staticmethod
-    def forward(ctx, w, eff, fmt: QFormat):
-        codes = quantize_codes(w, eff, fmt)
-        ctx.save_for_backward(w, eff, codes)
-        ctx.fmt = fmt
-        return dequantize_codes(codes, eff, fmt)
-
-    @staticmethod
-    def backward(ctx, g):
-        w, eff, codes = ctx.saved_tensors
-        fmt = ctx.fmt
-        s = eff.float().unsqueeze(-1)
+def fake_quantize_weight(w: torch.Tensor, eff_scales: torch.Tensor, fmt: QFormat) -> torch.Tensor:
+    """Differentiable weight fake-quant: ``dequantize_codes(quantize_codes(w, s), s)`` (values
+    exactly those of :mod:`lowbit.formats`) with STE (w) and LSQ (s) gradients."""
+    with torch.no_grad():
+        codes = quantize_codes(w, eff_scales, fmt)
+        value = _grouped(dequantize_codes(codes, eff_scales, fmt), fmt.group_size)
+        s = eff_scales.float().unsqueeze(-1)
         live = s != 0
         r = _grouped(w.float(), fmt.group_size) / torch.where(live, s, torch.ones_like(s))
         level = _grouped(codes.float(), fmt.group_size) + (0.5 if fmt.grid == "half" else 0.0)
         inside = _inside_grid(r, fmt) & live
-        gg = _grouped(g.float(), fmt.group_size)
-        grad_w = (gg * inside).reshape(w.shape) if ctx.needs_input_grad[0] else None
-        grad_s = None
-        if ctx.needs_input_grad[1]:
-            grad_s = (gg * torch.where(inside, level - r, level) * live).sum(-1)
-        return grad_w, grad_s, None
+        scale_slope = torch.where(inside, level - r, level) * live     # d W_q / d s, per element
+    grouped_w = _grouped(w, fmt.group_size)
+    out = _straight_through(value, grouped_w, inside.to(grouped_w.dtype))
+    out = out + (eff_scales - eff_scales.detach()).unsqueeze(-1).to(out.dtype) * scale_slope
+    return out.reshape(w.shape)
 
 
-class _FakeQuantAct(torch.autograd.Function):
-    """Per-token activation fake-quant of ``torch.ops.lowbit.qlinear``; straight-through gradient,
-    zero where a clipped format (``fmt.clip < 1``) clamps the element to an end level."""
-
-    @staticmethod
-    def forward(ctx, x, fmt: QFormat):
+def fake_quantize_act(x: torch.Tensor, fmt: QFormat) -> torch.Tensor:
+    """Per-token activation fake-quant of ``torch.ops.lowbit.qlinear`` (values exactly
+    ``lowbit.ops.fake_quantize_act``); straight-through gradient, zero where a clipped format
+    (``fmt.clip < 1``) clamps the element to an end level."""
+    with torch.no_grad():
         codes, scales, gscale = torch.ops.lowbit.quantize_act(x, fmt.bits, fmt.grid, fmt.group_size,
                                                               fmt.scale_dtype, fmt.clip)
         eff = effective_scales(scales, gscale)
-        ctx.clipped = fmt.clip != 1.0
-        if ctx.clipped:
+        value = dequantize_codes(codes, eff, fmt)
+        inside = None
+        if fmt.clip != 1.0:
             s = eff.float().unsqueeze(-1)
             r = _grouped(x.float(), fmt.group_size) / torch.where(s != 0, s, torch.ones_like(s))
-            ctx.save_for_backward(_inside_grid(r, fmt).reshape(x.shape))
-        return dequantize_codes(codes, eff, fmt)
-
-    @staticmethod
-    def backward(ctx, g):
-        if ctx.clipped:
-            (inside,) = ctx.saved_tensors
-            return g * inside.to(g.dtype), None
-        return g, None
+            inside = _inside_grid(r, fmt).reshape(x.shape).to(x.dtype)
+    return _straight_through(value, x, inside)
 
 
 # -- gradients of the prologue ops (straight through their linear maps) -----------------------------
@@ -163,16 +152,6 @@ def _split_backward(ctx, g):
 
 torch.library.register_autograd("lowbit::hadamard", _hadamard_backward, setup_context=lambda ctx, inputs, output: None)
 torch.library.register_autograd("lowbit::channel_split", _split_backward, setup_context=_split_setup)
-
-
-def fake_quantize_weight(w: torch.Tensor, eff_scales: torch.Tensor, fmt: QFormat) -> torch.Tensor:
-    """Differentiable weight fake-quant (values exactly those of :mod:`lowbit.formats`)."""
-    return _FakeQuantWeight.apply(w, eff_scales, fmt)
-
-
-def fake_quantize_act(x: torch.Tensor, fmt: QFormat) -> torch.Tensor:
-    """Differentiable activation fake-quant (values exactly ``lowbit.ops.fake_quantize_act``)."""
-    return _FakeQuantAct.apply(x, fmt)
 
 
 @register_site_module
@@ -240,7 +219,7 @@ class FakeQuantLinear(nn.Module):
     # -- quantizers -----------------------------------------------------------------------------
     def stored_scales(self) -> torch.Tensor:
         """fp32 values of the stored group scales (exact E4M3 values), differentiable in log_scale."""
-        s = _StoredScale.apply(torch.exp(self.log_scale.float()), self.weight_format)
+        s = _stored_scale(torch.exp(self.log_scale.float()), self.weight_format)
         return s * self.live_groups
 
     def eff_scales(self) -> torch.Tensor:
