@@ -146,7 +146,7 @@ def cmd_train(args) -> int:
             scale_lr=args.scale_lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
             transition=args.transition, warmup=args.warmup, grad_clip=args.grad_clip, holdout=args.holdout,
             eval_every=args.eval_every, keep_best=not args.keep_last, compile=args.compile,
-            cuda_graph=args.cuda_graph, block_samples=args.block_samples)
+            cuda_graph=args.cuda_graph, block_samples=args.block_samples, norm_lr=args.norm_lr)
         print(f"training data: {args.samples} x {args.seq_len} tokens from "
               f"{'the model itself' if args.data == 'generate' else args.data}", file=sys.stderr)
         t0 = time.perf_counter()
@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--lr", type=float, default=5e-3, help="latent weights (relative to each site's weight RMS)")
     t.add_argument("--scale-lr", type=float, default=2e-3, help="log group scales")
+    t.add_argument("--norm-lr", type=float, default=0.0,
+                   help="weights of the normalization layers (0: frozen; the teacher keeps the float ones)")
     t.add_argument("--warmup", type=float, default=0.0, help="fraction of each phase's steps with a linear LR ramp")
     t.add_argument("--grad-clip", type=float, default=0.0, help="clip each step's global gradient norm (0: off)")
     t.add_argument("--holdout", type=int, default=0, help="sequences kept out of training to evaluate the KL on")

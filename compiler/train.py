@@ -105,6 +105,7 @@ class TrainConfig:
     compile: bool = False          # end-to-end phases: each block through torch.compile (one graph for all)
     cuda_graph: bool = False       # replay each phase's training step as one CUDA graph (CUDA only)
     temperature: float = 1.0       # of the end-to-end KL
+    norm_lr: float = 0.0           # Adam step of the normalization layers' weights (0: they stay frozen)
     seed: int = 0
     amp: str = "auto"              # "bf16": autocast on CUDA; "none"; "auto": bf16 on CUDA only
     gradient_checkpointing: bool = False
@@ -243,6 +244,21 @@ class _Interrupted(Exception):
     pass
 
 
+def norm_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights of the model's normalization layers (LayerNorm, RMSNorm and the models' own
+    ``*Norm`` modules), by parameter name. After the rotation pass they are per-channel scales
+    of the rotated residual stream (all ones where the pass folded them into the next sites):
+    training them is a degree of freedom the quantized sites do not have, since a scale per
+    input channel is not one per group of a row."""
+    out = {}
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if (isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or type(m).__name__.endswith("Norm")) \
+                and isinstance(w, nn.Parameter) and w.dim() == 1:
+            out[f"{name}.weight" if name else "weight"] = w
+    return out
+
+
 def _call_logits(model, ids):
     out = model(ids, use_cache=False) if _is_hf(model) else model(ids)
     return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
@@ -286,6 +302,13 @@ class Trainer:
         for m in fake_quant_sites(student).values():
             m.weight.requires_grad_(True)
             m.log_scale.requires_grad_(True)
+        # trained normalization weights (norm_lr > 0): the teacher keeps the float ones, swapped in
+        # by copies (a captured CUDA graph holds the parameters' addresses) around its forwards
+        self._norms = norm_weights(student) if config.norm_lr > 0 else {}
+        self._float_norms = {n: p.detach().clone() for n, p in self._norms.items()}
+        self._trained_norms = {n: torch.empty_like(p) for n, p in self._norms.items()}
+        for p in self._norms.values():
+            p.requires_grad_(True)
         if self.device.type == "cuda":
             try:  # the CUDA kernels of the ops the fake quantizers share (bit-identical: Hadamard, act. quantizer)
                 import lowbit.codegen.triton  # noqa: F401
@@ -309,13 +332,34 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not self.config.cuda_graph)
         return contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def teacher(self):
+        """The float model the student distills from: every site in ``float_mode`` and, when the
+        normalization weights train, their float values in place of the trained ones."""
+        with float_mode(self.model):
+            if not self._norms:
+                yield
+                return
+            with torch.no_grad():
+                for n, p in self._norms.items():
+                    self._trained_norms[n].copy_(p)
+                    p.copy_(self._float_norms[n])
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for n, p in self._norms.items():
+                        p.copy_(self._trained_norms[n])
+
     def batch_index(self, *key) -> torch.Tensor:
         g = torch.Generator().manual_seed(hash_key(self.config.seed, *key))
         return torch.randint(0, self.data.shape[0], (self.config.batch_size,), generator=g)
 
-    def make_optimizer(self, sites: dict, saved: dict | None = None) -> torch.optim.Optimizer:
+    def make_optimizer(self, sites: dict, saved: dict | None = None, scope: str = "") -> torch.optim.Optimizer:
         """Adam over the sites' latent weights (one group per site, step relative to its weight
-        RMS) and their log scales; ``saved``: a checkpoint's optimizer state to continue. With
+        RMS), their log scales and, with ``norm_lr``, the weights of the normalization layers
+        under the module ``scope`` ("" for the whole model); ``saved``: a checkpoint's optimizer
+        state to continue. With
         ``cuda_graph`` the optimizer is capturable and its learning rates are device tensors
         (a captured step reads them; :meth:`set_lr` fills them in place)."""
         groups = []
@@ -324,6 +368,9 @@ class Trainer:
             groups.append({"params": [m.weight], "lr": self.config.lr * rms, "base_lr": self.config.lr * rms})
         groups.append({"params": [m.log_scale for m in sites.values()], "lr": self.config.scale_lr,
                        "base_lr": self.config.scale_lr})
+        norms = [p for n, p in self._norms.items() if not scope or n.startswith(scope + ".")]
+        if norms:
+            groups.append({"params": norms, "lr": self.config.norm_lr, "base_lr": self.config.norm_lr})
         graphed = self.config.cuda_graph
         # on CUDA the fused Adam: one kernel per group instead of ten (the per-site groups made
         # the multi-tensor kernels a tenth of a step's GPU time)
@@ -422,7 +469,7 @@ class Trainer:
 
         h = block.register_forward_pre_hook(hook, with_kwargs=True)
         xs = []
-        ctx = contextlib.nullcontext() if quantized else float_mode(self.model)
+        ctx = contextlib.nullcontext() if quantized else self.teacher()
         n = self.data.shape[0]
         if self.config.block_samples:
             n = min(n, max(self.config.batch_size, self.config.block_samples))
@@ -457,10 +504,10 @@ class Trainer:
             x_q, kw = self.block_inputs(block, quantized=True)
             x_f, _ = self.block_inputs(block, quantized=False)
         self._carry = None
-        with torch.no_grad(), float_mode(self.model), self.autocast():
+        with torch.no_grad(), self.teacher(), self.autocast():
             y_f = torch.cat([_first(block(x_f[i:i + bs], **kw)).float() for i in range(0, x_f.shape[0], bs)])
         del x_f
-        self.optimizer = self.make_optimizer(sites, self._pending_optimizer)
+        self.optimizer = self.make_optimizer(sites, self._pending_optimizer, scope=name)
         self._pending_optimizer = None
         from tqdm.auto import tqdm
 
@@ -485,7 +532,7 @@ class Trainer:
     # -- end to end --------------------------------------------------------------------------------
     def e2e_loss(self, ids: torch.Tensor) -> torch.Tensor:
         t = self.config.temperature
-        with torch.no_grad(), float_mode(self.model), self.autocast():
+        with torch.no_grad(), self.teacher(), self.autocast():
             teacher = _call_logits(self.model, ids)
         with self.autocast():
             student = _call_logits(self.model, ids)
@@ -505,8 +552,12 @@ class Trainer:
         return total / rows
 
     def _site_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{name}.{k}": p.detach().clone() for name, m in fake_quant_sites(self.model).items()
-                for k, p in (("weight", m.weight), ("log_scale", m.log_scale))}
+        """What training changes: the sites' latent weights and log scales, and the trained
+        normalization weights (by parameter name)."""
+        tensors = {f"{name}.{k}": p.detach().clone() for name, m in fake_quant_sites(self.model).items()
+                   for k, p in (("weight", m.weight), ("log_scale", m.log_scale))}
+        tensors.update({n: p.detach().clone() for n, p in self._norms.items()})
+        return tensors
 
     def _evaluate(self, stage: int, step: int) -> None:
         """Held-out KL after ``step`` end-to-end steps; remember the site tensors if it is the best."""
@@ -521,6 +572,8 @@ class Trainer:
             for name, m in sites.items():
                 m.weight.copy_(self.best["tensors"][f"{name}.weight"])
                 m.log_scale.copy_(self.best["tensors"][f"{name}.log_scale"])
+            for n, p in self._norms.items():
+                p.copy_(self.best["tensors"][n])
         self.history.append({"stage": stage, "phase": "restore", "block": 0, "step": self.best["step"],
                              "loss": self.best["loss"]})
 
@@ -658,6 +711,8 @@ class Trainer:
         files["sites.safetensors"] = {f"{name}.{k}": v.detach().contiguous().cpu()
                                       for name, m in fake_quant_sites(self.model).items()
                                       for k, v in m.state_dict().items() if k not in _REBUILT}
+        if self._norms:
+            files["norms.safetensors"] = {n: p.detach().contiguous().cpu() for n, p in self._norms.items()}
         if not (self.out / "data.safetensors").exists():
             files["data.safetensors"] = {"ids": self._all_data.contiguous()}
         best_meta = None
@@ -696,6 +751,15 @@ class Trainer:
             if unexpected or set(missing) - _REBUILT:
                 raise ValueError(f"{self.out / 'sites.safetensors'}: site {name} does not match the rebuilt model "
                                  f"(missing {sorted(set(missing) - _REBUILT)}, unexpected {unexpected})")
+        if (self.out / "norms.safetensors").exists():  # trained normalization weights
+            norms = norm_weights(self.model)
+            saved = load_file(str(self.out / "norms.safetensors"), device=str(self.device))
+            if set(saved) != set(norms):
+                raise ValueError(f"{self.out / 'norms.safetensors'}: normalization weights {sorted(saved)} do not "
+                                 f"match the rebuilt model's {sorted(norms)}")
+            with torch.no_grad():
+                for n, v in saved.items():
+                    norms[n].copy_(v)
         if state.get("best") is not None:
             self.best = dict(state["best"], tensors=load_file(str(self.out / "best.safetensors"),
                                                               device=str(self.device)))

@@ -12,7 +12,7 @@ from lowbit.formats import QFormat, dequantize_codes, effective_scales, quantize
 from lowbit.prologue import ChannelSplitPrologue, HadamardPrologue
 from lowbit.qat import FakeQuantLinear, fake_quant_sites, fake_quantize_weight, float_mode, freeze, prepare_qat
 from lowbit.quant_linear import QuantLinear
-from lowbit.train import Trainer, TrainConfig, train
+from lowbit.train import Trainer, TrainConfig, norm_weights, train
 
 
 def _site(n, k, wfmt, afmt=None, prologue=None, in_features=None, seed=0, bias=True):
@@ -362,7 +362,7 @@ def test_blocks_called_without_a_mask_attend_causally():
     assert torch.allclose(got, want, atol=1e-5) and torch.allclose(masked, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("evaluation,rotated", [({}, False), (dict(holdout=2, eval_every=1, lr=0.5), True)])
+@pytest.mark.parametrize("evaluation,rotated", [({}, False), (dict(holdout=2, eval_every=1, lr=0.5, norm_lr=0.05), True)])
 def test_resume_from_checkpoint_gives_the_same_state(tmp_path, evaluation, rotated):
     """Interrupted and resumed twice = uninterrupted, bit for bit; with held-out evaluation the
     best-so-far site tensors travel in the checkpoint too (a large step size makes the best
@@ -398,11 +398,54 @@ def test_resume_from_checkpoint_gives_the_same_state(tmp_path, evaluation, rotat
         [(h["phase"], h["loss"]) for h in full.lowbit_train_history]
     if evaluation:
         assert any(h["phase"] == "restore" for h in full.lowbit_train_history)
+    if cfg.norm_lr:  # trained normalization weights travel in the checkpoint (and the best state)
+        assert (tmp_path / "b" / "norms.safetensors").is_file()
+        na, nb = norm_weights(full), norm_weights(resumed)
+        assert any(not torch.equal(p, norm_weights(model)[n]) for n, p in na.items())
+        assert all(torch.equal(na[n], nb[n]) for n in na)
     a, b = fake_quant_sites(full), fake_quant_sites(resumed)
     for name in a:
         assert a[name].weight_format == b[name].weight_format == recipe.weight
         for k, v in a[name].state_dict().items():
             assert torch.equal(v, b[name].state_dict()[k]), (name, k)
+
+
+def test_trained_normalization_weights_leave_the_teacher_float(tmp_path):
+    """With ``norm_lr`` the normalization weights train (in the block phase those of the block,
+    end to end all of them), while the teacher keeps the float ones: inside ``teacher()`` the
+    model computes exactly the logits of the untrained model in ``float_mode``, and after it
+    the trained weights are back. The saved artifact holds the trained weights."""
+    model = _tiny_llama(2)
+    data = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(2))
+    recipe = lowbit.get_recipe("w2a16").with_passes({"name": "rotate"})
+    prepared = prepare_qat(copy.deepcopy(model), recipe, calibration=data[:2], inplace=True, progress=False)
+    start = {n: p.detach().clone() for n, p in norm_weights(prepared).items()}
+    assert set(start) == {"model.norm.weight"} | {f"model.layers.{i}.{k}.weight" for i in range(2)
+                                                  for k in ("input_layernorm", "post_attention_layernorm")}
+    with torch.no_grad(), float_mode(prepared):
+        float_logits = prepared(data[:2]).logits
+    student = copy.deepcopy(prepared)
+    trainer = Trainer(student, recipe, TrainConfig(stages=["w2"], block_steps=2, e2e_steps=3, batch_size=2,
+                                                   norm_lr=0.05), data, progress=False)
+    trainer.run()
+    trained = {n: p.detach().clone() for n, p in norm_weights(student).items()}
+    assert all(not torch.equal(trained[n], start[n]) for n in start)
+    with torch.no_grad():
+        with trainer.teacher():
+            assert torch.equal(student(data[:2]).logits, float_logits)
+        assert all(torch.equal(p, trained[n]) for n, p in norm_weights(student).items())
+        assert not torch.allclose(float_mode_logits(student, data[:2]), float_logits)
+    frozen = freeze(student)
+    lowbit.save(frozen, tmp_path / "art")
+    loaded = lowbit.load(tmp_path / "art")
+    assert all(torch.equal(p, trained[n]) for n, p in norm_weights(loaded).items())
+    with torch.no_grad():
+        assert torch.allclose(loaded(data[:2]).logits, frozen(data[:2]).logits, atol=1e-5)
+
+
+def float_mode_logits(model, ids):
+    with float_mode(model):
+        return model(ids).logits
 
 
 def test_time_limit_checkpoints_and_finish_ends_at_the_best_evaluation(tmp_path, monkeypatch):
