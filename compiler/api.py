@@ -75,7 +75,7 @@ def build_passes(recipe: Recipe, context: CompileContext, mode: str = "infer") -
         from .qat import TrainableQuantizePass as QuantizePass  # noqa: F811
     passes = [registry.make(p, context) for p in recipe.passes]
     passes.append(QuantizePass(recipe.weight, recipe.activation, ignore=recipe.is_ignored,
-                               clip_search=recipe.clip_search,
+                               clip_search=recipe.clip_search, act_clip_search=recipe.act_clip_search,
                                weight_quantizer=registry.weight_quantizer(recipe, context),
                                context=context, formats=recipe.formats_for))
     return passes

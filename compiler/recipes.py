@@ -31,6 +31,9 @@ class Recipe:
     weight_method: str = "rtn"
     weight_options: dict = field(default_factory=dict)   # e.g. GPTQ: {"act_order": true, "damp": 0.01}
     clip_search: bool = True
+    # candidate activation clip ratios: with calibration data each site takes the one whose output
+    # is closest to the float site's on its own inputs (empty: the activation format's clip for all)
+    act_clip_search: list[float] = field(default_factory=list)
     passes: list[dict] = field(default_factory=list)
     ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
     overrides: list[dict] = field(default_factory=list)
@@ -45,6 +48,10 @@ class Recipe:
                              "group (clip_search, GPTQ, learned scales)")
         if self.weight_method not in ("rtn", "gptq"):
             raise ValueError(f"weight_method must be 'rtn' or 'gptq', got {self.weight_method!r}")
+        self.act_clip_search = [float(c) for c in self.act_clip_search]
+        if self.act_clip_search and (self.activation is None or any(not 0 < c <= 1 for c in self.act_clip_search)):
+            raise ValueError("act_clip_search needs an activation format and clip ratios in (0, 1], got "
+                             f"{self.act_clip_search}")
         for p in self.passes:
             if not isinstance(p, dict) or "name" not in p:
                 raise ValueError(f"each pass entry must be a dict with a 'name', got {p!r}")
@@ -77,6 +84,7 @@ class Recipe:
             "weight_method": self.weight_method,
             "weight_options": dict(self.weight_options),
             "clip_search": self.clip_search,
+            "act_clip_search": list(self.act_clip_search),
             "passes": [dict(p) for p in self.passes],
             "ignore": list(self.ignore),
             "overrides": [{"sites": list(o["sites"]), "weight": o["weight"].to_dict(),
@@ -86,8 +94,8 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
-        known = {"name", "weight", "activation", "weight_method", "weight_options", "clip_search", "passes", "ignore",
-                 "overrides"}
+        known = {"name", "weight", "activation", "weight_method", "weight_options", "clip_search", "act_clip_search",
+                 "passes", "ignore", "overrides"}
         extra = set(d) - known
         if extra:
             raise ValueError(f"unknown recipe fields {sorted(extra)}; known: {sorted(known)}")

@@ -4,7 +4,9 @@ For each linear site ``y = x W^T + b`` (found with ``lowbit.capture.find_linear_
 whose name no ``ignore`` pattern matches, the pass quantizes W statically to the weight
 format (RTN with a per-group clipping search by default, see ``lowbit.formats``) and,
 when the recipe has an activation format, makes the site quantize its input
-dynamically per token and group. The node becomes a ``call_module`` to a QuantLinear
+dynamically per token and group; with ``act_clip_search`` and calibration data each such
+site takes, from the candidate clip ratios, the one that minimises its relative output error
+``||y_q - y|| / ||y||`` on its own inputs (weight codes fixed). The node becomes a ``call_module`` to a QuantLinear
 installed at the site's own name, so materialization can move it into the original
 module tree unchanged.
 
@@ -18,6 +20,7 @@ Invariants:
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
@@ -60,6 +63,7 @@ class QuantizePass(LowbitPass):
         act_format: QFormat | None = None,
         ignore=None,
         clip_search: bool = True,
+        act_clip_search=(),
         weight_quantizer=None,
         context: CompileContext | None = None,
         formats=None,
@@ -72,6 +76,9 @@ class QuantizePass(LowbitPass):
         ``formats``: optional callable(site name) ->
         (weight format, activation format) or None (float), e.g. ``Recipe.formats_for``
         (per-site overrides); it replaces ``ignore`` and the two formats when given.
+        ``act_clip_search``: candidate activation clip ratios; with calibration inputs each site
+        quantizing its activations takes the ratio whose output is closest (relative L2) to the
+        float site's on those inputs, its weight codes fixed.
         """
         super().__init__(context)
         self.weight_format = weight_format
@@ -84,6 +91,7 @@ class QuantizePass(LowbitPass):
             pats = list(ignore)
             self.ignore = lambda name: any(fnmatch.fnmatchcase(name, p) for p in pats)
         self.clip_search = clip_search
+        self.act_clip_search = [float(c) for c in act_clip_search]
         self.weight_quantizer = weight_quantizer
         self.formats = formats or (lambda name: None if self.ignore(name) else (self.weight_format, self.act_format))
         self.details: dict = {}
@@ -155,8 +163,19 @@ class QuantizePass(LowbitPass):
         if x is not None:
             with torch.no_grad():
                 ref = torch.nn.functional.linear(x_weight, weight.float(), None if bias is None else bias.float())
-                out = ql(x)
-                err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+                def rel_error():
+                    return ((ql(x).float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+                if act_format is not None and self.act_clip_search:
+                    tried = {}
+                    for clip in self.act_clip_search:
+                        ql.act_format = dataclasses.replace(act_format, clip=clip)
+                        tried[clip] = rel_error()
+                    best = min(tried, key=tried.get)
+                    ql.act_format = dataclasses.replace(act_format, clip=best)
+                    rec["act_clip"] = best
+                err = rel_error()
             rec["rel_error"] = err
             rec["act_absmax"] = [float(f"{v:.4g}") for v in x_weight.abs().amax(0).tolist()]
             errors.append(err)

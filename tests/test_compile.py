@@ -1,5 +1,6 @@
 """compile_quantized end to end on the reference backend."""
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -155,3 +156,40 @@ def test_override_quantizes_the_classifier_in_its_own_format(method):
     w = model.lm_head.weight.detach().double()
     err4 = ((q.lm_head.dequantized_weight().double() - w).norm() / w.norm()).item()
     assert err4 < 0.15  # a 4-bit classifier (about 0.08 here), not a 2-bit one (about 0.36)
+
+
+def test_activation_clip_search_takes_the_ratio_closest_to_the_float_site():
+    """``act_clip_search``: each site takes the candidate clip ratio whose output is closest to
+    the float site's on the calibration inputs. Checked against float64 products of the
+    site's dequantized weight with the reference op's fake-quantized activations, for every
+    candidate; on heavy-tailed inputs the chosen ratio beats no clipping."""
+    from lowbit.ops import fake_quantize_act
+
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Linear(64, 32, bias=False))
+    x = torch.distributions.StudentT(2.0).sample((64, 64))  # heavy tails: clipping pays
+    candidates = [0.3, 0.5, 0.7, 1.0]
+    act = QFormat(2, "half", 16, "e4m3")
+    gm = torch.fx.symbolic_trace(m)
+    ctx = lowbit.CompileContext(calibration=[(x,)], progress=False)
+    QuantizePass(QFormat(2, "half", 16, "e4m3"), act, act_clip_search=candidates, context=ctx)(gm)
+    site = gm.get_submodule("0")
+    w = site.dequantized_weight().double()
+    ref = x.double() @ m[0].weight.detach().double().T
+    errors = {c: float((fake_quantize_act(x, replace(act, clip=c)).double() @ w.T - ref).norm() / ref.norm())
+              for c in candidates}
+    best = min(errors, key=errors.get)
+    assert site.act_format == replace(act, clip=best) and ctx.report.sites["0"]["act_clip"] == best
+    assert errors[best] < errors[1.0]
+    assert ctx.report.sites["0"]["rel_error"] == pytest.approx(errors[best], rel=1e-4)
+
+
+def test_activation_clip_search_in_recipes():
+    r = lowbit.get_recipe("w2a2-half")
+    searched = lowbit.Recipe.from_dict(dict(r.to_dict(), act_clip_search=[0.5, 0.6]))
+    assert searched.act_clip_search == [0.5, 0.6]
+    assert lowbit.Recipe.from_json(searched.to_json()).act_clip_search == [0.5, 0.6]
+    with pytest.raises(ValueError, match="act_clip_search"):
+        lowbit.Recipe.from_dict(dict(r.to_dict(), act_clip_search=[1.5]))
+    with pytest.raises(ValueError, match="act_clip_search"):
+        lowbit.Recipe.from_dict(dict(lowbit.get_recipe("w2a16").to_dict(), act_clip_search=[0.5]))

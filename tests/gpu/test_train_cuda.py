@@ -16,11 +16,11 @@ if not torch.cuda.is_available():
 
 import lowbit  # noqa: E402
 from lowbit.qat import fake_quant_sites, freeze, prepare_qat  # noqa: E402
-from lowbit.train import GRAPH_WARMUP, Trainer, TrainConfig, recipe_stage  # noqa: E402
+from lowbit.train import GRAPH_WARMUP, Trainer, TrainConfig, norm_weights, recipe_stage  # noqa: E402
 
 
-@pytest.mark.parametrize("recipe_name", ["w2a16", "w2a2"])
-def test_cuda_graph_steps_train_like_eager_steps(tiny_llama, recipe_name):
+@pytest.mark.parametrize("recipe_name,norm_lr", [("w2a16", 0.0), ("w2a2", 0.0), ("w2a16", 0.01)])
+def test_cuda_graph_steps_train_like_eager_steps(tiny_llama, recipe_name, norm_lr):
     data = torch.randint(0, 256, (10, 32), generator=torch.Generator().manual_seed(3))
     recipe = lowbit.get_recipe(recipe_name).with_passes({"name": "rotate"})
     prepared = prepare_qat(copy.deepcopy(tiny_llama), recipe, calibration=data[:2], inplace=True,
@@ -30,7 +30,7 @@ def test_cuda_graph_steps_train_like_eager_steps(tiny_llama, recipe_name):
     for graphed in (False, True):
         cfg = TrainConfig(stages=[recipe_stage(recipe)],
                           block_steps=block_steps, e2e_steps=e2e_steps, batch_size=4, warmup=0.2, grad_clip=1.0,
-                          holdout=2, eval_every=5, cuda_graph=graphed)
+                          holdout=2, eval_every=5, cuda_graph=graphed, norm_lr=norm_lr)
         student = copy.deepcopy(prepared)
         trainer = Trainer(student, recipe, cfg, data, progress=False)
         trainer.run()
@@ -51,6 +51,11 @@ def test_cuda_graph_steps_train_like_eager_steps(tiny_llama, recipe_name):
         moved = (ref.weight - start).norm()
         assert moved > 0 and (m.weight - start).norm() > 0.5 * moved, name
         assert (m.weight - ref.weight).norm() <= 0.05 * moved + 1e-6, name
+    if norm_lr:  # trained normalization weights: moved, alike in both runs (the teacher swaps in copies)
+        for name, p in norm_weights(sg).items():
+            start, ref = norm_weights(prepared)[name], norm_weights(se)[name]
+            moved = (ref - start).norm()
+            assert moved > 0 and (p - ref).norm() <= 0.05 * moved + 1e-6, name
     # the frozen graph-trained model computes what its fake-quant form does
     ids = data[:2].cuda()
     with torch.no_grad():
