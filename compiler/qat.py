@@ -41,6 +41,7 @@ turns the model into the (rotated, split) float model the student distills from.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import torch
@@ -288,7 +289,9 @@ class FakeQuantLinear(nn.Module):
                 stored, g = stored / 2, g * 2
             self.weight_format = weight_format
             if act_format != "keep":
-                self.act_format = act_format
+                # a site keeps its own activation clip ratio (chosen by act_clip_search) across stages
+                keep_clip = act_format is not None and self.act_format is not None
+                self.act_format = dataclasses.replace(act_format, clip=self.act_format.clip) if keep_clip else act_format
             self.weight_global.copy_(g)
             self.log_scale.copy_(torch.log(stored.clamp_min(MIN_SCALE)))
             if refit:

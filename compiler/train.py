@@ -142,7 +142,8 @@ def stage_formats(recipe: Recipe, spec: str) -> tuple[QFormat, QFormat | None]:
 
 def stage_recipe(recipe: Recipe, spec: str) -> Recipe:
     w, a = stage_formats(recipe, spec)
-    return replace(recipe, name=f"{recipe.name}@{spec}", weight=w, activation=a)
+    return replace(recipe, name=f"{recipe.name}@{spec}", weight=w, activation=a,
+                   act_clip_search=recipe.act_clip_search if a is not None else [])
 
 
 def training_data(model, tokenizer, source: str = "generate", samples: int = 64, seq_len: int = 256,
@@ -726,6 +727,9 @@ class Trainer:
         for name, m in fake_quant_sites(self.model).items():
             formats = {"weight": m.weight_format.to_dict(), "act": m.act_format.to_dict() if m.act_format else None}
             break
+        if formats.get("act"):  # each site's activation clip ratio (its own with act_clip_search)
+            formats["act_clips"] = {name: m.act_format.clip for name, m in fake_quant_sites(self.model).items()
+                                    if m.act_format is not None}
         state = {"state": self.state, "optimizer": opt_meta, "best": best_meta, "config": self.config.to_dict(),
                  "recipe": self.recipe.to_dict(), "formats": formats, "history": self.history,
                  "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -744,6 +748,9 @@ class Trainer:
         f = state["formats"]
         if f:
             set_formats(self.model, QFormat.from_dict(f["weight"]), QFormat.from_dict(f["act"]) if f["act"] else None)
+            for name, m in fake_quant_sites(self.model).items():
+                if m.act_format is not None and name in f.get("act_clips", {}):
+                    m.act_format = replace(m.act_format, clip=f["act_clips"][name])
         tensors = load_file(str(self.out / "sites.safetensors"), device=str(self.device))
         for name, m in fake_quant_sites(self.model).items():
             saved = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
@@ -840,8 +847,8 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
     if calibration is None:
         calibration = data[: min(len(data), 8)]
     first = stage_recipe(recipe, config.stages[0])
-    if resume:  # the structure comes from the passes; the values from the checkpoint
-        first = replace(first, weight_method="rtn")
+    if resume:  # the structure comes from the passes; the values (clip ratios too) from the checkpoint
+        first = replace(first, weight_method="rtn", act_clip_search=[])
     # compiled on the CPU (the passes' calibration runs there), then moved to the model's device
     device = next(model.parameters()).device
     t0 = time.perf_counter()

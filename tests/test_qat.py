@@ -10,7 +10,8 @@ import torch
 import lowbit
 from lowbit.formats import QFormat, dequantize_codes, effective_scales, quantize_codes, quantize_weight_rtn
 from lowbit.prologue import ChannelSplitPrologue, HadamardPrologue
-from lowbit.qat import FakeQuantLinear, fake_quant_sites, fake_quantize_weight, float_mode, freeze, prepare_qat
+from lowbit.qat import (FakeQuantLinear, fake_quant_sites, fake_quantize_weight, float_mode, freeze, prepare_qat,
+                        set_formats)
 from lowbit.quant_linear import QuantLinear
 from lowbit.train import Trainer, TrainConfig, norm_weights, train
 
@@ -441,6 +442,38 @@ def test_trained_normalization_weights_leave_the_teacher_float(tmp_path):
     assert all(torch.equal(p, trained[n]) for n, p in norm_weights(loaded).items())
     with torch.no_grad():
         assert torch.allclose(loaded(data[:2]).logits, frozen(data[:2]).logits, atol=1e-5)
+
+
+def test_sites_keep_their_activation_clip_ratios_across_stages_and_checkpoints(tmp_path):
+    """With ``act_clip_search`` every site has its own activation clip ratio: a stage change
+    keeps it (only the bits change) and a checkpoint restores it on a rebuilt model, whose
+    own search may have chosen others."""
+    from dataclasses import replace
+
+    model = _tiny_llama(3)
+    data = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(3))
+    recipe = lowbit.Recipe.from_dict(dict(lowbit.get_recipe("w2a2-half").to_dict(), act_clip_search=[0.4, 0.7, 1.0]))
+    student = prepare_qat(copy.deepcopy(model), recipe, calibration=data[:2], inplace=True, progress=False)
+    sites = fake_quant_sites(student)
+    assert all(m.act_format.clip in (0.4, 0.7, 1.0) for m in sites.values())
+    from lowbit.train import stage_recipe  # a weight-only first stage searches nothing (and is a valid recipe)
+
+    assert stage_recipe(recipe, "w4").act_clip_search == [] and stage_recipe(recipe, "w3a4").act_clip_search
+    clips = {name: c for name, c in zip(sites, [0.31, 0.62, 0.93] * len(sites))}
+    for name, m in sites.items():
+        m.act_format = replace(m.act_format, clip=clips[name])
+    set_formats(student, replace(recipe.weight, bits=3), replace(recipe.activation, bits=4))
+    assert all(m.act_format == replace(recipe.activation, bits=4, clip=clips[n]) for n, m in sites.items())
+    set_formats(student, recipe.weight, recipe.activation)
+    trainer = Trainer(student, recipe, TrainConfig(stages=["w2a2"], e2e_steps=1, batch_size=2), data,
+                      out=tmp_path, progress=False)
+    trainer.save_checkpoint()
+    rebuilt = prepare_qat(copy.deepcopy(model), replace(recipe, weight_method="rtn"), calibration=data[:2],
+                          inplace=True, progress=False)
+    Trainer(rebuilt, recipe, TrainConfig(stages=["w2a2"], e2e_steps=1, batch_size=2), data, out=tmp_path,
+            progress=False).load_checkpoint()
+    assert {n: m.act_format for n, m in fake_quant_sites(rebuilt).items()} == \
+        {n: replace(recipe.activation, clip=clips[n]) for n in sites}
 
 
 def float_mode_logits(model, ids):

@@ -1,4 +1,6 @@
 """Recipes round-trip through JSON and YAML; presets and ignore patterns."""
+from dataclasses import replace
+
 import pytest
 
 from lowbit.formats import QFormat
@@ -93,10 +95,11 @@ def test_w2a16_half_preset_puts_weights_on_the_symmetric_grid(tiny_llama, calib_
 
 
 def test_w2a2_half_preset_clips_activations_and_survives_save_load(tiny_llama, calib_ids, tmp_path):
-    """``w2a2-half``: symmetric-grid weights and activations, the activations with a clip ratio.
-    Each site's activation codes are those of the clipped format written out in float64 (stored
-    scales of clip 1, the global times clip), some elements clamp, and the artifact keeps the
-    ratio (saved and loaded model give identical logits, not those of the unclipped format)."""
+    """``w2a2-half``: symmetric-grid weights and activations, the activations with a clip ratio
+    that each site searches among the preset's candidates on calibration data (without data,
+    the format's own). The activation codes are those of the clipped format written out in
+    float64 (stored scales of clip 1, the global times clip), some elements clamp, and the
+    artifact keeps every site's ratio (saved and loaded model give identical logits)."""
     import torch
 
     import lowbit
@@ -105,9 +108,14 @@ def test_w2a2_half_preset_clips_activations_and_survives_save_load(tiny_llama, c
     recipe = lowbit.get_recipe("w2a2-half")
     clip = recipe.activation.clip
     assert recipe.weight == QFormat(2, "half") and recipe.activation.grid == "half" and clip < 1
+    assert clip in recipe.act_clip_search
     qm = lowbit.compile_quantized(tiny_llama, recipe, calibration=calib_ids, progress=False)
     sites = [m for m in qm.modules() if isinstance(m, QuantLinear)]
-    assert sites and all(m.act_format == recipe.activation for m in sites)
+    assert sites and all(replace(m.act_format, clip=clip) == recipe.activation for m in sites)
+    assert all(m.act_format.clip in recipe.act_clip_search for m in sites)
+    site_clips = [m.act_format.clip for m in sites]
+    uncalibrated = lowbit.compile_quantized(tiny_llama, recipe, progress=False)
+    assert all(m.act_format == recipe.activation for m in uncalibrated.modules() if isinstance(m, QuantLinear))
     x = torch.randn(4, sites[0].in_features, generator=torch.Generator().manual_seed(1)) * 2
     codes, stored, gscale = torch.ops.lowbit.quantize_act(x, 2, "half", 16, "e4m3", clip)
     _, stored1, gscale1 = torch.ops.lowbit.quantize_act(x, 2, "half", 16, "e4m3")
@@ -122,4 +130,4 @@ def test_w2a2_half_preset_clips_activations_and_survives_save_load(tiny_llama, c
         loaded = lowbit.load(tmp_path / "a")
         after = loaded(ids).logits
     assert torch.equal(before, after)
-    assert all(m.act_format.clip == clip for m in loaded.modules() if isinstance(m, QuantLinear))
+    assert [m.act_format.clip for m in loaded.modules() if isinstance(m, QuantLinear)] == site_clips
