@@ -200,6 +200,17 @@ def w2a2_rotated(tmp_path_factory):
     return q, export_onnx(q, tmp_path_factory.mktemp("w2a2"), external_data=True)
 
 
+@pytest.fixture(scope="module")
+def w2a2_half(tmp_path_factory):
+    """The w2a2-half preset with rotations: each site's activation clip ratio is searched on the
+    calibration data, so the sites differ in their activation formats."""
+    recipe = lowbit.get_recipe("w2a2-half").with_passes({"name": "rotate"})
+    q = lowbit.compile_quantized(tiny_exports.tiny_llama(layers=1), recipe, calibration=tiny_exports.calibration(),
+                                 progress=False)
+    assert len({m.act_format for m in q.modules() if isinstance(m, QuantLinear)}) > 1
+    return q, export_onnx(q, tmp_path_factory.mktemp("w2a2half"))
+
+
 def _ort(directory):
     from lowbit.runtime import Session
 
@@ -246,7 +257,7 @@ def test_exported_file_is_valid_and_packed(w2a16):
     assert bpw == pytest.approx(np.mean([s["bits_per_weight"] for s in q.lowbit_report.sites.values()]), rel=0.05)
 
 
-@pytest.mark.parametrize("which", ["w2a16", "w2a2_rotated"])
+@pytest.mark.parametrize("which", ["w2a16", "w2a2_rotated", "w2a2_half"])
 def test_logits_match_reference_prefill_and_decode(which, request):
     q, d = request.getfixturevalue(which)
     s = _ort(d)
