@@ -848,7 +848,7 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
         calibration = data[: min(len(data), 8)]
     first = stage_recipe(recipe, config.stages[0])
     if resume:  # the structure comes from the passes; the values (clip ratios too) from the checkpoint
-        first = replace(first, weight_method="rtn", act_clip_search=[])
+        first = replace(first, weight_method="rtn", clip_search=False, act_clip_search=[])
     # compiled on the CPU (the passes' calibration runs there), then moved to the model's device
     device = next(model.parameters()).device
     t0 = time.perf_counter()
