@@ -615,7 +615,7 @@ class Trainer:
                                 best=f"{self.best['loss']:.4g}@{self.best['step']}")
             else:
                 bar.set_postfix(kl=f"{lv:.4g}")
-            if step + 1 < cfg.e2e_steps and (self._out_of_time() or (
+            if step + 1 < cfg.e2e_steps and (self._at_limit() or (
                     cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
                 self.state.update(phase="e2e", step=step + 1)
                 self._checkpoint()
@@ -628,7 +628,8 @@ class Trainer:
     # -- the schedule -----------------------------------------------------------------------------------
     def run(self, max_steps: int | None = None, seconds: float | None = None) -> nn.Module:
         """Run (or continue) the stages. ``max_steps`` stops early after that many optimizer
-        steps of the whole schedule (at a checkpoint boundary), for tests; ``seconds`` stops
+        steps of this call (in a block phase at the end of the block, end to end at once), with a
+        checkpoint written there; ``seconds`` stops
         at the first end-to-end step or block end after that much time, with a checkpoint
         written there (a run that must fit a time limit, continued later with ``resume``)."""
         self._budget, self._steps_done = max_steps, 0
@@ -643,9 +644,13 @@ class Trainer:
     def _out_of_time(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline
 
+    def _at_limit(self) -> bool:
+        """A limit of :meth:`run` is reached: its step budget or its deadline."""
+        return (self._budget is not None and self._steps_done >= self._budget) or self._out_of_time()
+
     def _checkpoint(self, due: bool = True) -> None:
         """Write a checkpoint if one is ``due`` or a limit of :meth:`run` is reached; stop at a limit."""
-        limit = (self._budget is not None and self._steps_done >= self._budget) or self._out_of_time()
+        limit = self._at_limit()
         if limit and self.progress and self.out is not None:
             print(f"limit reached at {self.state}: writing the checkpoint", file=sys.stderr, flush=True)
         if due or limit:

@@ -552,6 +552,14 @@ def test_cli_train_and_resume(tmp_path, capsys):
             "--holdout", "1", "--eval-every", "1", "--calib-samples", "2", "--block-samples", "2"]
     assert main(args + ["--max-steps", "1"]) == 0
     assert "continue with --resume" in capsys.readouterr().out
+    # without checkpoints every step, --max-steps still stops inside the end-to-end phase
+    other = tmp_path / "other"
+    i = args.index("--checkpoint-every")
+    once = [str(other) if a == str(tmp_path) else a for a in args[:i] + args[i + 2:]]
+    assert main(once + ["--max-steps", "1"]) == 0
+    state = json.loads((other / "checkpoint" / "state.json").read_text())
+    assert state["config"]["checkpoint_every"] == 0 and state["state"]["phase"] == "e2e" and state["state"]["step"] == 1
+    capsys.readouterr()
     assert main(args + ["--resume"]) == 0
     out = capsys.readouterr().out
     assert "e2e loss" in out and "saved to" in out
