@@ -291,7 +291,8 @@ class FakeQuantLinear(nn.Module):
             if act_format != "keep":
                 # a site keeps its own activation clip ratio (chosen by act_clip_search) across stages
                 keep_clip = act_format is not None and self.act_format is not None
-                self.act_format = dataclasses.replace(act_format, clip=self.act_format.clip) if keep_clip else act_format
+                self.act_format = (dataclasses.replace(act_format, clip=self.act_format.clip) if keep_clip
+                                   else act_format)
             self.weight_global.copy_(g)
             self.log_scale.copy_(torch.log(stored.clamp_min(MIN_SCALE)))
             if refit:

@@ -360,9 +360,8 @@ class Trainer:
         """Adam over the sites' latent weights (one group per site, step relative to its weight
         RMS), their log scales and, with ``norm_lr``, the weights of the normalization layers
         under the module ``scope`` ("" for the whole model); ``saved``: a checkpoint's optimizer
-        state to continue. With
-        ``cuda_graph`` the optimizer is capturable and its learning rates are device tensors
-        (a captured step reads them; :meth:`set_lr` fills them in place)."""
+        state to continue. With ``cuda_graph`` the optimizer is capturable and its learning rates
+        are device tensors (a captured step reads them; :meth:`set_lr` fills them in place)."""
         groups = []
         for m in sites.values():
             rms = float(m.float_weight.pow(2).mean().sqrt()) or 1.0

@@ -363,7 +363,8 @@ def test_blocks_called_without_a_mask_attend_causally():
     assert torch.allclose(got, want, atol=1e-5) and torch.allclose(masked, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("evaluation,rotated", [({}, False), (dict(holdout=2, eval_every=1, lr=0.5, norm_lr=0.05), True)])
+@pytest.mark.parametrize("evaluation,rotated", [({}, False),
+                                                 (dict(holdout=2, eval_every=1, lr=0.5, norm_lr=0.05), True)])
 def test_resume_from_checkpoint_gives_the_same_state(tmp_path, evaluation, rotated):
     """Interrupted and resumed twice = uninterrupted, bit for bit; with held-out evaluation the
     best-so-far site tensors travel in the checkpoint too (a large step size makes the best
