@@ -127,6 +127,10 @@ def cmd_train(args) -> int:
         raise SystemExit(f"--cuda-graph needs --device cuda (got --device {args.device})")
     if args.finish and not args.resume:
         raise SystemExit("--finish ends a run from its checkpoint: add --resume")
+    if args.init_from and args.resume:
+        raise SystemExit("--init-from starts a new run; --resume continues one from its checkpoint (drop one)")
+    if args.init_from and not _is_artifact(args.init_from):
+        raise SystemExit(f"--init-from {args.init_from}: not a lowbit artifact folder (no manifest.json)")
     model, tokenizer = _load(args.model)
     model = model.to(args.device)
     recipe = lowbit.get_recipe(args.recipe)
@@ -159,7 +163,7 @@ def cmd_train(args) -> int:
     student = train(model, recipe, data, config, calibration=calibration, out=ckpt, resume=args.resume,
                     progress=not args.quiet, max_steps=args.max_steps,
                     seconds=None if args.time_limit is None else args.time_limit - (time.perf_counter() - started),
-                    finish=args.finish)
+                    finish=args.finish, init_from=args.init_from)
     hist = student.lowbit_train_history
     for phase in ("block", "e2e"):
         losses = [h["loss"] for h in hist if h["phase"] == phase]
@@ -250,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="between stages: nested codes, or group scales searched anew for the latent weights")
     t.add_argument("--passes", help="passes before quantization, e.g. rotate,split_outliers")
     t.add_argument("--gptq", action="store_true", help="start from GPTQ weights instead of RTN")
+    t.add_argument("--init-from", metavar="ARTIFACT",
+                   help="start from this artifact's codes, scales and norm weights (an earlier run's model, "
+                        "made with the same passes) instead of RTN or GPTQ")
     t.add_argument("--data", default="generate",
                    help="'generate' (the model's own seeded samples), token ids in a .safetensors file "
                         "(a checkpoint's data.safetensors) or a text file")

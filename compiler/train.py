@@ -51,6 +51,11 @@ rebuilds the model from the float one and continues where the checkpoint left of
 CPU the result equals an uninterrupted run bit for bit. ``train(..., resume=True,
 finish=True)`` ends a run in its last stage at the checkpoint instead, at the best held-out
 evaluation of the end-to-end phase in progress.
+
+A new run can also start from a frozen artifact (``train(..., init_from=DIR)``,
+:meth:`Trainer.start_from_artifact`): the model an earlier run produced, continued with a
+schedule of its own when that run's checkpoint is gone. The sites and normalization weights
+take the artifact's values; the teacher is this run's float model.
 """
 from __future__ import annotations
 
@@ -305,11 +310,14 @@ class Trainer:
             m.log_scale.requires_grad_(True)
         # trained normalization weights (norm_lr > 0): the teacher keeps the float ones, swapped in
         # by copies (a captured CUDA graph holds the parameters' addresses) around its forwards
-        self._norms = norm_weights(student) if config.norm_lr > 0 else {}
-        self._float_norms = {n: p.detach().clone() for n, p in self._norms.items()}
-        self._trained_norms = {n: torch.empty_like(p) for n, p in self._norms.items()}
-        for p in self._norms.values():
-            p.requires_grad_(True)
+        self._norms: dict[str, nn.Parameter] = {}  # the normalization weights the teacher swaps out
+        self._float_norms: dict[str, torch.Tensor] = {}
+        self._trained_norms: dict[str, torch.Tensor] = {}
+        self.init_from: str | None = None  # the artifact the run started from (start_from_artifact)
+        if config.norm_lr > 0:
+            self._track_norms()
+            for p in self._norms.values():
+                p.requires_grad_(True)
         if self.device.type == "cuda":
             try:  # the CUDA kernels of the ops the fake quantizers share (bit-identical: Hadamard, act. quantizer)
                 import lowbit.codegen.triton  # noqa: F401
@@ -326,6 +334,15 @@ class Trainer:
             student.gradient_checkpointing_enable()
 
     # -- helpers ----------------------------------------------------------------------------
+    def _track_norms(self) -> None:
+        """Keep the model's current (float) normalization weights for the teacher, which swaps
+        them in around its forwards: needed when the student's differ, because they train
+        (``norm_lr``) or were loaded trained (a checkpoint, :meth:`start_from_artifact`)."""
+        if not self._norms:
+            self._norms = norm_weights(self.model)
+            self._float_norms = {n: p.detach().clone() for n, p in self._norms.items()}
+            self._trained_norms = {n: torch.empty_like(p) for n, p in self._norms.items()}
+
     def autocast(self):
         amp = self.config.amp
         if self.device.type == "cuda" and amp in ("auto", "bf16"):
@@ -369,7 +386,7 @@ class Trainer:
         groups.append({"params": [m.log_scale for m in sites.values()], "lr": self.config.scale_lr,
                        "base_lr": self.config.scale_lr})
         norms = [p for n, p in self._norms.items() if not scope or n.startswith(scope + ".")]
-        if norms:
+        if norms and self.config.norm_lr > 0:
             groups.append({"params": norms, "lr": self.config.norm_lr, "base_lr": self.config.norm_lr})
         graphed = self.config.cuda_graph
         # on CUDA the fused Adam: one kernel per group instead of ten (the per-site groups made
@@ -736,6 +753,7 @@ class Trainer:
                                     if m.act_format is not None}
         state = {"state": self.state, "optimizer": opt_meta, "best": best_meta, "config": self.config.to_dict(),
                  "recipe": self.recipe.to_dict(), "formats": formats, "history": self.history,
+                 "init_from": self.init_from,
                  "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
         for fname, tensors in files.items():
             save_file(tensors, str(self.out / (fname + ".tmp")))
@@ -762,8 +780,10 @@ class Trainer:
             if unexpected or set(missing) - _REBUILT:
                 raise ValueError(f"{self.out / 'sites.safetensors'}: site {name} does not match the rebuilt model "
                                  f"(missing {sorted(set(missing) - _REBUILT)}, unexpected {unexpected})")
+        self.init_from = state.get("init_from")
         if (self.out / "norms.safetensors").exists():  # trained normalization weights
-            norms = norm_weights(self.model)
+            self._track_norms()  # the rebuilt model's are the float ones: the teacher's
+            norms = self._norms
             saved = load_file(str(self.out / "norms.safetensors"), device=str(self.device))
             if set(saved) != set(norms):
                 raise ValueError(f"{self.out / 'norms.safetensors'}: normalization weights {sorted(saved)} do not "
@@ -778,6 +798,78 @@ class Trainer:
             self._pending_optimizer = {"meta": state["optimizer"],
                                        "tensors": load_file(str(self.out / "optimizer.safetensors"),
                                                             device=str(self.device))}
+
+    def start_from_artifact(self, directory: str | Path) -> None:
+        """Start from a lowbit artifact instead of the prepared codes (a model trained and frozen
+        before, whose training state is gone): every site takes the artifact's codes, group and
+        global scales, bias and activation clip ratio, and the normalization weights the
+        artifact's, so the student computes exactly the artifact's model. The latent weight is
+        the float weight wherever that rounds to the artifact's code and the code's value
+        elsewhere (:meth:`FakeQuantLinear.load_qtensor`); the teacher stays this run's float
+        model. Raises ValueError when the artifact cannot be a quantization of this model:
+        other passes (weights in another basis), sites, formats or prologues, or unquantized
+        tensors (embeddings, head) that differ (another source model)."""
+        from .artifacts import load as load_artifact
+        from .formats import QTensor, unpack_codes
+        from .quant_linear import QuantLinear
+        from .sites import is_site_module
+
+        directory = Path(directory)
+        art = load_artifact(directory)  # checks the manifest, sizes and checksums first
+        art_recipe = getattr(art, "lowbit_recipe", None)
+        if art_recipe is None:
+            raise ValueError(f"{directory}: the artifact records no recipe, so its passes are unknown")
+        if [dict(p) for p in art_recipe.passes] != [dict(p) for p in self.recipe.passes]:
+            raise ValueError(f"{directory}: the artifact was compiled with passes {art_recipe.passes}, this run "
+                             f"uses {self.recipe.passes}: its weights are in another basis")
+        sites = fake_quant_sites(self.model)
+        art_sites = {n: m for n, m in art.named_modules() if is_site_module(m)}
+        if set(art_sites) != set(sites):
+            raise ValueError(f"{directory}: the artifact's sites differ from this model's (only in the artifact: "
+                             f"{sorted(set(art_sites) - set(sites))[:5]}, only here: "
+                             f"{sorted(set(sites) - set(art_sites))[:5]})")
+        for name, m in sites.items():
+            ql = art_sites[name]
+            if not isinstance(ql, QuantLinear):
+                raise ValueError(f"{directory}: site {name} is a {type(ql).__name__}, not a QuantLinear")
+            act_clip = m.act_format.clip if m.act_format is not None else None
+            if ql.weight_format != m.weight_format or (ql.act_format is None) != (m.act_format is None) or (
+                    ql.act_format is not None and replace(ql.act_format, clip=act_clip) != m.act_format):
+                raise ValueError(f"{directory}: site {name} holds {ql.weight_format.name} weights and "
+                                 f"{ql.act_format.name if ql.act_format else 'float'} activations; this run starts "
+                                 f"at {m.weight_format.name} and "
+                                 f"{m.act_format.name if m.act_format else 'float'}")
+            if [p.config() for p in ql.prologue] != [p.config() for p in m.prologue] or \
+                    ql.weight_in_features != m.weight_in_features or ql.out_features != m.out_features:
+                raise ValueError(f"{directory}: site {name} has another shape or prologue than this model's")
+        site_keys = tuple(name + "." for name in sites)
+        norms = norm_weights(self.model)
+        own = {k: v for k, v in self.model.state_dict().items() if not k.startswith(site_keys) and k not in norms}
+        theirs = {k: v for k, v in art.state_dict().items() if not k.startswith(site_keys) and k not in norms}
+        if set(own) != set(theirs):
+            raise ValueError(f"{directory}: the artifact's unquantized tensors differ from this model's "
+                             f"({sorted(set(own) ^ set(theirs))[:5]})")
+        for k, v in own.items():
+            a, b = theirs[k].to(self.device).double(), v.double()
+            if a.shape != b.shape or (a.numel() and float((a - b).abs().max()) > 1e-3 * float(b.abs().max()) + 1e-6):
+                raise ValueError(f"{directory}: {k} differs from this model's: the artifact was made from another "
+                                 f"model")
+        art_norms = norm_weights(art)
+        self._track_norms()  # the float ones, for the teacher
+        with torch.no_grad():
+            for name, m in sites.items():
+                ql = art_sites[name]
+                k = m.packed_in_features
+                codes = unpack_codes(ql.weight_packed.to(self.device), ql.weight_format.bits, k)
+                m.load_qtensor(QTensor(codes, ql.weight_scales.to(self.device), ql.weight_global.to(self.device),
+                                       m.weight_format), m.float_weight)
+                if m.bias is not None:
+                    m.bias.copy_(ql.bias.float())
+                if m.act_format is not None:
+                    m.act_format = ql.act_format
+            for n, p in self._norms.items():
+                p.copy_(art_norms[n].to(p))
+        self.init_from = str(directory)
 
 
 _REBUILT = {"float_weight"}  # site buffers a checkpoint does not hold (rebuilt on resume)
@@ -817,14 +909,17 @@ def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict) -> None:
 
 def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, config: TrainConfig | None = None,
           calibration=None, out: str | Path | None = None, resume: bool = False, progress: bool = True,
-          max_steps: int | None = None, seconds: float | None = None, finish: bool = False) -> nn.Module:
+          max_steps: int | None = None, seconds: float | None = None, finish: bool = False,
+          init_from: str | Path | None = None) -> nn.Module:
     """Quantization-aware training of ``model`` (float, not modified) for ``recipe``.
 
     ``data``: [S, T] token ids (see :func:`training_data`); on resume it is read from the
     checkpoint. ``calibration``: token ids for the recipe's calibrated passes and GPTQ
     (default: the first rows of ``data``). ``seconds``: stop at the first end-to-end step or
     block end once this long has passed since the call (preparing the model, GPTQ included,
-    counts), with a checkpoint written there. Returns the trained model with FakeQuantLinear
+    counts), with a checkpoint written there. ``init_from``: a lowbit artifact of this model
+    and recipe (an earlier run's result) to start from instead of the recipe's weight method
+    (:meth:`Trainer.start_from_artifact`). Returns the trained model with FakeQuantLinear
     sites; :func:`lowbit.freeze` packs it.
     """
     import copy
@@ -838,6 +933,8 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
     if stage_formats(recipe, config.stages[-1]) != (recipe.weight, recipe.activation):
         raise ValueError(f"the last stage {config.stages[-1]!r} must be the recipe's formats ({recipe_stage(recipe)})")
     out = Path(out) if out else None
+    if resume and init_from is not None:
+        raise ValueError("init_from starts a new run; a resumed one continues from its checkpoint")
     if resume:
         if out is None or not (out / "state.json").exists():
             raise FileNotFoundError(f"no checkpoint to resume from in {out}")
@@ -851,17 +948,21 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
     if calibration is None:
         calibration = data[: min(len(data), 8)]
     first = stage_recipe(recipe, config.stages[0])
-    if resume:  # the structure comes from the passes; the values (clip ratios too) from the checkpoint
+    if resume or init_from is not None:
+        # the structure comes from the passes; the values (clip ratios too) from the checkpoint or artifact
         first = replace(first, weight_method="rtn", clip_search=False, act_clip_search=[])
     # compiled on the CPU (the passes' calibration runs there), then moved to the model's device
     device = next(model.parameters()).device
     t0 = time.perf_counter()
     student = prepare_qat(copy.deepcopy(model).cpu(), first, calibration=calibration.cpu(), inplace=True,
                           progress=progress).to(device)
-    if progress:
-        print(f"{'rebuilt' if resume else 'prepared'} the trainable model ({first.weight_method}) in "
-              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     trainer = Trainer(student, recipe, config, data.to(torch.long), out=out, progress=progress)
+    if init_from is not None:
+        trainer.start_from_artifact(init_from)
+    if progress:
+        how = f"from {init_from}" if init_from is not None else first.weight_method
+        print(f"{'rebuilt' if resume else 'prepared'} the trainable model ({how}) in "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     if resume:
         trainer.load_checkpoint()
     if finish:

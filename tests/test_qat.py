@@ -477,6 +477,61 @@ def test_sites_keep_their_activation_clip_ratios_across_stages_and_checkpoints(t
         {n: replace(recipe.activation, clip=clips[n]) for n in sites}
 
 
+def test_a_run_started_from_an_artifact_continues_its_model(tmp_path):
+    """``init_from``: the student starts as exactly the artifact's model (same codes and logits,
+    the trained normalization weights too) while the teacher stays the float model; a run
+    started so and interrupted, then resumed, equals the uninterrupted one (the loaded norms,
+    frozen here, are swapped out for the teacher after the resume as well). Artifacts of other
+    passes, formats or source models are refused."""
+    from dataclasses import replace
+
+    from lowbit.formats import unpack_codes
+
+    model = _tiny_llama(4)
+    data = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(4))
+    recipe = lowbit.get_recipe("w2a16").with_passes({"name": "rotate"})
+    first = train(model, recipe, data, TrainConfig(stages=["w2"], block_steps=2, e2e_steps=3, batch_size=2,
+                                                   norm_lr=0.05), progress=False)
+    lowbit.save(freeze(first), tmp_path / "art")
+    art = lowbit.load(tmp_path / "art")
+    rebuilt = prepare_qat(copy.deepcopy(model), replace(recipe, clip_search=False), calibration=data[:2],
+                          inplace=True, progress=False)
+    with torch.no_grad(), float_mode(rebuilt):
+        float_logits = rebuilt(data[:2]).logits
+    cfg = TrainConfig(stages=["w2"], block_steps=1, e2e_steps=4, batch_size=2, checkpoint_every=1)
+    trainer = Trainer(rebuilt, recipe, cfg, data, progress=False)
+    trainer.start_from_artifact(tmp_path / "art")
+    art_sites = {n: m for n, m in art.named_modules() if isinstance(m, QuantLinear)}
+    for name, m in fake_quant_sites(rebuilt).items():
+        ql = art_sites[name]
+        assert torch.equal(m.codes(), unpack_codes(ql.weight_packed, 2, m.packed_in_features)), name
+    assert all(torch.equal(p, norm_weights(art)[n]) for n, p in norm_weights(rebuilt).items())
+    assert any(not torch.equal(p, norm_weights(model)[n]) for n, p in norm_weights(rebuilt).items())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(data[:2]).logits, art(data[:2]).logits)
+        with trainer.teacher():
+            assert torch.equal(rebuilt(data[:2]).logits, float_logits)
+    full = train(model, recipe, data, copy.deepcopy(cfg), out=tmp_path / "a", progress=False,
+                 init_from=tmp_path / "art")
+    train(model, recipe, data, copy.deepcopy(cfg), out=tmp_path / "b", progress=False, init_from=tmp_path / "art",
+          max_steps=1 + 1 + 2)
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["init_from"] == str(tmp_path / "art")
+    resumed = train(model, recipe, out=tmp_path / "b", resume=True, progress=False)
+    assert [(h["phase"], h["loss"]) for h in resumed.lowbit_train_history] == \
+        [(h["phase"], h["loss"]) for h in full.lowbit_train_history]
+    for name, m in fake_quant_sites(full).items():
+        assert torch.equal(m.weight, fake_quant_sites(resumed)[name].weight), name
+    with pytest.raises(ValueError, match="init_from starts a new run"):
+        train(model, recipe, out=tmp_path / "b", resume=True, progress=False, init_from=tmp_path / "art")
+    with pytest.raises(ValueError, match="passes"):
+        train(model, lowbit.get_recipe("w2a16"), data, copy.deepcopy(cfg), progress=False, init_from=tmp_path / "art")
+    with pytest.raises(ValueError, match="holds int2"):
+        train(model, lowbit.get_recipe("w2a16-half").with_passes({"name": "rotate"}), data,
+              copy.deepcopy(cfg), progress=False, init_from=tmp_path / "art")
+    with pytest.raises(ValueError, match="another model"):
+        train(_tiny_llama(5), recipe, data, copy.deepcopy(cfg), progress=False, init_from=tmp_path / "art")
+
+
 def float_mode_logits(model, ids):
     with float_mode(model):
         return model(ids).logits
@@ -569,6 +624,14 @@ def test_cli_train_and_resume(tmp_path, capsys):
     assert state["config"]["block_samples"] == 2
     q = lowbit.load(str(tmp_path))
     assert any(isinstance(m, QuantLinear) for m in q.modules())
+    # a new run from that artifact: its first held-out KL is that of the model the first run ended
+    # with (its best evaluation), computed again on the same held-out sequence
+    best = min(h["loss"] for h in state["history"] if h["phase"] == "eval")
+    cont = tmp_path / "cont"
+    assert main([str(cont) if a == str(tmp_path) else a for a in args] + ["--init-from", str(tmp_path)]) == 0
+    again = json.loads((cont / "checkpoint" / "state.json").read_text())
+    assert again["init_from"] == str(tmp_path)
+    assert [h["loss"] for h in again["history"] if h["phase"] == "eval"][0] == pytest.approx(best, rel=1e-6)
 
 
 def test_training_data_from_a_checkpoints_token_file(tmp_path):
@@ -603,6 +666,10 @@ def test_cli_train_refuses_cuda_graph_off_cuda():
         main(["train", "stories260k", "--cuda-graph", "--device", "cpu", "--out", "unused"])
     with pytest.raises(SystemExit, match="add --resume"):
         main(["train", "stories260k", "--finish", "--out", "unused"])
+    with pytest.raises(SystemExit, match="drop one"):
+        main(["train", "stories260k", "--init-from", "unused", "--resume", "--out", "unused"])
+    with pytest.raises(SystemExit, match="not a lowbit artifact"):
+        main(["train", "stories260k", "--init-from", "unused", "--out", "unused"])
 
 
 def test_prologue_ops_have_gradients():
