@@ -115,6 +115,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--scale-lr", type=float, default=2e-3)
     p.add_argument("--norm-lr", type=float, default=0.0, help="train the normalization weights (0: frozen)")
+    p.add_argument("--act-clip-lr", type=float, default=0.0, help="train the activation clip ratios (0: fixed)")
     p.add_argument("--warmup", type=float, default=0.0, help="fraction of each phase with a linear LR ramp")
     p.add_argument("--grad-clip", type=float, default=0.0, help="global gradient-norm clip (0: off)")
     p.add_argument("--holdout", type=int, default=0, help="generated sequences kept out of training (held-out KL)")
@@ -188,7 +189,8 @@ def main(argv=None):
                               block_samples=args.block_samples, transition=args.transition,
                               warmup=args.warmup, grad_clip=args.grad_clip, holdout=args.holdout,
                               eval_every=args.eval_every, keep_best=not args.keep_last, compile=args.compile,
-                              cuda_graph=args.cuda_graph, norm_lr=args.norm_lr)
+                              cuda_graph=args.cuda_graph, norm_lr=args.norm_lr,
+                              act_clip_lr=args.act_clip_lr)
             label = name + ("" if variant == "none" else f" {variant}") + f" ({args.init}"
             label += (", " + "->".join(stages) + ")") if len(stages) > 1 else ")"
             sync()

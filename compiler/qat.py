@@ -30,7 +30,10 @@ Activations (``act_format``) are fake-quantized per token and group exactly as
 straight-through gradient: dynamic scales are rounded up and never clip, so the
 estimator is exact everywhere except at the rounding itself. A clipped activation format
 (``clip < 1``, :mod:`lowbit.formats`) clamps the largest elements of a row to the end
-levels; their gradient is zero.
+levels; their gradient is zero. Optionally (:meth:`FakeQuantLinear.learn_act_clip`, the
+trainer's ``act_clip_lr``) the clip ratio ``c`` is itself trained: the row's effective scales
+are ``s = S * fp32(global * c)``, and ``c`` gets LSQ's gradient through them,
+``d x_q / d c = (l - x / s) * s / c`` inside the grid and ``l * s / c`` where clipped.
 
 Invariants: (1) ``freeze`` changes no output beyond float rounding (in fp32 the frozen
 QuantLinear's reference op gives the same numbers); (2) the prologue of the site (online
@@ -67,6 +70,7 @@ from lowbit.passes.quantize import QuantizePass
 from lowbit.passes.weights import get_attr_path, install_module
 
 MIN_SCALE = 2.0 ** -9  # smallest positive E4M3 value (subnormal)
+MIN_ACT_CLIP = 0.05  # lowest learned activation clip ratio
 
 
 def _straight_through(value: torch.Tensor, source: torch.Tensor, slope: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,10 +117,18 @@ def fake_quantize_weight(w: torch.Tensor, eff_scales: torch.Tensor, fmt: QFormat
     return out.reshape(w.shape)
 
 
-def fake_quantize_act(x: torch.Tensor, fmt: QFormat) -> torch.Tensor:
+def fake_quantize_act(x: torch.Tensor, fmt: QFormat, clip: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token activation fake-quant of ``torch.ops.lowbit.qlinear`` (values exactly
     ``lowbit.ops.fake_quantize_act``); straight-through gradient, zero where a clipped format
-    (``fmt.clip < 1``) clamps the element to an end level."""
+    (``fmt.clip < 1``) clamps the element to an end level.
+
+    ``clip``: a learned clip ratio (an fp32 scalar tensor in (0, 1]) in place of ``fmt.clip``.
+    The values are those of the format with ``clip=float(clip)``: the row's global scale is
+    ``fp32(global * clip)`` either way. Its gradient is LSQ's through the effective scales
+    ``s = S * global * clip``: ``d x_q / d clip = (l - x / s) * s / clip`` where the element
+    rounds inside the grid and ``l * s / clip`` where it is clipped (``l`` its level)."""
+    if clip is not None:
+        return _fake_quantize_act_learned_clip(x, fmt, clip)
     with torch.no_grad():
         codes, scales, gscale = torch.ops.lowbit.quantize_act(x, fmt.bits, fmt.grid, fmt.group_size,
                                                               fmt.scale_dtype, fmt.clip)
@@ -128,6 +140,27 @@ def fake_quantize_act(x: torch.Tensor, fmt: QFormat) -> torch.Tensor:
             r = _grouped(x.float(), fmt.group_size) / torch.where(s != 0, s, torch.ones_like(s))
             inside = _inside_grid(r, fmt).reshape(x.shape).to(x.dtype)
     return _straight_through(value, x, inside)
+
+
+def _fake_quantize_act_learned_clip(x: torch.Tensor, fmt: QFormat, clip: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        # the stored scales do not depend on the clip ratio (formats docstring), only the global one
+        _, scales, gscale = torch.ops.lowbit.quantize_act(x, fmt.bits, fmt.grid, fmt.group_size,
+                                                          fmt.scale_dtype, 1.0)
+        stored = scales.float()
+        eff = effective_scales(scales, gscale * clip.detach())
+        codes = quantize_codes(x, eff, fmt)
+        value = dequantize_codes(codes, eff, fmt)
+        s = eff.float().unsqueeze(-1)
+        live = s != 0
+        r = _grouped(x.float(), fmt.group_size) / torch.where(live, s, torch.ones_like(s))
+        level = _grouped(codes.float(), fmt.group_size) + (0.5 if fmt.grid == "half" else 0.0)
+        inside = _inside_grid(r, fmt)
+        slope = torch.where(inside, level - r, level) * live
+    eff_grad = _straight_through(eff, stored * gscale * clip)  # the value eff, the gradient into clip
+    out = _straight_through(value, x, inside.reshape(x.shape).to(x.dtype))
+    dclip = (eff_grad - eff_grad.detach()).unsqueeze(-1).to(out.dtype) * slope
+    return out + dclip.reshape(x.shape)
 
 
 # -- gradients of the prologue ops (straight through their linear maps) -----------------------------
@@ -179,6 +212,7 @@ class FakeQuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
         self.prologue = nn.ModuleList(prologue or [])
         self.float_mode = False
+        self.register_parameter("act_clip_ratio", None)  # a learned activation clip ratio (learn_act_clip)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -216,6 +250,30 @@ class FakeQuantLinear(nn.Module):
                 self.weight.copy_(torch.where(same, float_weight, deq))
             else:
                 self.weight.copy_(deq)
+
+    def learn_act_clip(self) -> None:
+        """Make the activation clip ratio a trained parameter (fp32, used clamped to
+        [MIN_ACT_CLIP, 1]), starting at the format's ratio: ``fp32(global * clip)`` is the same
+        number for the format's float and for the parameter holding its fp32 value, so enabling
+        it changes no output. It is part of the site's state (checkpoints) and the format's
+        ``clip`` follows it wherever the format is read (:meth:`current_act_format`)."""
+        if self.act_format is None:
+            raise ValueError("learn_act_clip: this site does not quantize its activations")
+        if self.act_clip_ratio is None:
+            self.act_clip_ratio = nn.Parameter(torch.tensor(self.act_format.clip, dtype=torch.float32,
+                                                            device=self.weight.device))
+
+    def act_clip(self) -> torch.Tensor | None:
+        """The learned clip ratio (fp32 scalar, differentiable), or None."""
+        if self.act_clip_ratio is None:
+            return None
+        return self.act_clip_ratio.float().clamp(MIN_ACT_CLIP, 1.0)
+
+    def current_act_format(self) -> QFormat | None:
+        """The activation format, with the learned clip ratio when there is one."""
+        if self.act_clip_ratio is None or self.act_format is None:
+            return self.act_format
+        return dataclasses.replace(self.act_format, clip=float(self.act_clip().detach()))
 
     # -- quantizers -----------------------------------------------------------------------------
     def stored_scales(self) -> torch.Tensor:
@@ -256,7 +314,7 @@ class FakeQuantLinear(nn.Module):
         xa = x.float()
         if self.act_format is not None:
             pad = self.packed_in_features - k
-            xa = fake_quantize_act(F.pad(xa, (0, pad)) if pad else xa, self.act_format)[..., :k]
+            xa = fake_quantize_act(F.pad(xa, (0, pad)) if pad else xa, self.act_format, self.act_clip())[..., :k]
         if torch.is_autocast_enabled(x.device.type):
             return F.linear(xa, w, bias)
         return F.linear(xa, w, None if bias is None else bias.float()).to(x.dtype)
@@ -310,9 +368,10 @@ class FakeQuantLinear(nn.Module):
 
     # -- site-module protocol ----------------------------------------------------------------------
     def config(self) -> dict:
+        act_format = self.current_act_format()
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "weight_in_features": self.weight_in_features, "weight_format": self.weight_format.to_dict(),
-                "act_format": self.act_format.to_dict() if self.act_format else None,
+                "act_format": act_format.to_dict() if act_format else None,
                 "bias": self.bias is not None, "prologue": [p.config() for p in self.prologue]}
 
     @classmethod
@@ -324,7 +383,7 @@ class FakeQuantLinear(nn.Module):
                    cfg["weight_in_features"], [prologue_from_config(p) for p in cfg.get("prologue", [])], device)
 
     def to_quant_linear(self) -> QuantLinear:
-        ql = QuantLinear(self.in_features, self.out_features, self.weight_format, self.act_format,
+        ql = QuantLinear(self.in_features, self.out_features, self.weight_format, self.current_act_format(),
                          self.bias is not None, self.weight_in_features, list(self.prologue),
                          device=self.weight.device)
         ql.set_weight(self.qtensor(), None if self.bias is None else self.bias.detach())

@@ -111,6 +111,7 @@ class TrainConfig:
     cuda_graph: bool = False       # replay each phase's training step as one CUDA graph (CUDA only)
     temperature: float = 1.0       # of the end-to-end KL
     norm_lr: float = 0.0           # Adam step of the normalization layers' weights (0: they stay frozen)
+    act_clip_lr: float = 0.0       # Adam step of the sites' activation clip ratios (0: they stay fixed)
     seed: int = 0
     amp: str = "auto"              # "bf16": autocast on CUDA; "none"; "auto": bf16 on CUDA only
     gradient_checkpointing: bool = False
@@ -318,6 +319,7 @@ class Trainer:
             self._track_norms()
             for p in self._norms.values():
                 p.requires_grad_(True)
+        self._learn_act_clips()
         if self.device.type == "cuda":
             try:  # the CUDA kernels of the ops the fake quantizers share (bit-identical: Hadamard, act. quantizer)
                 import lowbit.codegen.triton  # noqa: F401
@@ -342,6 +344,16 @@ class Trainer:
             self._norms = norm_weights(self.model)
             self._float_norms = {n: p.detach().clone() for n, p in self._norms.items()}
             self._trained_norms = {n: torch.empty_like(p) for n, p in self._norms.items()}
+
+    def _learn_act_clips(self) -> None:
+        """With ``act_clip_lr``: every site that quantizes its activations learns its clip ratio
+        (:meth:`lowbit.qat.FakeQuantLinear.learn_act_clip`; again after a stage brings them in)."""
+        if self.config.act_clip_lr <= 0:
+            return
+        for m in fake_quant_sites(self.model).values():
+            if m.act_format is not None and m.act_clip_ratio is None:
+                m.learn_act_clip()
+                m.act_clip_ratio.requires_grad_(True)
 
     def autocast(self):
         amp = self.config.amp
@@ -385,6 +397,9 @@ class Trainer:
             groups.append({"params": [m.weight], "lr": self.config.lr * rms, "base_lr": self.config.lr * rms})
         groups.append({"params": [m.log_scale for m in sites.values()], "lr": self.config.scale_lr,
                        "base_lr": self.config.scale_lr})
+        clips = [m.act_clip_ratio for m in sites.values() if m.act_clip_ratio is not None]
+        if clips:
+            groups.append({"params": clips, "lr": self.config.act_clip_lr, "base_lr": self.config.act_clip_lr})
         norms = [p for n, p in self._norms.items() if not scope or n.startswith(scope + ".")]
         if norms and self.config.norm_lr > 0:
             groups.append({"params": norms, "lr": self.config.norm_lr, "base_lr": self.config.norm_lr})
@@ -572,7 +587,8 @@ class Trainer:
         """What training changes: the sites' latent weights and log scales, and the trained
         normalization weights (by parameter name)."""
         tensors = {f"{name}.{k}": p.detach().clone() for name, m in fake_quant_sites(self.model).items()
-                   for k, p in (("weight", m.weight), ("log_scale", m.log_scale))}
+                   for k, p in (("weight", m.weight), ("log_scale", m.log_scale),
+                                ("act_clip_ratio", m.act_clip_ratio)) if p is not None}
         tensors.update({n: p.detach().clone() for n, p in self._norms.items()})
         return tensors
 
@@ -589,6 +605,8 @@ class Trainer:
             for name, m in sites.items():
                 m.weight.copy_(self.best["tensors"][f"{name}.weight"])
                 m.log_scale.copy_(self.best["tensors"][f"{name}.log_scale"])
+                if m.act_clip_ratio is not None:
+                    m.act_clip_ratio.copy_(self.best["tensors"][f"{name}.act_clip_ratio"])
             for n, p in self._norms.items():
                 p.copy_(self.best["tensors"][n])
         self.history.append({"stage": stage, "phase": "restore", "block": 0, "step": self.best["step"],
@@ -702,6 +720,7 @@ class Trainer:
             if self.state["formats_stage"] != stage:
                 w, a = stage_formats(self.recipe, cfg.stages[stage])
                 set_formats(self.model, w, a, refit=cfg.transition == "refit")
+                self._learn_act_clips()
                 self.state.update(formats_stage=stage, phase="block", block=0, step=0)
             self.state["stage"] = stage
             if self.state["phase"] == "block" and cfg.block_steps:
@@ -749,8 +768,8 @@ class Trainer:
             formats = {"weight": m.weight_format.to_dict(), "act": m.act_format.to_dict() if m.act_format else None}
             break
         if formats.get("act"):  # each site's activation clip ratio (its own with act_clip_search)
-            formats["act_clips"] = {name: m.act_format.clip for name, m in fake_quant_sites(self.model).items()
-                                    if m.act_format is not None}
+            formats["act_clips"] = {name: m.current_act_format().clip
+                                    for name, m in fake_quant_sites(self.model).items() if m.act_format is not None}
         state = {"state": self.state, "optimizer": opt_meta, "best": best_meta, "config": self.config.to_dict(),
                  "recipe": self.recipe.to_dict(), "formats": formats, "history": self.history,
                  "init_from": self.init_from,
@@ -773,6 +792,7 @@ class Trainer:
             for name, m in fake_quant_sites(self.model).items():
                 if m.act_format is not None and name in f.get("act_clips", {}):
                     m.act_format = replace(m.act_format, clip=f["act_clips"][name])
+            self._learn_act_clips()  # the saved stage may quantize activations the rebuilt one did not
         tensors = load_file(str(self.out / "sites.safetensors"), device=str(self.device))
         for name, m in fake_quant_sites(self.model).items():
             saved = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
@@ -867,6 +887,8 @@ class Trainer:
                     m.bias.copy_(ql.bias.float())
                 if m.act_format is not None:
                     m.act_format = ql.act_format
+                    if m.act_clip_ratio is not None:  # a learned ratio starts at the artifact's
+                        m.act_clip_ratio.fill_(ql.act_format.clip)
             for n, p in self._norms.items():
                 p.copy_(art_norms[n].to(p))
         self.init_from = str(directory)

@@ -175,6 +175,7 @@ class QuantizePass(LowbitPass):
                     best = min(tried, key=tried.get)
                     ql.act_format = dataclasses.replace(act_format, clip=best)
                     rec["act_clip"] = best
+                    rec["format"] = f"{weight_format.name} / act {ql.act_format.name}"  # the chosen ratio
                 err = rel_error()
             rec["rel_error"] = err
             rec["act_absmax"] = [float(f"{v:.4g}") for v in x_weight.abs().amax(0).tolist()]

@@ -180,6 +180,7 @@ def test_activation_clip_search_takes_the_ratio_closest_to_the_float_site():
               for c in candidates}
     best = min(errors, key=errors.get)
     assert site.act_format == replace(act, clip=best) and ctx.report.sites["0"]["act_clip"] == best
+    assert ctx.report.sites["0"]["format"].endswith(replace(act, clip=best).name)  # the chosen ratio, not the preset's
     assert errors[best] < errors[1.0]
     assert ctx.report.sites["0"]["rel_error"] == pytest.approx(errors[best], rel=1e-4)
 

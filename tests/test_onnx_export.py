@@ -49,8 +49,10 @@ def _fp8_values(raw: np.ndarray) -> torch.Tensor:
 
 ACT_FORMATS = [QFormat(2), QFormat(4), QFormat(8, group_size=32), QFormat(4, "half", 16, "fp16"),
                QFormat(3, "int", 16, "fp32"), QFormat(1, "half", 16, "e4m3"),
-               # clipped activation formats (the global scale times the clip ratio)
-               QFormat(2, clip=0.7), QFormat(2, "half", clip=0.55), QFormat(4, "half", 16, "fp16", clip=0.8)]
+               # clipped activation formats (the global scale times the clip ratio; the last an fp32
+               # value, as a ratio learned in training is)
+               QFormat(2, clip=0.7), QFormat(2, "half", clip=0.55),
+               QFormat(4, "half", 16, "fp16", clip=float(torch.tensor(0.8123)))]
 
 
 class _ActQuant(nn.Module):

@@ -137,6 +137,36 @@ def test_clipped_activation_fake_quant_value_and_gradient(grid):
         lowbit.Recipe("bad", fmt)
 
 
+@pytest.mark.parametrize("grid", ["int", "half"])
+def test_learned_activation_clip_value_and_gradient(grid):
+    """A learned clip ratio (an fp32 tensor): the values are the op's with ``clip=float(ratio)``
+    for many ratios, and the ratio's gradient equals a float64 LSQ construction written out here
+    (straight-through rounding, clamp to the end levels, global scale times the ratio)."""
+    from lowbit.qat import fake_quantize_act
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 64, generator=gen) * torch.rand(6, 1, generator=gen) * 4
+    for ratio in torch.rand(40, generator=gen) * 0.95 + 0.05:
+        fmt = QFormat(2, grid, 16, "e4m3")
+        c = ratio.clone().requires_grad_()
+        y = fake_quantize_act(x, fmt, c)
+        assert torch.equal(y.detach(), lowbit.ops.fake_quantize_act(x, QFormat(2, grid, 16, "e4m3", float(ratio))))
+    g = torch.randn(6, 64, generator=gen)
+    c = torch.tensor(0.45, requires_grad=True)
+    xg = x.clone().requires_grad_()
+    fake_quantize_act(xg, QFormat(2, grid, 16, "e4m3"), c).backward(g)
+    _, stored, gscale = torch.ops.lowbit.quantize_act(x, 2, grid, 16, "e4m3", 1.0)
+    c64 = torch.tensor(0.45, dtype=torch.float64, requires_grad=True)
+    eff = (stored.double() * gscale.double() * c64).repeat_interleave(16, -1)
+    r = x.double() / eff
+    rounded = torch.floor(r) + 0.5 if grid == "half" else torch.round(r)
+    fmt = QFormat(2, grid, 16, "e4m3")
+    levels = (r + (rounded - r).detach()).clamp(fmt.level_lo, fmt.level_hi)
+    ((levels * eff) * g.double()).sum().backward()
+    assert float(c.grad) == pytest.approx(float(c64.grad), rel=1e-4)
+    assert (xg.grad == 0).any() and (xg.grad != 0).any()  # some elements clip at 0.45
+
+
 def test_nested_stage_transition_carries_codes():
     fq, _, _ = _site(16, 64, QFormat(4, "int", 16, "e4m3"), seed=3)
     with torch.no_grad():
@@ -530,6 +560,38 @@ def test_a_run_started_from_an_artifact_continues_its_model(tmp_path):
               copy.deepcopy(cfg), progress=False, init_from=tmp_path / "art")
     with pytest.raises(ValueError, match="another model"):
         train(_tiny_llama(5), recipe, data, copy.deepcopy(cfg), progress=False, init_from=tmp_path / "art")
+
+
+def test_learned_activation_clip_ratios_train_freeze_and_resume(tmp_path):
+    """``act_clip_lr``: every W2A2 site's clip ratio trains (starting at the preset's, which
+    changes no output); the frozen model's formats hold the learned ratios and compute what the
+    trainable one did; interrupted and resumed equals uninterrupted."""
+    model = _tiny_llama(6)
+    data = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(6))
+    recipe = lowbit.get_recipe("w2a2-half")
+    cfg = TrainConfig(stages=["w2a2"], block_steps=2, e2e_steps=4, batch_size=2, checkpoint_every=1,
+                      act_clip_lr=0.02)
+    prepared = prepare_qat(copy.deepcopy(model), recipe, calibration=data[:2], inplace=True, progress=False)
+    with torch.no_grad():
+        before = prepared(data[:2]).logits
+    Trainer(prepared, recipe, copy.deepcopy(cfg), data, progress=False)  # enables the learned ratios
+    with torch.no_grad():
+        assert torch.equal(prepared(data[:2]).logits, before)
+    full = train(model, recipe, data, copy.deepcopy(cfg), out=tmp_path / "a", progress=False)
+    sites = fake_quant_sites(full)
+    learned = {n: float(m.act_clip().detach()) for n, m in sites.items()}
+    assert all(m.act_clip_ratio is not None for m in sites.values())
+    assert sum(abs(v - recipe.activation.clip) > 1e-3 for v in learned.values()) > len(sites) // 2
+    train(model, recipe, data, copy.deepcopy(cfg), out=tmp_path / "b", progress=False, max_steps=2 + 2 + 2)
+    resumed = train(model, recipe, out=tmp_path / "b", resume=True, progress=False)
+    assert [(h["phase"], h["loss"]) for h in resumed.lowbit_train_history] == \
+        [(h["phase"], h["loss"]) for h in full.lowbit_train_history]
+    assert {n: float(m.act_clip().detach()) for n, m in fake_quant_sites(resumed).items()} == learned
+    with torch.no_grad():
+        y = full(data[:2]).logits
+        frozen = freeze(full)
+        assert {n: frozen.get_submodule(n).act_format.clip for n in learned} == learned
+        assert torch.equal(frozen(data[:2]).logits, y)
 
 
 def float_mode_logits(model, ids):

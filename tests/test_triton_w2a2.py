@@ -52,7 +52,8 @@ def test_prologue_codes_and_scales_bit_exact(bits, grid, dtype):
 @pytest.mark.parametrize("bits,grid,dtype,hadamard", [
     (2, "int", torch.bfloat16, False), (2, "half", torch.float16, False),
     (4, "int", torch.float32, False), (2, "int", torch.bfloat16, True)])
-@pytest.mark.parametrize("clip", [0.55, 0.7])
+# 0.55: a preset's ratio (not an fp32 value); 0.6837 in fp32: a ratio learned in training (act_clip_lr)
+@pytest.mark.parametrize("clip", [0.55, float(torch.tensor(0.6837))])
 def test_prologue_with_activation_clipping_bit_exact(bits, grid, dtype, hadamard, clip):
     """A clipped activation format: the kernel's codes, scales and (clipped) global equal the
     reference op's, and the codes follow the definition written out in float64: the stored

@@ -19,8 +19,9 @@ from lowbit.qat import fake_quant_sites, freeze, prepare_qat  # noqa: E402
 from lowbit.train import GRAPH_WARMUP, Trainer, TrainConfig, norm_weights, recipe_stage  # noqa: E402
 
 
-@pytest.mark.parametrize("recipe_name,norm_lr", [("w2a16", 0.0), ("w2a2", 0.0), ("w2a16", 0.01)])
-def test_cuda_graph_steps_train_like_eager_steps(tiny_llama, recipe_name, norm_lr):
+@pytest.mark.parametrize("recipe_name,norm_lr,act_clip_lr", [("w2a16", 0.0, 0.0), ("w2a2", 0.0, 0.0),
+                                                             ("w2a16", 0.01, 0.0), ("w2a2-half", 0.0, 0.01)])
+def test_cuda_graph_steps_train_like_eager_steps(tiny_llama, recipe_name, norm_lr, act_clip_lr):
     data = torch.randint(0, 256, (10, 32), generator=torch.Generator().manual_seed(3))
     recipe = lowbit.get_recipe(recipe_name).with_passes({"name": "rotate"})
     prepared = prepare_qat(copy.deepcopy(tiny_llama), recipe, calibration=data[:2], inplace=True,
@@ -30,7 +31,7 @@ def test_cuda_graph_steps_train_like_eager_steps(tiny_llama, recipe_name, norm_l
     for graphed in (False, True):
         cfg = TrainConfig(stages=[recipe_stage(recipe)],
                           block_steps=block_steps, e2e_steps=e2e_steps, batch_size=4, warmup=0.2, grad_clip=1.0,
-                          holdout=2, eval_every=5, cuda_graph=graphed, norm_lr=norm_lr)
+                          holdout=2, eval_every=5, cuda_graph=graphed, norm_lr=norm_lr, act_clip_lr=act_clip_lr)
         student = copy.deepcopy(prepared)
         trainer = Trainer(student, recipe, cfg, data, progress=False)
         trainer.run()
@@ -56,6 +57,14 @@ def test_cuda_graph_steps_train_like_eager_steps(tiny_llama, recipe_name, norm_l
             start, ref = norm_weights(prepared)[name], norm_weights(se)[name]
             moved = (ref - start).norm()
             assert moved > 0 and (p - ref).norm() <= 0.05 * moved + 1e-6, name
+    if act_clip_lr:  # learned activation clip ratios: most moved, alike in both runs
+        moved = 0
+        for name, m in fake_quant_sites(sg).items():
+            start = prepared.get_submodule(name).act_format.clip
+            ref = float(fake_quant_sites(se)[name].act_clip().detach())
+            moved += abs(ref - start) > 1e-3
+            assert abs(float(m.act_clip().detach()) - ref) <= 0.05 * abs(ref - start) + 1e-6, name
+        assert moved > len(fake_quant_sites(sg)) // 2
     # the frozen graph-trained model computes what its fake-quant form does
     ids = data[:2].cuda()
     with torch.no_grad():
