@@ -584,8 +584,8 @@ class Trainer:
         return total / rows
 
     def _site_tensors(self) -> dict[str, torch.Tensor]:
-        """What training changes: the sites' latent weights and log scales, and the trained
-        normalization weights (by parameter name)."""
+        """What training changes: the sites' latent weights, log scales and learned activation
+        clip ratios, and the trained normalization weights (by parameter name)."""
         tensors = {f"{name}.{k}": p.detach().clone() for name, m in fake_quant_sites(self.model).items()
                    for k, p in (("weight", m.weight), ("log_scale", m.log_scale),
                                 ("act_clip_ratio", m.act_clip_ratio)) if p is not None}
