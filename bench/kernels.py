@@ -292,6 +292,18 @@ def run_w2a2(with_variants, shapes=W2A2_SHAPES, dtype=torch.bfloat16):
               f"{t_pro / t_copy:5.2f}x the copy", flush=True)
         rows.append(dict(shape=label, m=m, k=k, n=n, variant="prologue / copy", us=t_pro, ratio=t_pro / t_copy,
                          err=0.0 if exact else 1.0))
+        # the prologue of the w2a2-half preset (half grid, int8 codes), unclipped and clipped at 0.55
+        # (the CLIP branch compiled in)
+        for clip in (1.0, 0.55):
+            ref_c = lowbit_ops.quantize_act._init_fn(x, 2, "half", 16, "e4m3", clip)
+            got_c = k2.act_quant(x, 2, "half", clip=clip)
+            exact_c = all(torch.equal(a.float(), b.float()) for a, b in zip(got_c, ref_c))
+            t_clip = time_graph(lambda i: k2.act_quant(x, 2, "half", clip=clip), 1, calls * 4, replays)
+            what = f"prologue, half grid, clip {clip:g}"
+            print(f"{label:28s} {what + ', exact=' + str(exact_c):52s} {t_clip:9.1f} us  "
+                  f"{t_clip / t_copy:5.2f}x the copy", flush=True)
+            rows.append(dict(shape=label, m=m, k=k, n=n, variant=what + " / copy", us=t_clip, ratio=t_clip / t_copy,
+                             err=0.0 if exact_c else 1.0))
         if k & (k - 1) == 0 and k <= 8192:  # the online Hadamard fused in (a rotated site's prologue)
             h = lowbit_ops.quantize_act._init_fn(torch.ops.lowbit.hadamard(x), 2, "int", 16, "e4m3")
             got = k2.act_quant(x, hadamard=True)
