@@ -6,7 +6,8 @@ format (RTN with a per-group clipping search by default, see ``lowbit.formats``)
 when the recipe has an activation format, makes the site quantize its input
 dynamically per token and group; with ``act_clip_search`` and calibration data each such
 site takes, from the candidate clip ratios, the one that minimises its relative output error
-``||y_q - y|| / ||y||`` on its own inputs (weight codes fixed). The node becomes a ``call_module`` to a QuantLinear
+``||y_q - y|| / ||y||`` on its own inputs (weight codes fixed; at most
+:data:`ACT_CLIP_SEARCH_ROWS` evenly spaced tokens of them). The node becomes a ``call_module`` to a QuantLinear
 installed at the site's own name, so materialization can move it into the original
 module tree unchanged.
 
@@ -35,6 +36,8 @@ from lowbit.prologue import PrologueLinear
 from lowbit.quant_linear import QuantLinear
 from lowbit.passes.weights import (
     call_module_in_place_of, erase_unused_get_attrs, get_attr_path, install_module, separate_shared_weights)
+
+ACT_CLIP_SEARCH_ROWS = 4096  # calibration tokens each candidate activation clip ratio is scored on
 
 
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
@@ -168,10 +171,16 @@ class QuantizePass(LowbitPass):
                     return ((ql(x).float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
                 if act_format is not None and self.act_clip_search:
+                    # scored on at most ACT_CLIP_SEARCH_ROWS evenly spaced tokens (activations are
+                    # quantized per token, so a row's error does not depend on the others)
+                    rows, target = x.reshape(-1, x.shape[-1]), ref.reshape(-1, ref.shape[-1])
+                    if rows.shape[0] > ACT_CLIP_SEARCH_ROWS:
+                        pick = torch.linspace(0, rows.shape[0] - 1, ACT_CLIP_SEARCH_ROWS).round().long()
+                        rows, target = rows[pick], target[pick]
                     tried = {}
                     for clip in self.act_clip_search:
                         ql.act_format = dataclasses.replace(act_format, clip=clip)
-                        tried[clip] = rel_error()
+                        tried[clip] = ((ql(rows).float() - target).norm() / target.norm().clamp_min(1e-30)).item()
                     best = min(tried, key=tried.get)
                     ql.act_format = dataclasses.replace(act_format, clip=best)
                     rec["act_clip"] = best

@@ -185,6 +185,35 @@ def test_activation_clip_search_takes_the_ratio_closest_to_the_float_site():
     assert ctx.report.sites["0"]["rel_error"] == pytest.approx(errors[best], rel=1e-4)
 
 
+def test_activation_clip_search_scores_evenly_spaced_tokens(monkeypatch):
+    """With more calibration tokens than ``ACT_CLIP_SEARCH_ROWS`` the candidates are scored on
+    that many evenly spaced tokens (here 16 of 3 x 40): the choice is the float64 argmin on
+    those rows, which differs from the one on all rows for this input."""
+    import lowbit.passes.quantize as quantize_pass
+    from lowbit.ops import fake_quantize_act
+
+    monkeypatch.setattr(quantize_pass, "ACT_CLIP_SEARCH_ROWS", 16)
+    torch.manual_seed(4)
+    m = nn.Sequential(nn.Linear(32, 16, bias=False))
+    x = torch.distributions.StudentT(2.0).sample((3, 40, 32))
+    candidates = [0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0]
+    act = QFormat(2, "half", 16, "e4m3")
+    gm = torch.fx.symbolic_trace(m)
+    ctx = lowbit.CompileContext(calibration=[(x,)], progress=False)
+    QuantizePass(QFormat(2, "half", 16, "e4m3"), act, act_clip_search=candidates, context=ctx)(gm)
+    w = gm.get_submodule("0").dequantized_weight().double()
+    rows = x.reshape(-1, 32)
+
+    def argmin(r):
+        ref = r.double() @ m[0].weight.detach().double().T
+        err = {c: float((fake_quantize_act(r, replace(act, clip=c)).double() @ w.T - ref).norm() / ref.norm())
+               for c in candidates}
+        return min(err, key=err.get)
+
+    picked = rows[[round(i * 119 / 15) for i in range(16)]]
+    assert ctx.report.sites["0"]["act_clip"] == argmin(picked) != argmin(rows)
+
+
 def test_activation_clip_search_in_recipes():
     r = lowbit.get_recipe("w2a2-half")
     searched = lowbit.Recipe.from_dict(dict(r.to_dict(), act_clip_search=[0.5, 0.6]))
