@@ -358,6 +358,32 @@ def test_compiled_end_to_end_steps_match_eager():
     assert graphs[4] == graphs[2] and graphs[2][0] > 0
 
 
+def test_compiled_steps_train_learned_activation_clip_ratios_like_eager():
+    """compile=True on a W2A2 model whose sites learn their clip ratios: the losses, and the
+    ratios the steps moved, stay close to the eager run's (float rounding flips a few 2-bit
+    activation codes)."""
+    recipe = lowbit.get_recipe("w2a2-half")
+    data = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(7))
+    model = _tiny_llama(7)
+    prepared = prepare_qat(copy.deepcopy(model), recipe, calibration=data[:2], inplace=True, progress=False)
+    runs = {}
+    for comp in (False, True):
+        cfg = TrainConfig(stages=["w2a2"], e2e_steps=3, batch_size=2, compile=comp, act_clip_lr=0.02)
+        student = copy.deepcopy(prepared)
+        trainer = Trainer(student, recipe, cfg, data, progress=False)
+        torch._dynamo.reset()
+        trainer.run()
+        runs[comp] = ([h["loss"] for h in trainer.history],
+                      {n: float(m.act_clip().detach()) for n, m in fake_quant_sites(student).items()})
+    (le, ce), (lc, cc) = runs[False], runs[True]
+    # (2-bit activations: a float rounding that flips a code moves the loss more than at W2A16)
+    assert lc == pytest.approx(le, rel=1e-2)
+    start = {n: m.act_format.clip for n, m in fake_quant_sites(prepared).items()}
+    moved = [abs(ce[n] - start[n]) for n in start]
+    assert sum(d > 1e-3 for d in moved) > len(moved) // 2
+    assert all(abs(cc[n] - ce[n]) <= 0.05 * abs(ce[n] - start[n]) + 1e-6 for n in start)
+
+
 def test_blocks_called_without_a_mask_attend_causally():
     """With ``drop_mask`` the blocks of an SDPA model get ``attention_mask=None`` even when the
     model built a mask (as Hugging Face models do while a CUDA graph is being captured; here a
