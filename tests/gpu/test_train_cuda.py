@@ -73,21 +73,23 @@ def test_cuda_graph_steps_train_like_eager_steps(tiny_llama, recipe_name, norm_l
     assert ((a - b).norm() / a.norm()).item() < 1e-3
 
 
-def test_compiled_blocks_in_cuda_graph_steps_train_like_eager_steps(tiny_llama):
+@pytest.mark.parametrize("recipe_name,act_clip_lr", [("w2a16", 0.0), ("w2a2-half", 0.01)])
+def test_compiled_blocks_in_cuda_graph_steps_train_like_eager_steps(tiny_llama, recipe_name, act_clip_lr):
     """compile=True with cuda_graph=True: the blocks are compiled during the eager warm-up steps,
     then the step that calls them is captured and replayed (nothing may compile inside the
     capture). Same checks as above, against compiled eager steps of the same schedule (the same
     inductor kernels, so the comparison measures the replay, not inductor's bf16 rounding; the CPU
     test compares compiled with uncompiled steps); the blocks are eager modules again after."""
     data = torch.randint(0, 256, (10, 32), generator=torch.Generator().manual_seed(5))
-    recipe = lowbit.get_recipe("w2a16").with_passes({"name": "rotate"})
+    recipe = lowbit.get_recipe(recipe_name).with_passes({"name": "rotate"})
     prepared = prepare_qat(copy.deepcopy(tiny_llama), recipe, calibration=data[:2], inplace=True,
                            progress=False).cuda()
     e2e_steps = 10
     runs = {}
     for fast in (False, True):
         cfg = TrainConfig(stages=[recipe_stage(recipe)], e2e_steps=e2e_steps, batch_size=4, warmup=0.2,
-                          grad_clip=1.0, holdout=2, eval_every=5, cuda_graph=fast, compile=True)
+                          grad_clip=1.0, holdout=2, eval_every=5, cuda_graph=fast, compile=True,
+                          act_clip_lr=act_clip_lr)
         student = copy.deepcopy(prepared)
         trainer = Trainer(student, recipe, cfg, data, progress=False)
         torch._dynamo.reset()  # each run compiles in its own warm-up
@@ -106,3 +108,8 @@ def test_compiled_blocks_in_cuda_graph_steps_train_like_eager_steps(tiny_llama):
         start = prepared.get_submodule(name).weight
         moved = (ref.weight - start).norm()
         assert moved > 0 and (m.weight - ref.weight).norm() <= 0.05 * moved + 1e-6, name
+    if act_clip_lr:  # learned activation clip ratios: alike in both runs
+        for name, m in fake_quant_sites(sf).items():
+            start = prepared.get_submodule(name).act_format.clip
+            ref = float(fake_quant_sites(se)[name].act_clip().detach())
+            assert abs(float(m.act_clip().detach()) - ref) <= 0.05 * abs(ref - start) + 1e-6, name
