@@ -99,18 +99,27 @@ def _inside_grid(r: torch.Tensor, fmt: QFormat) -> torch.Tensor:
     return (r >= fmt.level_lo - 0.5) & (r < fmt.level_hi + 0.5)
 
 
+def _rounding_terms(x: torch.Tensor, codes: torch.Tensor, eff_scales: torch.Tensor, fmt: QFormat):
+    """The straight-through terms of quantizing ``x`` to ``codes`` with ``eff_scales``, grouped
+    [..., K/G, G]: ``inside`` (``r = x / s`` rounds into the grid), ``slope`` (LSQ's
+    ``d x_q / d s = l - r`` inside, ``l`` where clamped; zero in groups of scale 0) and ``live``
+    (the group's scale is not 0)."""
+    s = eff_scales.float().unsqueeze(-1)
+    live = s != 0
+    r = _grouped(x.float(), fmt.group_size) / torch.where(live, s, torch.ones_like(s))
+    level = _grouped(codes.float(), fmt.group_size) + (0.5 if fmt.grid == "half" else 0.0)
+    inside = _inside_grid(r, fmt)
+    return inside, torch.where(inside, level - r, level) * live, live
+
+
 def fake_quantize_weight(w: torch.Tensor, eff_scales: torch.Tensor, fmt: QFormat) -> torch.Tensor:
     """Differentiable weight fake-quant: ``dequantize_codes(quantize_codes(w, s), s)`` (values
     exactly those of :mod:`lowbit.formats`) with STE (w) and LSQ (s) gradients."""
     with torch.no_grad():
         codes = quantize_codes(w, eff_scales, fmt)
         value = _grouped(dequantize_codes(codes, eff_scales, fmt), fmt.group_size)
-        s = eff_scales.float().unsqueeze(-1)
-        live = s != 0
-        r = _grouped(w.float(), fmt.group_size) / torch.where(live, s, torch.ones_like(s))
-        level = _grouped(codes.float(), fmt.group_size) + (0.5 if fmt.grid == "half" else 0.0)
-        inside = _inside_grid(r, fmt) & live
-        scale_slope = torch.where(inside, level - r, level) * live     # d W_q / d s, per element
+        inside, scale_slope, live = _rounding_terms(w, codes, eff_scales, fmt)  # d W_q / d s, per element
+        inside = inside & live
     grouped_w = _grouped(w, fmt.group_size)
     out = _straight_through(value, grouped_w, inside.to(grouped_w.dtype))
     out = out + (eff_scales - eff_scales.detach()).unsqueeze(-1).to(out.dtype) * scale_slope
@@ -151,12 +160,7 @@ def _fake_quantize_act_learned_clip(x: torch.Tensor, fmt: QFormat, clip: torch.T
         eff = effective_scales(scales, gscale * clip.detach())
         codes = quantize_codes(x, eff, fmt)
         value = dequantize_codes(codes, eff, fmt)
-        s = eff.float().unsqueeze(-1)
-        live = s != 0
-        r = _grouped(x.float(), fmt.group_size) / torch.where(live, s, torch.ones_like(s))
-        level = _grouped(codes.float(), fmt.group_size) + (0.5 if fmt.grid == "half" else 0.0)
-        inside = _inside_grid(r, fmt)
-        slope = torch.where(inside, level - r, level) * live
+        inside, slope, _ = _rounding_terms(x, codes, eff, fmt)
     eff_grad = _straight_through(eff, stored * gscale * clip)  # the value eff, the gradient into clip
     out = _straight_through(value, x, inside.reshape(x.shape).to(x.dtype))
     dclip = (eff_grad - eff_grad.detach()).unsqueeze(-1).to(out.dtype) * slope

@@ -160,7 +160,7 @@ def _btc() -> Recipe:
 
 W2A2_HALF_CLIP = 0.55  # activation clip ratio of w2a2-half: rotated GPTQ start on SmolLM2, docs/qat.md
 # with calibration data each w2a2-half site picks its own ratio among these (rotated GPTQ start on
-# SmolLM2: 12,270 against 20,764 with 0.55 for all, docs/qat.md)
+# SmolLM2: 12,908 against 20,764 with 0.55 for all, docs/qat.md)
 W2A2_HALF_CLIP_SEARCH = [0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 1.0]
 
 PRESETS = {

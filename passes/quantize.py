@@ -167,8 +167,8 @@ class QuantizePass(LowbitPass):
             with torch.no_grad():
                 ref = torch.nn.functional.linear(x_weight, weight.float(), None if bias is None else bias.float())
 
-                def rel_error():
-                    return ((ql(x).float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                def rel_error(inputs, target):
+                    return ((ql(inputs).float() - target).norm() / target.norm().clamp_min(1e-30)).item()
 
                 if act_format is not None and self.act_clip_search:
                     # scored on at most ACT_CLIP_SEARCH_ROWS evenly spaced tokens (activations are
@@ -180,12 +180,12 @@ class QuantizePass(LowbitPass):
                     tried = {}
                     for clip in self.act_clip_search:
                         ql.act_format = dataclasses.replace(act_format, clip=clip)
-                        tried[clip] = ((ql(rows).float() - target).norm() / target.norm().clamp_min(1e-30)).item()
+                        tried[clip] = rel_error(rows, target)
                     best = min(tried, key=tried.get)
                     ql.act_format = dataclasses.replace(act_format, clip=best)
                     rec["act_clip"] = best
                     rec["format"] = f"{weight_format.name} / act {ql.act_format.name}"  # the chosen ratio
-                err = rel_error()
+                err = rel_error(x, ref)
             rec["rel_error"] = err
             rec["act_absmax"] = [float(f"{v:.4g}") for v in x_weight.abs().amax(0).tolist()]
             errors.append(err)
