@@ -115,6 +115,24 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _train_recipe(args, ckpt: Path):
+    """`lowbit train`'s recipe: --recipe (default w2a16) with --passes and --gptq; given none of the
+    three, a resumed run takes its checkpoint's recipe and a run --init-from the artifact's."""
+    import lowbit
+
+    if args.recipe is None and not args.passes and not args.gptq:
+        if args.resume and (ckpt / "state.json").is_file():
+            return lowbit.Recipe.from_dict(json.loads((ckpt / "state.json").read_text())["recipe"])
+        if args.init_from:
+            return lowbit.Recipe.from_dict(json.loads((Path(args.init_from) / "manifest.json").read_text())["recipe"])
+    recipe = lowbit.get_recipe(args.recipe or "w2a16")
+    if args.passes:
+        recipe = recipe.with_passes(*[{"name": n} for n in args.passes.split(",") if n])
+    if args.gptq:
+        recipe = recipe.with_gptq()
+    return recipe
+
+
 def cmd_train(args) -> int:
     """Quantization-aware training (``lowbit.train``), then the frozen artifact in --out."""
     started = time.perf_counter()
@@ -133,13 +151,9 @@ def cmd_train(args) -> int:
         raise SystemExit(f"--init-from {args.init_from}: not a lowbit artifact folder (no manifest.json)")
     model, tokenizer = _load(args.model)
     model = model.to(args.device)
-    recipe = lowbit.get_recipe(args.recipe)
-    if args.passes:
-        recipe = recipe.with_passes(*[{"name": n} for n in args.passes.split(",") if n])
-    if args.gptq:
-        recipe = recipe.with_gptq()
     out = Path(args.out)
     ckpt = out / "checkpoint"
+    recipe = _train_recipe(args, ckpt)
     config = data = None
     if not args.resume:
         stages = [s for s in (args.stages or "").split(",") if s]
@@ -247,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="quantization-aware training (progressive, distilled from the float model)")
     t.add_argument("model", nargs="?", default=DEFAULT_MODEL)
-    t.add_argument("--recipe", default="w2a16", help="preset name or recipe .yaml/.json (the final formats)")
+    t.add_argument("--recipe", help="preset name or recipe .yaml/.json (the final formats; default w2a16, or with "
+                                    "--resume the checkpoint's and with --init-from the artifact's)")
     t.add_argument("--out", required=True, help="folder: checkpoint/ while training, the frozen artifact at the end")
     t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
     t.add_argument("--stages", help="formats before the recipe's, e.g. w4,w3 (nested grids carry the codes)")

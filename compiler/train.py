@@ -47,7 +47,8 @@ included), ``best.safetensors`` (the best site tensors of an end-to-end phase in
 They are written at each stage's end, every ``checkpoint_every`` end-to-end steps and (with
 ``checkpoint_every``) at each block's end, and when a limit of ``run`` is reached
 (``max_steps``, or ``seconds``: a run that must fit a time slot). ``train(..., resume=True)``
-rebuilds the model from the float one and continues where the checkpoint left off; on the
+rebuilds the model from the float one and continues where the checkpoint left off (with
+the recipe it was trained with: another one is refused); on the
 CPU the result equals an uninterrupted run bit for bit. ``train(..., resume=True,
 finish=True)`` ends a run in its last stage at the checkpoint instead, at the best held-out
 evaluation of the end-to-end phase in progress.
@@ -929,6 +930,25 @@ def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict) -> None:
     opt.load_state_dict({"state": state, "param_groups": saved["meta"]["param_groups"]})
 
 
+# the recipe fields a trained model depends on; the others (name, weight method and options, clip
+# searches) only choose the start, which a resumed run does not repeat
+_TRAINED_RECIPE_FIELDS = ("weight", "activation", "passes", "ignore", "overrides")
+
+
+def _check_resumed_recipe(recipe: Recipe, saved: dict | None, out: Path) -> None:
+    """Refuse to resume a checkpoint under another recipe: its site tensors would be loaded into
+    a model of other passes (another basis) or formats, with no error from the shapes."""
+    if saved is None:
+        return
+    ours = json.loads(json.dumps(recipe.to_dict()))
+    differ = [k for k in _TRAINED_RECIPE_FIELDS if ours[k] != saved.get(k)]
+    if differ:
+        detail = "; ".join(f"{k}: {saved.get(k)} there, {ours[k]} here" for k in differ)
+        raise ValueError(f"{out}: the checkpoint was trained with recipe {saved.get('name')!r}, and this run's "
+                         f"{recipe.name!r} differs ({detail}); resume with the checkpoint's recipe "
+                         f"(`lowbit train --resume` without --recipe, --passes and --gptq takes it)")
+
+
 def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, config: TrainConfig | None = None,
           calibration=None, out: str | Path | None = None, resume: bool = False, progress: bool = True,
           max_steps: int | None = None, seconds: float | None = None, finish: bool = False,
@@ -965,6 +985,7 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
         data = load_file(str(out / "data.safetensors"))["ids"]
         saved = json.loads((out / "state.json").read_text())
         config = TrainConfig(**saved["config"])
+        _check_resumed_recipe(recipe, saved.get("recipe"), out)
     if data is None:
         raise ValueError("train needs data: token ids from lowbit.train.training_data(...)")
     if calibration is None:

@@ -685,13 +685,31 @@ def test_time_limit_counts_the_preparation(tmp_path, monkeypatch):
     assert [h["phase"] for h in student.lowbit_train_history] == ["block"]
 
 
+def test_resume_refuses_another_recipe(tmp_path):
+    """A checkpoint resumed without its passes would load rotated site tensors into an unrotated
+    model of the same shapes: refused, as are other formats."""
+    model = _tiny_llama(1)
+    data = torch.randint(0, 96, (4, 8), generator=torch.Generator().manual_seed(0))
+    rotated = lowbit.get_recipe("w2a16").with_passes({"name": "rotate"})
+    cfg = TrainConfig(e2e_steps=2, batch_size=2)
+    train(model, rotated, data, cfg, out=tmp_path, progress=False, max_steps=1)
+    with pytest.raises(ValueError, match="passes"):
+        train(model, "w2a16", out=tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match="weight"):
+        train(model, lowbit.get_recipe("w2a16-half").with_passes({"name": "rotate"}), out=tmp_path, resume=True,
+              progress=False)
+    # the start's method is not part of the trained model: GPTQ named or not, the run resumes
+    done = train(model, rotated.with_gptq(), out=tmp_path, resume=True, progress=False)
+    assert [h["step"] for h in done.lowbit_train_history if h["phase"] == "e2e"] == [0, 1]
+
+
 def test_cli_train_and_resume(tmp_path, capsys):
     from lowbit.cli import main
     from lowbit.llama2c import shared_data_dir
 
     _stories_data()
     text = str(shared_data_dir() / "text" / "tinystories_val_head.txt")
-    args = ["train", "stories260k", "--recipe", "w2a16", "--out", str(tmp_path), "--data", text, "--samples", "3",
+    args = ["train", "stories260k", "--recipe", "w2a16-half", "--out", str(tmp_path), "--data", text, "--samples", "3",
             "--seq-len", "16", "--e2e-steps", "2", "--batch-size", "2", "--checkpoint-every", "1", "--quiet",
             "--holdout", "1", "--eval-every", "1", "--calib-samples", "2", "--block-samples", "2"]
     assert main(args + ["--max-steps", "1"]) == 0
@@ -704,19 +722,26 @@ def test_cli_train_and_resume(tmp_path, capsys):
     state = json.loads((other / "checkpoint" / "state.json").read_text())
     assert state["config"]["checkpoint_every"] == 0 and state["state"]["phase"] == "e2e" and state["state"]["step"] == 1
     capsys.readouterr()
-    assert main(args + ["--resume"]) == 0
+    # another recipe would load the sites into another model: refused with the reason
+    with pytest.raises(ValueError, match="differs"):
+        main(["train", "stories260k", "--recipe", "w2a16", "--out", str(tmp_path), "--resume", "--quiet"])
+    # without --recipe the run resumes with its own (w2a16-half, not the default w2a16)
+    assert main(["train", "stories260k", "--out", str(tmp_path), "--resume", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "e2e loss" in out and "saved to" in out
     state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
     assert state["config"]["holdout"] == 1 and [h["step"] for h in state["history"] if h["phase"] == "eval"] == [0, 1, 2]
     assert state["config"]["block_samples"] == 2
     q = lowbit.load(str(tmp_path))
-    assert any(isinstance(m, QuantLinear) for m in q.modules())
+    assert {m.weight_format.grid for m in q.modules() if isinstance(m, QuantLinear)} == {"half"}
     # a new run from that artifact: its first held-out KL is that of the model the first run ended
-    # with (its best evaluation), computed again on the same held-out sequence
+    # with (its best evaluation), computed again on the same held-out sequence; the recipe is the
+    # artifact's when none is given
     best = min(h["loss"] for h in state["history"] if h["phase"] == "eval")
     cont = tmp_path / "cont"
-    assert main([str(cont) if a == str(tmp_path) else a for a in args] + ["--init-from", str(tmp_path)]) == 0
+    i = args.index("--recipe")
+    assert main([str(cont) if a == str(tmp_path) else a for a in args[:i] + args[i + 2:]]
+                + ["--init-from", str(tmp_path)]) == 0
     again = json.loads((cont / "checkpoint" / "state.json").read_text())
     assert again["init_from"] == str(tmp_path)
     assert [h["loss"] for h in again["history"] if h["phase"] == "eval"][0] == pytest.approx(best, rel=1e-6)
