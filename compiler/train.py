@@ -56,7 +56,9 @@ evaluation of the end-to-end phase in progress.
 A new run can also start from a frozen artifact (``train(..., init_from=DIR)``,
 :meth:`Trainer.start_from_artifact`): the model an earlier run produced, continued with a
 schedule of its own when that run's checkpoint is gone. The sites and normalization weights
-take the artifact's values; the teacher is this run's float model.
+take the artifact's values; the teacher is this run's float model. The artifact's weight
+formats must be the run's; its activations may be float where the run quantizes them, so a
+trained W2A16 model can start W2A2 training.
 """
 from __future__ import annotations
 
@@ -824,7 +826,9 @@ class Trainer:
         """Start from a lowbit artifact instead of the prepared codes (a model trained and frozen
         before, whose training state is gone): every site takes the artifact's codes, group and
         global scales, bias and activation clip ratio, and the normalization weights the
-        artifact's, so the student computes exactly the artifact's model. The latent weight is
+        artifact's, so the student computes exactly the artifact's model. Sites whose activations
+        the artifact leaves in float may take this run's activation format (and the clip ratio
+        this run's preparation chose): a W2A16 model starts W2A2 training. The latent weight is
         the float weight wherever that rounds to the artifact's code and the code's value
         elsewhere (:meth:`FakeQuantLinear.load_qtensor`); the teacher stays this run's float
         model. Raises ValueError when the artifact cannot be a quantization of this model:
@@ -853,15 +857,18 @@ class Trainer:
             ql = art_sites[name]
             if not isinstance(ql, QuantLinear):
                 raise ValueError(f"{directory}: site {name} is a {type(ql).__name__}, not a QuantLinear")
+            # float activations in the artifact may gain this run's activation format (a W2A16 model
+            # starting W2A2 training); the other way round, or another activation format, is refused
             act_clip = m.act_format.clip if m.act_format is not None else None
-            if ql.weight_format != m.weight_format or (ql.act_format is None) != (m.act_format is None) or (
+            if ql.weight_format != m.weight_format or (ql.act_format is not None and m.act_format is None) or (
                     ql.act_format is not None and replace(ql.act_format, clip=act_clip) != m.act_format):
                 raise ValueError(f"{directory}: site {name} holds {ql.weight_format.name} weights and "
                                  f"{ql.act_format.name if ql.act_format else 'float'} activations; this run starts "
                                  f"at {m.weight_format.name} and "
                                  f"{m.act_format.name if m.act_format else 'float'}")
             if [p.config() for p in ql.prologue] != [p.config() for p in m.prologue] or \
-                    ql.weight_in_features != m.weight_in_features or ql.out_features != m.out_features:
+                    ql.weight_in_features != m.weight_in_features or ql.out_features != m.out_features or \
+                    ql.packed_in_features != m.packed_in_features:
                 raise ValueError(f"{directory}: site {name} has another shape or prologue than this model's")
         site_keys = tuple(name + "." for name in sites)
         norms = norm_weights(self.model)
@@ -886,7 +893,7 @@ class Trainer:
                                        m.weight_format), m.float_weight)
                 if m.bias is not None:
                     m.bias.copy_(ql.bias.float())
-                if m.act_format is not None:
+                if m.act_format is not None and ql.act_format is not None:
                     m.act_format = ql.act_format
                     if m.act_clip_ratio is not None:  # a learned ratio starts at the artifact's
                         m.act_clip_ratio.fill_(ql.act_format.clip)

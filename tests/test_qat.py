@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -586,6 +587,47 @@ def test_a_run_started_from_an_artifact_continues_its_model(tmp_path):
               copy.deepcopy(cfg), progress=False, init_from=tmp_path / "art")
     with pytest.raises(ValueError, match="another model"):
         train(_tiny_llama(5), recipe, data, copy.deepcopy(cfg), progress=False, init_from=tmp_path / "art")
+
+
+def test_a_w2a16_artifact_starts_w2a2_training(tmp_path):
+    """``init_from`` a W2A16 artifact in a W2A2 run: the student keeps the artifact's weight codes,
+    scales and norms and quantizes its activations with this run's formats, so its logits are
+    those of the artifact's QuantLinear sites given the same activation formats (the reference
+    op); it trains from there. A W2A2 artifact cannot start a W2A16 run."""
+    from dataclasses import replace
+
+    from lowbit.formats import unpack_codes
+
+    model = _tiny_llama(6)
+    data = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(6))
+    passes = ({"name": "rotate"},)
+    w2a16 = lowbit.get_recipe("w2a16-half").with_passes(*passes)
+    w2a2 = lowbit.get_recipe("w2a2-half").with_passes(*passes)
+    first = train(model, w2a16, data, TrainConfig(stages=["w2"], block_steps=2, e2e_steps=3, batch_size=2,
+                                                  norm_lr=0.05), progress=False)
+    lowbit.save(freeze(first), tmp_path / "art")
+    student = prepare_qat(copy.deepcopy(model), replace(w2a2, act_clip_search=[]), calibration=data[:2],
+                          inplace=True, progress=False)
+    trainer = Trainer(student, w2a2, TrainConfig(stages=["w2a2"], e2e_steps=2, batch_size=2), data, progress=False)
+    trainer.start_from_artifact(tmp_path / "art")
+    expected = lowbit.load(tmp_path / "art")
+    art_sites = {n: m for n, m in expected.named_modules() if isinstance(m, QuantLinear)}
+    for name, m in fake_quant_sites(student).items():
+        assert m.act_format is not None and m.act_format.bits == 2 and art_sites[name].act_format is None
+        assert torch.equal(m.codes(), unpack_codes(art_sites[name].weight_packed, 2, m.packed_in_features)), name
+        art_sites[name].act_format = m.act_format
+    with torch.no_grad():
+        student_logits = student(data[:2]).logits
+        assert torch.equal(student_logits, expected(data[:2]).logits)
+        assert not torch.equal(student_logits, lowbit.load(tmp_path / "art")(data[:2]).logits)
+    trained = train(model, w2a2, data, TrainConfig(stages=["w2a2"], e2e_steps=3, batch_size=2), progress=False,
+                    init_from=tmp_path / "art")
+    assert all(m.act_format is not None for m in fake_quant_sites(trained).values())
+    assert all(math.isfinite(h["loss"]) for h in trained.lowbit_train_history)
+    lowbit.save(freeze(trained), tmp_path / "art2")
+    with pytest.raises(ValueError, match="activations; this run starts"):
+        train(model, w2a16, data, TrainConfig(stages=["w2"], e2e_steps=1, batch_size=2), progress=False,
+              init_from=tmp_path / "art2")
 
 
 def test_learned_activation_clip_ratios_train_freeze_and_resume(tmp_path):
