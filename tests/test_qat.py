@@ -620,10 +620,20 @@ def test_a_w2a16_artifact_starts_w2a2_training(tmp_path):
         student_logits = student(data[:2]).logits
         assert torch.equal(student_logits, expected(data[:2]).logits)
         assert not torch.equal(student_logits, lowbit.load(tmp_path / "art")(data[:2]).logits)
-    trained = train(model, w2a2, data, TrainConfig(stages=["w2a2"], e2e_steps=3, batch_size=2), progress=False,
-                    init_from=tmp_path / "art")
+    cfg = TrainConfig(stages=["w2a2"], block_steps=1, e2e_steps=3, batch_size=2, checkpoint_every=1,
+                      act_clip_lr=0.01)
+    trained = train(model, w2a2, data, copy.deepcopy(cfg), progress=False, init_from=tmp_path / "art")
     assert all(m.act_format is not None for m in fake_quant_sites(trained).values())
     assert all(math.isfinite(h["loss"]) for h in trained.lowbit_train_history)
+    # interrupted and resumed (the resume rebuilds the W2A2 model from the float one): the same run
+    train(model, w2a2, data, copy.deepcopy(cfg), out=tmp_path / "run", progress=False, init_from=tmp_path / "art",
+          max_steps=2 + 1)
+    resumed = train(model, w2a2, out=tmp_path / "run", resume=True, progress=False)
+    assert [(h["phase"], h["loss"]) for h in resumed.lowbit_train_history] == \
+        [(h["phase"], h["loss"]) for h in trained.lowbit_train_history]
+    for name, m in fake_quant_sites(trained).items():
+        other = fake_quant_sites(resumed)[name]
+        assert torch.equal(m.weight, other.weight) and torch.equal(m.act_clip(), other.act_clip()), name
     lowbit.save(freeze(trained), tmp_path / "art2")
     with pytest.raises(ValueError, match="activations; this run starts"):
         train(model, w2a16, data, TrainConfig(stages=["w2"], e2e_steps=1, batch_size=2), progress=False,
