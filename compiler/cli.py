@@ -165,7 +165,7 @@ def cmd_train(args) -> int:
             transition=args.transition, warmup=args.warmup, grad_clip=args.grad_clip, holdout=args.holdout,
             eval_every=args.eval_every, keep_best=not args.keep_last, compile=args.compile,
             cuda_graph=args.cuda_graph, block_samples=args.block_samples, norm_lr=args.norm_lr,
-            act_clip_lr=args.act_clip_lr)
+            act_clip_lr=args.act_clip_lr, hidden_weight=args.hidden_weight)
         print(f"training data: {args.samples} x {args.seq_len} tokens from "
               f"{'the model itself' if args.data == 'generate' else args.data}", file=sys.stderr)
         t0 = time.perf_counter()
@@ -288,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--lr", type=float, default=5e-3, help="latent weights (relative to each site's weight RMS)")
     t.add_argument("--scale-lr", type=float, default=2e-3, help="log group scales")
+    t.add_argument("--hidden-weight", type=float, default=None,
+                   help="end-to-end phases: add this times the blocks' outputs' relative squared error "
+                        "(against the float model's) to the KL (default 0: the KL alone)")
     t.add_argument("--act-clip-lr", type=float, default=0.0,
                    help="train each site's activation clip ratio at this Adam step (0: fixed; W*A* recipes)")
     t.add_argument("--norm-lr", type=float, default=0.0,

@@ -17,7 +17,10 @@ sites in ``float_mode``: the same rotations and splits, unquantized weights):
   ``||B_q(x_q) - B_f(x_f)||^2 / ||B_f(x_f)||^2`` and only that block's latent weights and
   log group scales move;
 * **end to end**: ``KL(p_float || p_quant)`` of the next-token distributions over every
-  position of a batch, all sites training together.
+  position of a batch, all sites training together; with ``hidden_weight = w > 0`` plus
+  ``w * mean_l ||h_q,l - h_f,l||^2 / ||h_f,l||^2`` over the decoder blocks' outputs (the last
+  one after the final norm), which supervises every block inside the whole model. The
+  held-out KL never includes that term.
 
 Data: token ids, from a text file (:func:`lowbit.calibration.from_text`) or sampled from
 the float model itself (:func:`lowbit.calibration.from_generations`, data-free); both
@@ -113,6 +116,7 @@ class TrainConfig:
     compile: bool = False          # end-to-end phases: each block through torch.compile (one graph for all)
     cuda_graph: bool = False       # replay each phase's training step as one CUDA graph (CUDA only)
     temperature: float = 1.0       # of the end-to-end KL
+    hidden_weight: float = 0.0     # end-to-end: + this x the blocks' outputs' relative squared error
     norm_lr: float = 0.0           # Adam step of the normalization layers' weights (0: they stay frozen)
     act_clip_lr: float = 0.0       # Adam step of the sites' activation clip ratios (0: they stay fixed)
     seed: int = 0
@@ -272,6 +276,16 @@ def norm_weights(model: nn.Module) -> dict[str, nn.Parameter]:
 def _call_logits(model, ids):
     out = model(ids, use_cache=False) if _is_hf(model) else model(ids)
     return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+
+
+def _call_logits_hidden(model, ids, hidden: bool):
+    """Logits, and with ``hidden`` the outputs of the decoder blocks (Hugging Face models)."""
+    if not hidden:
+        return _call_logits(model, ids), ()
+    if not _is_hf(model):
+        raise ValueError("hidden_weight needs a Hugging Face model (output_hidden_states)")
+    out = model(ids, use_cache=False, output_hidden_states=True)
+    return out.logits, out.hidden_states[1:]
 
 
 def _is_hf(model) -> bool:
@@ -565,16 +579,21 @@ class Trainer:
         self._carry = ((stage, block_idx + 1), x_next, y_f)
 
     # -- end to end --------------------------------------------------------------------------------
-    def e2e_loss(self, ids: torch.Tensor) -> torch.Tensor:
+    def e2e_loss(self, ids: torch.Tensor, hidden: bool = True) -> torch.Tensor:
         t = self.config.temperature
+        hidden = hidden and self.config.hidden_weight > 0
         with torch.no_grad(), self.teacher(), self.autocast():
-            teacher = _call_logits(self.model, ids)
+            teacher, teacher_hidden = _call_logits_hidden(self.model, ids, hidden)
         with self.autocast():
-            student = _call_logits(self.model, ids)
+            student, student_hidden = _call_logits_hidden(self.model, ids, hidden)
         logp_t = F.log_softmax(teacher.float() / t, -1)
         logp_s = F.log_softmax(student.float() / t, -1)
-        kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean()
-        return kl * (t * t)
+        kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean() * (t * t)
+        if not hidden:
+            return kl
+        err = [(s.float() - h.float()).pow(2).mean() / h.float().pow(2).mean().clamp_min(1e-12)
+               for s, h in zip(student_hidden, teacher_hidden)]
+        return kl + self.config.hidden_weight * torch.stack(err).mean()
 
     @torch.no_grad()
     def heldout_kl(self) -> float:
@@ -582,7 +601,7 @@ class Trainer:
         total, rows = 0.0, 0
         for i in range(0, self.eval_data.shape[0], self.config.batch_size):
             ids = self.eval_data[i:i + self.config.batch_size].to(self.device)
-            total += float(self.e2e_loss(ids)) * ids.shape[0]
+            total += float(self.e2e_loss(ids, hidden=False)) * ids.shape[0]
             rows += ids.shape[0]
         return total / rows
 

@@ -284,6 +284,44 @@ def test_warmup_ramp_and_gradient_clipping():
     assert len(trainer.history) == 20 and all(math.isfinite(h["loss"]) for h in trainer.history)
 
 
+def test_hidden_weight_adds_the_blocks_relative_output_error():
+    """``hidden_weight``: the end-to-end loss is the logits' KL plus w times the mean over the
+    decoder blocks of ||h_student - h_teacher||^2 / ||h_teacher||^2, the last block's output taken
+    after the final norm. Checked against outputs caught by forward hooks on the blocks, the
+    float model's taken from a copy made before quantization, in float64; the held-out KL leaves
+    the term out."""
+    model = _tiny_llama(7, layers=3)
+    teacher = copy.deepcopy(model)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(7))
+    recipe = lowbit.get_recipe("w2a2")
+    student = prepare_qat(model, recipe, calibration=ids, progress=False)
+    trainer = Trainer(student, recipe, TrainConfig(stages=["w2a2"], hidden_weight=0.7, batch_size=2), ids,
+                      progress=False)
+
+    def outputs(m):
+        caught = []
+        hooks = [blk.register_forward_hook(lambda mod, a, out: caught.append(out[0] if isinstance(out, tuple) else out))
+                 for blk in list(m.model.layers)[:-1]] + \
+            [m.model.norm.register_forward_hook(lambda mod, a, out: caught.append(out))]
+        with torch.no_grad():
+            logits = m(ids, use_cache=False).logits
+        for h in hooks:
+            h.remove()
+        return logits.double(), [c.double() for c in caught]
+
+    t_logits, t_hidden = outputs(teacher)
+    s_logits, s_hidden = outputs(student)
+    logp_t, logp_s = t_logits.log_softmax(-1), s_logits.log_softmax(-1)
+    kl = float((logp_t.exp() * (logp_t - logp_s)).sum(-1).mean())
+    rel = [float(((s - t) ** 2).mean() / (t ** 2).mean()) for s, t in zip(s_hidden, t_hidden)]
+    assert len(rel) == 3 and min(rel) > 1e-4
+    with torch.no_grad():
+        assert float(trainer.e2e_loss(ids)) == pytest.approx(kl + 0.7 * sum(rel) / 3, rel=1e-4)
+        assert float(trainer.e2e_loss(ids, hidden=False)) == pytest.approx(kl, rel=1e-4)
+    trainer.eval_data = ids
+    assert trainer.heldout_kl() == pytest.approx(kl, rel=1e-4)
+
+
 def test_keep_best_ends_the_phase_at_the_lowest_heldout_kl():
     """A step size that wrecks the model: with keep_best the end-to-end phase ends at the best
     held-out KL it measured (here the start: the site tensors come back bit for bit);

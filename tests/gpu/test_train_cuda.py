@@ -73,13 +73,16 @@ def test_cuda_graph_steps_train_like_eager_steps(tiny_llama, recipe_name, norm_l
     assert ((a - b).norm() / a.norm()).item() < 1e-3
 
 
-@pytest.mark.parametrize("recipe_name,act_clip_lr", [("w2a16", 0.0), ("w2a2-half", 0.01)])
-def test_compiled_blocks_in_cuda_graph_steps_train_like_eager_steps(tiny_llama, recipe_name, act_clip_lr):
+@pytest.mark.parametrize("recipe_name,act_clip_lr,hidden_weight", [("w2a16", 0.0, 0.0), ("w2a2-half", 0.01, 0.0),
+                                                                     ("w2a2-half", 0.01, 1.0)])
+def test_compiled_blocks_in_cuda_graph_steps_train_like_eager_steps(tiny_llama, recipe_name, act_clip_lr,
+                                                                    hidden_weight):
     """compile=True with cuda_graph=True: the blocks are compiled during the eager warm-up steps,
     then the step that calls them is captured and replayed (nothing may compile inside the
     capture). Same checks as above, against compiled eager steps of the same schedule (the same
     inductor kernels, so the comparison measures the replay, not inductor's bf16 rounding; the CPU
-    test compares compiled with uncompiled steps); the blocks are eager modules again after."""
+    test compares compiled with uncompiled steps); the blocks are eager modules again after. With
+    ``hidden_weight`` the loss takes the blocks' outputs too (``output_hidden_states``)."""
     data = torch.randint(0, 256, (10, 32), generator=torch.Generator().manual_seed(5))
     recipe = lowbit.get_recipe(recipe_name).with_passes({"name": "rotate"})
     prepared = prepare_qat(copy.deepcopy(tiny_llama), recipe, calibration=data[:2], inplace=True,
@@ -89,7 +92,7 @@ def test_compiled_blocks_in_cuda_graph_steps_train_like_eager_steps(tiny_llama, 
     for fast in (False, True):
         cfg = TrainConfig(stages=[recipe_stage(recipe)], e2e_steps=e2e_steps, batch_size=4, warmup=0.2,
                           grad_clip=1.0, holdout=2, eval_every=5, cuda_graph=fast, compile=True,
-                          act_clip_lr=act_clip_lr)
+                          act_clip_lr=act_clip_lr, hidden_weight=hidden_weight)
         student = copy.deepcopy(prepared)
         trainer = Trainer(student, recipe, cfg, data, progress=False)
         torch._dynamo.reset()  # each run compiles in its own warm-up
