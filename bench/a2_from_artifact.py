@@ -19,11 +19,10 @@ from pathlib import Path
 import lowbit
 from lowbit.calibration import from_generations
 from lowbit.eval import perplexity
+from lowbit.llama2c import shared_data_dir
 from lowbit.models import load_model
 from lowbit.qat import freeze, prepare_qat
 from lowbit.train import Trainer, TrainConfig, recipe_stage
-
-DEFAULT_TEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "text" / "wikitext2_raw_test.txt"
 
 
 def main(argv=None) -> None:
@@ -34,7 +33,9 @@ def main(argv=None) -> None:
     ap.add_argument("--calib-samples", type=int, default=8)
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--seed", type=int, default=2)
-    ap.add_argument("--text", default=str(DEFAULT_TEXT))
+    data = shared_data_dir()
+    ap.add_argument("--text", default=str(data / "text" / "wikitext2_raw_test.txt") if data else None,
+                    required=data is None, help="evaluation text (default: WikiText-2 raw test in ../shared/data)")
     ap.add_argument("--chars", type=int, default=200_000)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--save", default=None)

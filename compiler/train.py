@@ -288,6 +288,13 @@ def _call_logits_hidden(model, ids, hidden: bool):
     return out.logits, out.hidden_states[1:]
 
 
+def relative_squared_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``||out - target||^2 / ||target||^2`` in fp32: the block-reconstruction loss, and the
+    per-block term of ``hidden_weight``."""
+    out, target = out.float(), target.float()
+    return (out - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-30)
+
+
 def _is_hf(model) -> bool:
     return hasattr(model, "config") and hasattr(model, "generate")
 
@@ -563,7 +570,7 @@ class Trainer:
         def block_loss(x, target):
             with self.autocast():
                 out = _first(block(x, **kw)).float()
-            return (out - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-30)
+            return relative_squared_error(out, target)
 
         bar = tqdm(range(start_step, cfg.block_steps), desc=f"stage {stage} {name}", disable=not self.progress,
                    leave=False)
@@ -591,8 +598,7 @@ class Trainer:
         kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean() * (t * t)
         if not hidden:
             return kl
-        err = [(s.float() - h.float()).pow(2).mean() / h.float().pow(2).mean().clamp_min(1e-12)
-               for s, h in zip(student_hidden, teacher_hidden)]
+        err = [relative_squared_error(s, h) for s, h in zip(student_hidden, teacher_hidden)]
         return kl + self.config.hidden_weight * torch.stack(err).mean()
 
     @torch.no_grad()
