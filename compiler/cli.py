@@ -145,6 +145,8 @@ def cmd_train(args) -> int:
         raise SystemExit(f"--cuda-graph needs --device cuda (got --device {args.device})")
     if args.finish and not args.resume:
         raise SystemExit("--finish ends a run from its checkpoint: add --resume")
+    if args.finish_at_limit and args.time_limit is None and args.max_steps is None:
+        raise SystemExit("--finish-at-limit ends the run where a limit stops it: add --time-limit or --max-steps")
     if args.init_from and args.resume:
         raise SystemExit("--init-from starts a new run; --resume continues one from its checkpoint (drop one)")
     if args.init_from and not _is_artifact(args.init_from):
@@ -178,7 +180,7 @@ def cmd_train(args) -> int:
     student = train(model, recipe, data, config, calibration=calibration, out=ckpt, resume=args.resume,
                     progress=not args.quiet, max_steps=args.max_steps,
                     seconds=None if args.time_limit is None else args.time_limit - (time.perf_counter() - started),
-                    finish=args.finish, init_from=args.init_from)
+                    finish=args.finish, init_from=args.init_from, finish_at_limit=args.finish_at_limit)
     hist = student.lowbit_train_history
     for phase in ("block", "e2e"):
         losses = [h["loss"] for h in hist if h["phase"] == phase]
@@ -314,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--finish", action="store_true",
                    help="with --resume: end the run at its checkpoint (the end-to-end phase at its best held-out "
                         "KL) and save the artifact")
+    t.add_argument("--finish-at-limit", action="store_true",
+                   help="with --time-limit or --max-steps: when the limit stops the run in its last stage, end it "
+                        "there (as --finish would) and save the artifact in the same command; freezing and saving "
+                        "come after the time limit, so leave them room")
     t.add_argument("--device", default="cpu")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -54,7 +54,8 @@ rebuilds the model from the float one and continues where the checkpoint left of
 the recipe it was trained with: another one is refused); on the
 CPU the result equals an uninterrupted run bit for bit. ``train(..., resume=True,
 finish=True)`` ends a run in its last stage at the checkpoint instead, at the best held-out
-evaluation of the end-to-end phase in progress.
+evaluation of the end-to-end phase in progress; ``finish_at_limit=True`` does the same in the
+call that reaches the limit, so a run that must fit a time slot ends with a model.
 
 A new run can also start from a frozen artifact (``train(..., init_from=DIR)``,
 :meth:`Trainer.start_from_artifact`): the model an earlier run produced, continued with a
@@ -71,6 +72,7 @@ import math
 import re
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -723,16 +725,25 @@ class Trainer:
         if limit:
             raise _Interrupted
 
+    def cannot_finish(self) -> str | None:
+        """Why the run cannot be finished where it stands (None when it can): only its last
+        stage can end early, earlier stages are at other formats than the recipe's."""
+        cfg, stage = self.config, self.state["stage"]
+        if stage < len(cfg.stages) and (stage != len(cfg.stages) - 1 or self.state["formats_stage"] != stage):
+            return (f"the run is in stage {stage} ({cfg.stages[stage]}); it can only be finished early in "
+                    f"its last stage ({cfg.stages[-1]}): continue it with resume")
+        return None
+
     def finish(self) -> None:
         """End the run at its checkpoint: the end-to-end phase in progress ends now, at its best
         held-out evaluation with ``keep_best``, and the phases left are skipped. Only in the
-        last stage: earlier stages are at other formats than the recipe's."""
+        last stage (:meth:`cannot_finish`)."""
         cfg, stage = self.config, self.state["stage"]
         if stage >= len(cfg.stages):
             return
-        if stage != len(cfg.stages) - 1 or self.state["formats_stage"] != stage:
-            raise ValueError(f"the run is in stage {stage} ({cfg.stages[stage]}); it can only be finished early in "
-                             f"its last stage ({cfg.stages[-1]}): continue it with resume")
+        reason = self.cannot_finish()
+        if reason:
+            raise ValueError(reason)
         if self.state["phase"] == "e2e" and cfg.keep_best and self.best is not None:
             self._restore_best(stage)
         self.best, self._pending_optimizer = None, None
@@ -984,7 +995,7 @@ def _check_resumed_recipe(recipe: Recipe, saved: dict | None, out: Path) -> None
 def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, config: TrainConfig | None = None,
           calibration=None, out: str | Path | None = None, resume: bool = False, progress: bool = True,
           max_steps: int | None = None, seconds: float | None = None, finish: bool = False,
-          init_from: str | Path | None = None) -> nn.Module:
+          init_from: str | Path | None = None, finish_at_limit: bool = False) -> nn.Module:
     """Quantization-aware training of ``model`` (float, not modified) for ``recipe``.
 
     ``data``: [S, T] token ids (see :func:`training_data`); on resume it is read from the
@@ -993,7 +1004,9 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
     block end once this long has passed since the call (preparing the model, GPTQ included,
     counts), with a checkpoint written there. ``init_from``: a lowbit artifact of this model
     and recipe (an earlier run's result) to start from instead of the recipe's weight method
-    (:meth:`Trainer.start_from_artifact`). Returns the trained model with FakeQuantLinear
+    (:meth:`Trainer.start_from_artifact`). ``finish_at_limit``: when ``max_steps`` or
+    ``seconds`` stops the run in its last stage, end it there as ``finish`` would, in the same
+    call (earlier stages are left at their checkpoint, with a warning). Returns the trained model with FakeQuantLinear
     sites; :func:`lowbit.freeze` packs it.
     """
     import copy
@@ -1046,6 +1059,12 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
         trainer.finish()
     else:
         trainer.run(max_steps=max_steps, seconds=None if deadline is None else deadline - time.monotonic())
+        if finish_at_limit and trainer.interrupted:
+            reason = trainer.cannot_finish()
+            if reason:
+                warnings.warn(f"the limit came before the last stage, so the run stays at its checkpoint: {reason}")
+            else:
+                trainer.finish()
     student.lowbit_recipe = recipe
     student.lowbit_train_history = trainer.history
     return student

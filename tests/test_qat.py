@@ -752,6 +752,37 @@ def test_time_limit_checkpoints_and_finish_ends_at_the_best_evaluation(tmp_path,
         assert m.weight_format == recipe.weight
 
 
+def test_finish_at_limit_ends_the_run_in_the_call_that_reaches_the_limit(tmp_path):
+    """``finish_at_limit`` gives, in one call, the model that a run stopped at a limit and then
+    ended with ``finish`` gives in two; a limit before the last stage leaves the checkpoint."""
+    import shutil
+
+    model = _tiny_llama(1)
+    data = torch.randint(0, 96, (10, 16), generator=torch.Generator().manual_seed(2))
+    recipe = lowbit.get_recipe("w2a16")
+    cfg = TrainConfig(stages=["w4", "w2"], block_steps=1, e2e_steps=6, batch_size=2, lr=2.0, holdout=2,
+                      eval_every=1)
+    with pytest.warns(UserWarning, match="before the last stage"):
+        train(model, recipe, data, copy.deepcopy(cfg), out=tmp_path / "a", progress=False, max_steps=1,
+              finish_at_limit=True)
+    assert json.loads((tmp_path / "a" / "state.json").read_text())["state"]["stage"] == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    train(model, recipe, out=tmp_path / "a", resume=True, progress=False, max_steps=10)
+    state = json.loads((tmp_path / "a" / "state.json").read_text())["state"]
+    assert state["stage"] == 1 and state["phase"] == "e2e" and 0 < state["step"] < cfg.e2e_steps
+    two_calls = train(model, recipe, out=tmp_path / "a", resume=True, finish=True, progress=False)
+    one_call = train(model, recipe, out=tmp_path / "b", resume=True, progress=False, max_steps=10,
+                     finish_at_limit=True)
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["state"]["stage"] == len(cfg.stages)
+    assert [(h["phase"], h["step"], h["loss"]) for h in one_call.lowbit_train_history] == \
+        [(h["phase"], h["step"], h["loss"]) for h in two_calls.lowbit_train_history]
+    restored = [h for h in one_call.lowbit_train_history if h["phase"] == "restore"]
+    assert restored and restored[-1]["step"] < state["step"]  # it went back to the best evaluation
+    sites_two = fake_quant_sites(two_calls)
+    for name, m in fake_quant_sites(one_call).items():
+        assert torch.equal(m.weight, sites_two[name].weight) and torch.equal(m.log_scale, sites_two[name].log_scale)
+
+
 def test_time_limit_counts_the_preparation(tmp_path, monkeypatch):
     """``seconds`` counts from the call of ``train``: a preparation (GPTQ) that takes longer than
     the limit leaves no time to train, so the run stops with a checkpoint at its first chance."""
@@ -870,6 +901,8 @@ def test_cli_train_refuses_cuda_graph_off_cuda():
         main(["train", "stories260k", "--cuda-graph", "--device", "cpu", "--out", "unused"])
     with pytest.raises(SystemExit, match="add --resume"):
         main(["train", "stories260k", "--finish", "--out", "unused"])
+    with pytest.raises(SystemExit, match="add --time-limit or --max-steps"):
+        main(["train", "stories260k", "--finish-at-limit", "--out", "unused"])
     with pytest.raises(SystemExit, match="drop one"):
         main(["train", "stories260k", "--init-from", "unused", "--resume", "--out", "unused"])
     with pytest.raises(SystemExit, match="not a lowbit artifact"):
