@@ -88,6 +88,9 @@ class CompileContext:
     recipe: Any = None
     progress: bool = True
     max_calibration_rows: int = 2048
+    # the quantize pass measures each site's output error on the calibration data for the report;
+    # False skips that where no choice of the pass needs the data (a rebuild whose values are replaced)
+    measure_errors: bool = True
 
     def site_inputs(self, gm: torch.fx.GraphModule, node_names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Inputs (first argument) of the given nodes over the calibration data, as [rows, K] fp32.

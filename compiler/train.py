@@ -1042,8 +1042,9 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
     # compiled on the CPU (the passes' calibration runs there), then moved to the model's device
     device = next(model.parameters()).device
     t0 = time.perf_counter()
+    # a rebuild's site values are replaced, so the report's per-site errors would only cost time
     student = prepare_qat(copy.deepcopy(model).cpu(), first, calibration=calibration.cpu(), inplace=True,
-                          progress=progress).to(device)
+                          progress=progress, measure_errors=not (resume or init_from is not None)).to(device)
     trainer = Trainer(student, recipe, config, data.to(torch.long), out=out, progress=progress)
     if init_from is not None:
         trainer.start_from_artifact(init_from)

@@ -113,17 +113,20 @@ class QuantizePass(LowbitPass):
         errors = []
         bar = tqdm(total=len(chosen), desc="quantize", disable=not self.context.progress, unit="site")
         calib = SequentialCalibration(self.context, gm)
+        # the inputs feed the weight quantizer (GPTQ), the activation clip search and the report's errors
+        use_inputs = bool(self.context.calibration) and (
+            self.context.measure_errors or self.weight_quantizer is not None or bool(self.act_clip_search))
         blocks = site_blocks(chosen)
         for b, block in enumerate(blocks):
             # sequential: this block's inputs come from the graph with earlier blocks quantized
-            inputs = calib.collect([s.node for s in block.values()])
+            inputs = calib.collect([s.node for s in block.values()]) if use_inputs else {}
             nodes = {n.name: n for n in gm.graph.nodes}
             for name, site in block.items():
                 self._quantize_site(gm, name, site, nodes[site.node], inputs.get(site.node), errors)
                 bar.update(1)
             del inputs
             erase_unused_get_attrs(gm)  # weights of replaced sites are gone
-            if b + 1 < len(blocks) and self.context.calibration:
+            if b + 1 < len(blocks) and use_inputs:
                 calib.advance(next(iter(blocks[b + 1].values())).node)
         bar.close()
         gm.graph.lint()

@@ -214,6 +214,36 @@ def test_activation_clip_search_scores_evenly_spaced_tokens(monkeypatch):
     assert ctx.report.sites["0"]["act_clip"] == argmin(picked) != argmin(rows)
 
 
+def test_measure_errors_off_changes_the_report_only(tiny_llama, calib_ids, monkeypatch):
+    """``measure_errors=False``: the same model (codes, scales, searched activation clip
+    ratios); the report's per-site errors only where the inputs were needed anyway. The calibration still runs where a choice
+    needs it (the clip search); under plain RTN the quantize pass does not run it at all."""
+    from lowbit.pass_manager import SequentialCalibration
+
+    collected = []
+    original = SequentialCalibration.collect
+    monkeypatch.setattr(SequentialCalibration, "collect",
+                        lambda self, nodes: collected.append(len(nodes)) or original(self, nodes))
+    for recipe in ("w2a16", "w2a2-half"):
+        collected.clear()
+        measured = compile_quantized(tiny_llama, recipe, calibration=calib_ids, progress=False)
+        assert collected
+        collected.clear()
+        quick = compile_quantized(tiny_llama, recipe, calibration=calib_ids, progress=False, measure_errors=False)
+        searched = bool(lowbit.get_recipe(recipe).act_clip_search)
+        assert bool(collected) == searched
+        assert all("rel_error" in s for s in measured.lowbit_report.sites.values())
+        # where the search brought the inputs in anyway, the error comes with them
+        assert all(("rel_error" in s) == searched for s in quick.lowbit_report.sites.values())
+        state, quick_state = measured.state_dict(), quick.state_dict()
+        assert state.keys() == quick_state.keys() and all(torch.equal(state[k], quick_state[k]) for k in state)
+        formats = {n: m.act_format for n, m in measured.named_modules() if isinstance(m, QuantLinear)}
+        assert formats == {n: m.act_format for n, m in quick.named_modules() if isinstance(m, QuantLinear)}
+        if recipe == "w2a2-half":
+            assert len({f.clip for f in formats.values()}) > 1  # searched per site
+        assert torch.equal(_logits(measured, calib_ids), _logits(quick, calib_ids))
+
+
 def test_activation_clip_search_in_recipes():
     r = lowbit.get_recipe("w2a2-half")
     searched = lowbit.Recipe.from_dict(dict(r.to_dict(), act_clip_search=[0.5, 0.6]))
