@@ -1036,9 +1036,14 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
     if calibration is None:
         calibration = data[: min(len(data), 8)]
     first = stage_recipe(recipe, config.stages[0])
-    if resume or init_from is not None:
-        # the structure comes from the passes; the values (clip ratios too) from the checkpoint or artifact
+    if resume:
+        # the structure comes from the passes; the values (clip ratios too) from the checkpoint
         first = replace(first, weight_method="rtn", clip_search=False, act_clip_search=[])
+    elif init_from is not None:
+        # the weights come from the artifact (no GPTQ); the activation clip search stays, on the
+        # recipe's RTN weights, for the sites whose activations the artifact leaves in float
+        # (elsewhere the artifact's ratio replaces its choice)
+        first = replace(first, weight_method="rtn")
     # compiled on the CPU (the passes' calibration runs there), then moved to the model's device
     device = next(model.parameters()).device
     t0 = time.perf_counter()

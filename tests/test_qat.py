@@ -663,6 +663,12 @@ def test_a_w2a16_artifact_starts_w2a2_training(tmp_path):
     trained = train(model, w2a2, data, copy.deepcopy(cfg), progress=False, init_from=tmp_path / "art")
     assert all(m.act_format is not None for m in fake_quant_sites(trained).values())
     assert all(math.isfinite(h["loss"]) for h in trained.lowbit_train_history)
+    # with fixed ratios, the sites keep the ones the recipe's search chose on the float model
+    fixed = train(model, w2a2, data, replace(cfg, act_clip_lr=0.0), progress=False, init_from=tmp_path / "art")
+    searched = prepare_qat(copy.deepcopy(model), w2a2, calibration=data, inplace=True, progress=False)
+    clips = {n: m.act_format.clip for n, m in fake_quant_sites(searched).items()}
+    assert {n: m.act_format.clip for n, m in fake_quant_sites(fixed).items()} == clips
+    assert any(c != w2a2.activation.clip for c in clips.values())
     # interrupted and resumed (the resume rebuilds the W2A2 model from the float one): the same run
     train(model, w2a2, data, copy.deepcopy(cfg), out=tmp_path / "run", progress=False, init_from=tmp_path / "art",
           max_steps=2 + 1)
