@@ -1006,8 +1006,8 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
     and recipe (an earlier run's result) to start from instead of the recipe's weight method
     (:meth:`Trainer.start_from_artifact`). ``finish_at_limit``: when ``max_steps`` or
     ``seconds`` stops the run in its last stage, end it there as ``finish`` would, in the same
-    call (earlier stages are left at their checkpoint, with a warning). Returns the trained model with FakeQuantLinear
-    sites; :func:`lowbit.freeze` packs it.
+    call (earlier stages are left at their checkpoint, with a warning). Returns the trained
+    model with FakeQuantLinear sites; :func:`lowbit.freeze` packs it.
     """
     import copy
 

@@ -216,8 +216,9 @@ def test_activation_clip_search_scores_evenly_spaced_tokens(monkeypatch):
 
 def test_measure_errors_off_changes_the_report_only(tiny_llama, calib_ids, monkeypatch):
     """``measure_errors=False``: the same model (codes, scales, searched activation clip
-    ratios); the report's per-site errors only where the inputs were needed anyway. The calibration still runs where a choice
-    needs it (the clip search); under plain RTN the quantize pass does not run it at all."""
+    ratios); the report's per-site errors only where the inputs were needed anyway. The
+    calibration still runs where a choice needs it (the clip search); under plain RTN the
+    quantize pass does not run it at all."""
     from lowbit.pass_manager import SequentialCalibration
 
     collected = []
