@@ -161,7 +161,8 @@ def compile_quantized(
     ``mode="train"`` puts trainable ``lowbit.qat.FakeQuantLinear`` sites in place of the
     packed ones (quantization-aware training; ``lowbit.freeze`` packs them afterwards).
     ``measure_errors=False`` leaves the sites' output errors out of the report where only
-    the report would use the calibration data (RTN without searches): a faster compile.
+    the report would use the calibration data (RTN, whose weight clip search needs no data,
+    and no activation clip search): a faster compile.
     """
     if mode not in ("infer", "train"):
         raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
