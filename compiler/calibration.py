@@ -78,7 +78,7 @@ def from_generations(model, samples: int = 16, seq_len: int = 512, seed: int = 0
     banned = _end_of_sequence_ids(model)
     gen = torch.Generator(device=dev).manual_seed(int(torch.randint(2 ** 62, (1,), generator=cpu_gen)))
     out = []
-    bar = tqdm(total=samples * (seq_len - 1), desc="sampling calibration", unit="tok", unit_scale=True,
+    bar = tqdm(total=samples * (seq_len - 1), desc="sampling from the model", unit="tok", unit_scale=True,
                disable=not progress)
     # fork_rng: a model left in training mode draws its dropout from the global generator
     with bar, precision, torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
@@ -281,7 +281,7 @@ def _generate_with_hf(model, samples: int, seq_len: int, seed: int, temperature:
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         first = torch.randint(0, model.config.vocab_size, (samples, 1))
-        for i in tqdm(range(0, samples, batch_size), desc="sampling calibration", disable=not progress):
+        for i in tqdm(range(0, samples, batch_size), desc="sampling from the model", disable=not progress):
             start = first[i:i + batch_size].to(dev)
             gen = model.generate(start, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
                                  attention_mask=torch.ones_like(start), pad_token_id=0, **sampling)
