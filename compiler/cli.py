@@ -149,6 +149,10 @@ def cmd_train(args) -> int:
         raise SystemExit("--finish-at-limit ends the run where a limit stops it: add --time-limit or --max-steps")
     if args.init_from and args.resume:
         raise SystemExit("--init-from starts a new run; --resume continues one from its checkpoint (drop one)")
+    if args.init_latents and not args.init_from:
+        raise SystemExit("--init-latents moves the latent weights of a run started with --init-from: give both")
+    if args.init_latents and not Path(args.init_latents).is_file():
+        raise SystemExit(f"--init-latents {args.init_latents}: no such file")
     if args.init_from and not _is_artifact(args.init_from):
         raise SystemExit(f"--init-from {args.init_from}: not a lowbit artifact folder (no manifest.json)")
     model, tokenizer = _load(args.model)
@@ -180,7 +184,8 @@ def cmd_train(args) -> int:
     student = train(model, recipe, data, config, calibration=calibration, out=ckpt, resume=args.resume,
                     progress=not args.quiet, max_steps=args.max_steps,
                     seconds=None if args.time_limit is None else args.time_limit - (time.perf_counter() - started),
-                    finish=args.finish, init_from=args.init_from, finish_at_limit=args.finish_at_limit)
+                    finish=args.finish, init_from=args.init_from, finish_at_limit=args.finish_at_limit,
+                    init_latents=args.init_latents)
     hist = student.lowbit_train_history
     for phase in ("block", "e2e"):
         losses = [h["loss"] for h in hist if h["phase"] == phase]
@@ -275,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-from", metavar="ARTIFACT",
                    help="start from this artifact's codes, scales and norm weights (an earlier run's model, "
                         "made with the same passes) instead of RTN or GPTQ")
+    t.add_argument("--init-latents", metavar="FILE",
+                   help="with --init-from: the latents.safetensors that run left in its checkpoint folder, so the "
+                        "latent weights start where it left them (half a byte per weight)")
     t.add_argument("--data", default="generate",
                    help="'generate' (the model's own seeded samples), token ids in a .safetensors file "
                         "(a checkpoint's data.safetensors) or a text file")

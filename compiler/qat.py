@@ -255,6 +255,46 @@ class FakeQuantLinear(nn.Module):
             else:
                 self.weight.copy_(deq)
 
+    def _latent_position(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes, the codes' values, the group step per element) of the current latent weight."""
+        eff = self.eff_scales().detach()
+        codes = quantize_codes(self.weight.detach(), eff, self.weight_format)
+        step = eff.repeat_interleave(self.weight_format.group_size, dim=1)
+        return codes, dequantize_codes(codes, eff, self.weight_format), step
+
+    def latent_offsets(self, bits: int) -> torch.Tensor:
+        """Where each latent weight sits inside its code's rounding interval, which spans one
+        group step around the code's value: the interval cut into ``2**bits`` equal parts, part
+        ``j`` (from below) returned as the ``bits``-bit code ``j - 2**(bits-1)`` (int8, the
+        weight's shape). A weight beyond the end values (clipped) takes the outermost part; a
+        dead group (zero scale) the middle. The frozen model keeps only the codes, so a run
+        that starts from it (:meth:`Trainer.start_from_artifact`) puts every latent weight at
+        its code's value, where the straight-through gradient needs half a step to change it;
+        these offsets let it start where the earlier run left the latent weights instead."""
+        with torch.no_grad():
+            _, level, step = self._latent_position()
+            live = step > 0
+            r = torch.where(live, (self.weight - level) / torch.where(live, step, 1.0), 0.0)
+            parts = 2 ** bits
+            part = torch.floor((r.clamp(-0.5, 0.5) + 0.5) * parts).clamp(0, parts - 1)
+            return (part - parts // 2).to(torch.int8)
+
+    def set_latent_offsets(self, offsets: torch.Tensor, bits: int) -> None:
+        """Put every latent weight at the middle of the part :meth:`latent_offsets` gives, inside
+        its current code's interval: the codes, and so the forward, do not change."""
+        if tuple(offsets.shape) != tuple(self.weight.shape):
+            raise ValueError(f"latent offsets of shape {tuple(offsets.shape)} for a latent weight of shape "
+                             f"{tuple(self.weight.shape)}")
+        parts = 2 ** bits
+        if int(offsets.min()) < -(parts // 2) or int(offsets.max()) >= parts // 2:
+            raise ValueError(f"latent offsets outside the {bits}-bit range")
+        with torch.no_grad():
+            codes, level, step = self._latent_position()
+            r = (offsets.to(level.device).float() + parts // 2 + 0.5) / parts - 0.5  # inside (-1/2, 1/2)
+            self.weight.copy_(level + r * step)
+            if not torch.equal(quantize_codes(self.weight, self.eff_scales(), self.weight_format), codes):
+                raise RuntimeError("moving the latent weights inside their intervals changed a code")
+
     def learn_act_clip(self) -> None:
         """Make the activation clip ratio a trained parameter (fp32, used clamped to
         [MIN_ACT_CLIP, 1]), starting at the format's ratio: ``fp32(global * clip)`` is the same

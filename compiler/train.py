@@ -80,7 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import QFormat
+from .formats import QFormat, pack_codes, unpack_codes
 from .qat import fake_quant_sites, float_mode, prepare_qat, set_formats
 from .recipes import Recipe, get_recipe
 
@@ -341,6 +341,7 @@ class Trainer:
         self._float_norms: dict[str, torch.Tensor] = {}
         self._trained_norms: dict[str, torch.Tensor] = {}
         self.init_from: str | None = None  # the artifact the run started from (start_from_artifact)
+        self.init_latents: str | None = None  # the latent offsets it started from (load_latents)
         if config.norm_lr > 0:
             self._track_norms()
             for p in self._norms.values():
@@ -795,6 +796,8 @@ class Trainer:
             files["norms.safetensors"] = {n: p.detach().contiguous().cpu() for n, p in self._norms.items()}
         if not (self.out / "data.safetensors").exists():
             files["data.safetensors"] = {"ids": self._all_data.contiguous()}
+        if self.state["stage"] >= len(self.config.stages):  # the run has ended: its latents, compact
+            files[LATENTS_FILE] = self.latent_offsets()
         best_meta = None
         if self.best is not None:
             files["best.safetensors"] = {k: v.contiguous().cpu() for k, v in self.best["tensors"].items()}
@@ -812,9 +815,11 @@ class Trainer:
         state = {"state": self.state, "optimizer": opt_meta, "best": best_meta, "config": self.config.to_dict(),
                  "recipe": self.recipe.to_dict(), "formats": formats, "history": self.history,
                  "init_from": self.init_from,
+                 "init_latents": self.init_latents,
                  "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
         for fname, tensors in files.items():
-            save_file(tensors, str(self.out / (fname + ".tmp")))
+            meta = {"latent_bits": str(LATENT_BITS)} if fname == LATENTS_FILE else None
+            save_file(tensors, str(self.out / (fname + ".tmp")), metadata=meta)
         (self.out / "state.json.tmp").write_text(json.dumps(state, indent=1))
         for fname in [*files, "state.json"]:
             (self.out / (fname + ".tmp")).replace(self.out / fname)
@@ -840,6 +845,7 @@ class Trainer:
                 raise ValueError(f"{self.out / 'sites.safetensors'}: site {name} does not match the rebuilt model "
                                  f"(missing {sorted(set(missing) - _REBUILT)}, unexpected {unexpected})")
         self.init_from = state.get("init_from")
+        self.init_latents = state.get("init_latents")
         if (self.out / "norms.safetensors").exists():  # trained normalization weights
             self._track_norms()  # the rebuilt model's are the float ones: the teacher's
             norms = self._norms
@@ -871,7 +877,7 @@ class Trainer:
         other passes (weights in another basis), sites, formats or prologues, or unquantized
         tensors (embeddings, head) that differ (another source model)."""
         from .artifacts import load as load_artifact
-        from .formats import QTensor, unpack_codes
+        from .formats import QTensor
         from .quant_linear import QuantLinear
         from .sites import is_site_module
 
@@ -937,7 +943,42 @@ class Trainer:
                 p.copy_(art_norms[n].to(p))
         self.init_from = str(directory)
 
+    def latent_offsets(self) -> dict[str, torch.Tensor]:
+        """Every site's latent weight offsets (:meth:`FakeQuantLinear.latent_offsets`) at
+        ``LATENT_BITS`` bits, packed as the formats pack codes: what a run that starts from this
+        run's frozen model needs to start from its latent weights too (:meth:`load_latents`)."""
+        return {name: pack_codes(m.latent_offsets(LATENT_BITS), LATENT_BITS).cpu()
+                for name, m in fake_quant_sites(self.model).items()}
 
+    def load_latents(self, path: str | Path) -> None:
+        """Move the latent weights to the offsets in ``path`` (an ended run's
+        ``latents.safetensors``) inside their current codes' intervals; after
+        :meth:`start_from_artifact` with that run's model the student so continues from that
+        run's latent weights, to within 1/32 of a group step, and computes the same outputs."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        with safe_open(str(path), framework="pt") as f:
+            bits = (f.metadata() or {}).get("latent_bits")
+        if bits is None:
+            raise ValueError(f"{path}: not a file of latent offsets (no latent_bits in its metadata)")
+        bits = int(bits)
+        tensors = load_file(str(path))
+        sites = fake_quant_sites(self.model)
+        if set(tensors) != set(sites):
+            raise ValueError(f"{path}: its sites differ from this model's (only in the file: "
+                             f"{sorted(set(tensors) - set(sites))[:5]}, only here: {sorted(set(sites) - set(tensors))[:5]})")
+        for name, m in sites.items():
+            packed = tensors[name]
+            if tuple(packed.shape) != (m.out_features, m.packed_in_features * bits // 8):
+                raise ValueError(f"{path}: site {name} has offsets for another shape ({tuple(packed.shape)})")
+            m.set_latent_offsets(unpack_codes(packed.to(m.weight.device), bits, m.packed_in_features), bits)
+        self.init_latents = str(path)
+
+
+LATENTS_FILE = "latents.safetensors"  # written beside an ended run's checkpoint (Trainer.latent_offsets)
+LATENT_BITS = 4  # 16 parts of a code's interval: half a byte per weight
 _REBUILT = {"float_weight"}  # site buffers a checkpoint does not hold (rebuilt on resume)
 
 
@@ -995,7 +1036,8 @@ def _check_resumed_recipe(recipe: Recipe, saved: dict | None, out: Path) -> None
 def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, config: TrainConfig | None = None,
           calibration=None, out: str | Path | None = None, resume: bool = False, progress: bool = True,
           max_steps: int | None = None, seconds: float | None = None, finish: bool = False,
-          init_from: str | Path | None = None, finish_at_limit: bool = False) -> nn.Module:
+          init_from: str | Path | None = None, finish_at_limit: bool = False,
+          init_latents: str | Path | None = None) -> nn.Module:
     """Quantization-aware training of ``model`` (float, not modified) for ``recipe``.
 
     ``data``: [S, T] token ids (see :func:`training_data`); on resume it is read from the
@@ -1004,7 +1046,9 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
     block end once this long has passed since the call (preparing the model, GPTQ included,
     counts), with a checkpoint written there. ``init_from``: a lowbit artifact of this model
     and recipe (an earlier run's result) to start from instead of the recipe's weight method
-    (:meth:`Trainer.start_from_artifact`). ``finish_at_limit``: when ``max_steps`` or
+    (:meth:`Trainer.start_from_artifact`); ``init_latents``: with ``init_from``, the
+    ``latents.safetensors`` that the artifact's run left beside its checkpoint, so the latent
+    weights start where that run left them (:meth:`Trainer.load_latents`). ``finish_at_limit``: when ``max_steps`` or
     ``seconds`` stops the run in its last stage, end it there as ``finish`` would, in the same
     call (earlier stages are left at their checkpoint, with a warning). Returns the trained
     model with FakeQuantLinear sites; :func:`lowbit.freeze` packs it.
@@ -1022,6 +1066,8 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
     out = Path(out) if out else None
     if resume and init_from is not None:
         raise ValueError("init_from starts a new run; a resumed one continues from its checkpoint")
+    if init_latents is not None and init_from is None:
+        raise ValueError("init_latents moves the latent weights of a run started with init_from: give both")
     if resume:
         if out is None or not (out / "state.json").exists():
             raise FileNotFoundError(f"no checkpoint to resume from in {out}")
@@ -1053,6 +1099,8 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
     trainer = Trainer(student, recipe, config, data.to(torch.long), out=out, progress=progress)
     if init_from is not None:
         trainer.start_from_artifact(init_from)
+        if init_latents is not None:
+            trainer.load_latents(init_latents)
     if progress:
         how = f"from {init_from}" if init_from is not None else first.weight_method
         print(f"{'rebuilt' if resume else 'prepared'} the trainable model ({how}) in "

@@ -684,6 +684,72 @@ def test_a_w2a16_artifact_starts_w2a2_training(tmp_path):
               init_from=tmp_path / "art2")
 
 
+def test_an_ended_run_leaves_its_latent_weights_for_a_run_from_its_model(tmp_path):
+    """An ended run writes ``latents.safetensors`` beside its checkpoint: where each latent weight
+    sits inside its code's interval, at 4 bits. A run ``init_from`` its frozen model with
+    ``init_latents`` that file starts with the same codes and outputs as the artifact and with
+    latent weights within 1/32 of a group step of the ended run's (checked against the
+    artifact's own scales), far closer than the codes' values."""
+    from safetensors.torch import load_file, save_file
+
+    from lowbit.formats import unpack_codes
+
+    model = _tiny_llama(7)
+    data = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(7))
+    recipe = lowbit.get_recipe("w2a2-half").with_passes({"name": "rotate"})
+    cfg = TrainConfig(block_steps=1, e2e_steps=4, batch_size=2, lr=0.02, act_clip_lr=0.01)
+    first = train(model, recipe, data, copy.deepcopy(cfg), out=tmp_path / "a", progress=False)
+    latents_file = tmp_path / "a" / "latents.safetensors"
+    assert latents_file.is_file()
+    ended_latents = {n: m.weight.detach().clone() for n, m in fake_quant_sites(first).items()}
+    lowbit.save(freeze(first), tmp_path / "art")
+    art = lowbit.load(tmp_path / "art")
+    art_sites = {n: m for n, m in art.named_modules() if isinstance(m, QuantLinear)}
+
+    student = prepare_qat(copy.deepcopy(model), recipe, calibration=data[:2], inplace=True, progress=False)
+    trainer = Trainer(student, recipe, TrainConfig(e2e_steps=1, batch_size=2, act_clip_lr=0.01), data,
+                      progress=False)
+    trainer.start_from_artifact(tmp_path / "art")
+    trainer.load_latents(latents_file)
+    with torch.no_grad():
+        assert torch.equal(student(data[:2]).logits, art(data[:2]).logits)
+    far = near = 0
+    for name, m in fake_quant_sites(student).items():
+        ql, ended = art_sites[name], ended_latents[name]
+        codes = unpack_codes(ql.weight_packed, 2, m.packed_in_features)
+        assert torch.equal(m.codes(), codes), name
+        # the group step from the artifact's stored scales, and the code intervals' edges
+        step = effective_scales(ql.weight_scales.float(), ql.weight_global).repeat_interleave(16, dim=1)
+        lower, upper = (codes.float() * step, (codes.float() + 1) * step)  # half grid: value (q + 1/2) s
+        inside = (ended >= lower) & (ended < upper) & (step > 0)
+        assert inside.float().mean() > 0.9, name
+        err = (m.weight.detach() - ended).abs()[inside]
+        assert bool((err <= step[inside] / 32 * (1 + 1e-5)).all()), (name, float((err / step[inside]).max()))
+        assert bool(((m.weight >= lower) & (m.weight < upper))[step > 0].all()), name
+        far += float(((lower + upper) / 2 - ended).abs()[inside].sum())  # the codes' values
+        near += float(err.sum())
+    assert near < far / 4
+    # through train(): the same start, recorded in the checkpoint
+    again = train(model, recipe, data, TrainConfig(e2e_steps=1, batch_size=2, act_clip_lr=0.01, lr=0.0),
+                  out=tmp_path / "b", progress=False, init_from=tmp_path / "art", init_latents=latents_file,
+                  max_steps=0)
+    for name, m in fake_quant_sites(again).items():
+        assert torch.equal(m.weight, fake_quant_sites(student)[name].weight), name
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["init_latents"] == str(latents_file)
+    with pytest.raises(ValueError, match="give both"):
+        train(model, recipe, data, copy.deepcopy(cfg), progress=False, init_latents=latents_file)
+    save_file(load_file(str(latents_file)), str(tmp_path / "no_meta.safetensors"))
+    with pytest.raises(ValueError, match="latent_bits"):
+        train(model, recipe, data, copy.deepcopy(cfg), progress=False, init_from=tmp_path / "art",
+              init_latents=tmp_path / "no_meta.safetensors")
+    fewer = dict(load_file(str(latents_file)))
+    fewer.pop(next(iter(fewer)))
+    save_file(fewer, str(tmp_path / "fewer.safetensors"), metadata={"latent_bits": "4"})
+    with pytest.raises(ValueError, match="sites differ"):
+        train(model, recipe, data, copy.deepcopy(cfg), progress=False, init_from=tmp_path / "art",
+              init_latents=tmp_path / "fewer.safetensors")
+
+
 def test_learned_activation_clip_ratios_train_freeze_and_resume(tmp_path):
     """``act_clip_lr``: every W2A2 site's clip ratio trains (starting at the preset's, which
     changes no output); the frozen model's formats hold the learned ratios and compute what the
@@ -913,6 +979,8 @@ def test_cli_train_refuses_cuda_graph_off_cuda():
         main(["train", "stories260k", "--init-from", "unused", "--resume", "--out", "unused"])
     with pytest.raises(SystemExit, match="not a lowbit artifact"):
         main(["train", "stories260k", "--init-from", "unused", "--out", "unused"])
+    with pytest.raises(SystemExit, match="give both"):
+        main(["train", "stories260k", "--init-latents", "unused", "--out", "unused"])
 
 
 def test_prologue_ops_have_gradients():
