@@ -46,7 +46,8 @@ Checkpoints (``out/``, no pickle): ``sites.safetensors`` (the tensors of every t
 site but its float weight, which a resume rebuilds from the model and the recipe's passes),
 ``optimizer.safetensors`` + ``state.json`` (stage, phase, block, step, formats, config,
 recipe, loss history), ``data.safetensors`` (the token ids, held-out ones
-included), ``best.safetensors`` (the best site tensors of an end-to-end phase in progress).
+included), ``best.safetensors`` (the best site tensors of an end-to-end phase in progress)
+and, once the run has ended, ``latents.safetensors`` (:meth:`Trainer.latent_offsets`).
 They are written at each stage's end, every ``checkpoint_every`` end-to-end steps and (with
 ``checkpoint_every``) at each block's end, and when a limit of ``run`` is reached
 (``max_steps``, or ``seconds``: a run that must fit a time slot). ``train(..., resume=True)``
@@ -62,7 +63,11 @@ A new run can also start from a frozen artifact (``train(..., init_from=DIR)``,
 schedule of its own when that run's checkpoint is gone. The sites and normalization weights
 take the artifact's values; the teacher is this run's float model. The artifact's weight
 formats must be the run's; its activations may be float where the run quantizes them, so a
-trained W2A16 model can start W2A2 training.
+trained W2A16 model can start W2A2 training. The frozen model keeps only the codes, so such a
+run would start with every latent weight at its code's value; with the ended run's
+``latents.safetensors`` (``init_latents``, half a byte per weight) it starts at that run's latent
+weights, to within 1/32 of a group step (on stories260K W2A2 that is most of what a restart
+costs, docs/qat.md).
 """
 from __future__ import annotations
 
@@ -1088,8 +1093,11 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
     elif init_from is not None:
         # the weights come from the artifact (no GPTQ); the activation clip search stays, on the
         # recipe's RTN weights, for the sites whose activations the artifact leaves in float
-        # (elsewhere the artifact's ratio replaces its choice)
+        # (elsewhere the artifact's ratio replaces its choice, so with none left it is skipped)
         first = replace(first, weight_method="rtn")
+        art_sites = json.loads((Path(init_from) / "manifest.json").read_text()).get("sites", {})
+        if art_sites and all(site.get("act_format") for site in art_sites.values()):
+            first = replace(first, act_clip_search=[])
     # compiled on the CPU (the passes' calibration runs there), then moved to the model's device
     device = next(model.parameters()).device
     t0 = time.perf_counter()

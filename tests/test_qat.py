@@ -627,7 +627,7 @@ def test_a_run_started_from_an_artifact_continues_its_model(tmp_path):
         train(_tiny_llama(5), recipe, data, copy.deepcopy(cfg), progress=False, init_from=tmp_path / "art")
 
 
-def test_a_w2a16_artifact_starts_w2a2_training(tmp_path):
+def test_a_w2a16_artifact_starts_w2a2_training(tmp_path, monkeypatch):
     """``init_from`` a W2A16 artifact in a W2A2 run: the student keeps the artifact's weight codes,
     scales and norms and quantizes its activations with this run's formats, so its logits are
     those of the artifact's QuantLinear sites given the same activation formats (the reference
@@ -682,6 +682,24 @@ def test_a_w2a16_artifact_starts_w2a2_training(tmp_path):
     with pytest.raises(ValueError, match="activations; this run starts"):
         train(model, w2a16, data, TrainConfig(stages=["w2"], e2e_steps=1, batch_size=2), progress=False,
               init_from=tmp_path / "art2")
+    # a W2A2 artifact holds every site's ratio: the run from it skips the search and starts at its
+    # outputs (one step at learning rate 0 changes nothing)
+    import lowbit.train as train_module
+
+    searches = []
+
+    def recording_prepare_qat(model, recipe, *args, **kwargs):
+        searches.append(list(recipe.act_clip_search))
+        return prepare_qat(model, recipe, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "prepare_qat", recording_prepare_qat)
+    again = train(model, w2a2, data, TrainConfig(stages=["w2a2"], block_steps=0, e2e_steps=1, batch_size=2,
+                                                 lr=0.0), progress=False, init_from=tmp_path / "art2")
+    with torch.no_grad():
+        assert torch.equal(again(data[:2]).logits, lowbit.load(tmp_path / "art2")(data[:2]).logits)
+    train(model, w2a2, data, TrainConfig(stages=["w2a2"], block_steps=0, e2e_steps=1, batch_size=2),
+          progress=False, init_from=tmp_path / "art")
+    assert searches == [[], list(w2a2.act_clip_search)]
 
 
 def test_an_ended_run_leaves_its_latent_weights_for_a_run_from_its_model(tmp_path):
@@ -729,10 +747,9 @@ def test_an_ended_run_leaves_its_latent_weights_for_a_run_from_its_model(tmp_pat
         far += float(((lower + upper) / 2 - ended).abs()[inside].sum())  # the codes' values
         near += float(err.sum())
     assert near < far / 4
-    # through train(): the same start, recorded in the checkpoint
+    # through train() (a step at learning rate 0): the same start, recorded in the checkpoint
     again = train(model, recipe, data, TrainConfig(e2e_steps=1, batch_size=2, act_clip_lr=0.01, lr=0.0),
-                  out=tmp_path / "b", progress=False, init_from=tmp_path / "art", init_latents=latents_file,
-                  max_steps=0)
+                  out=tmp_path / "b", progress=False, init_from=tmp_path / "art", init_latents=latents_file)
     for name, m in fake_quant_sites(again).items():
         assert torch.equal(m.weight, fake_quant_sites(student)[name].weight), name
     assert json.loads((tmp_path / "b" / "state.json").read_text())["init_latents"] == str(latents_file)
