@@ -1093,11 +1093,12 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
     elif init_from is not None:
         # the weights come from the artifact (no GPTQ); the activation clip search stays, on the
         # recipe's RTN weights, for the sites whose activations the artifact leaves in float
-        # (elsewhere the artifact's ratio replaces its choice, so with none left it is skipped)
+        # (elsewhere the artifact's ratio replaces its choice, so with none left it is skipped, and
+        # the weight clip search with it: every code is replaced)
         first = replace(first, weight_method="rtn")
         art_sites = json.loads((Path(init_from) / "manifest.json").read_text()).get("sites", {})
         if art_sites and all(site.get("act_format") for site in art_sites.values()):
-            first = replace(first, act_clip_search=[])
+            first = replace(first, act_clip_search=[], clip_search=False)
     # compiled on the CPU (the passes' calibration runs there), then moved to the model's device
     device = next(model.parameters()).device
     t0 = time.perf_counter()

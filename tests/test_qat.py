@@ -682,14 +682,14 @@ def test_a_w2a16_artifact_starts_w2a2_training(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="activations; this run starts"):
         train(model, w2a16, data, TrainConfig(stages=["w2"], e2e_steps=1, batch_size=2), progress=False,
               init_from=tmp_path / "art2")
-    # a W2A2 artifact holds every site's ratio: the run from it skips the search and starts at its
+    # a W2A2 artifact holds every site's ratio and code: the run from it skips the searches and starts at its
     # outputs (one step at learning rate 0 changes nothing)
     import lowbit.train as train_module
 
     searches = []
 
     def recording_prepare_qat(model, recipe, *args, **kwargs):
-        searches.append(list(recipe.act_clip_search))
+        searches.append((list(recipe.act_clip_search), recipe.clip_search))
         return prepare_qat(model, recipe, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "prepare_qat", recording_prepare_qat)
@@ -699,7 +699,7 @@ def test_a_w2a16_artifact_starts_w2a2_training(tmp_path, monkeypatch):
         assert torch.equal(again(data[:2]).logits, lowbit.load(tmp_path / "art2")(data[:2]).logits)
     train(model, w2a2, data, TrainConfig(stages=["w2a2"], block_steps=0, e2e_steps=1, batch_size=2),
           progress=False, init_from=tmp_path / "art")
-    assert searches == [[], list(w2a2.act_clip_search)]
+    assert searches == [([], False), (list(w2a2.act_clip_search), True)]
 
 
 def test_an_ended_run_leaves_its_latent_weights_for_a_run_from_its_model(tmp_path):
