@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "made with the same passes) instead of RTN or GPTQ")
     t.add_argument("--init-latents", metavar="FILE",
                    help="with --init-from: the latents.safetensors that run left in its checkpoint folder, so the "
-                        "latent weights start where it left them (half a byte per weight)")
+                        "latent weights start where it left them (a quarter byte per weight)")
     t.add_argument("--data", default="generate",
                    help="'generate' (the model's own seeded samples), token ids in a .safetensors file "
                         "(a checkpoint's data.safetensors) or a text file")

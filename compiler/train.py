@@ -65,8 +65,8 @@ take the artifact's values; the teacher is this run's float model. The artifact'
 formats must be the run's; its activations may be float where the run quantizes them, so a
 trained W2A16 model can start W2A2 training. The frozen model keeps only the codes, so such a
 run would start with every latent weight at its code's value; with the ended run's
-``latents.safetensors`` (``init_latents``, half a byte per weight) it starts at that run's latent
-weights, to within 1/32 of a group step (on stories260K W2A2 that is most of what a restart
+``latents.safetensors`` (``init_latents``, a quarter byte per weight) it starts at that run's latent
+weights, to within 1/8 of a group step (on stories260K W2A2 that is most of what a restart
 costs, docs/qat.md).
 """
 from __future__ import annotations
@@ -959,7 +959,8 @@ class Trainer:
         """Move the latent weights to the offsets in ``path`` (an ended run's
         ``latents.safetensors``) inside their current codes' intervals; after
         :meth:`start_from_artifact` with that run's model the student so continues from that
-        run's latent weights, to within 1/32 of a group step, and computes the same outputs."""
+        run's latent weights, to within half a part (1/8 of a group step at 2 bits), and computes the
+        same outputs."""
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -983,7 +984,7 @@ class Trainer:
 
 
 LATENTS_FILE = "latents.safetensors"  # written beside an ended run's checkpoint (Trainer.latent_offsets)
-LATENT_BITS = 4  # 16 parts of a code's interval: half a byte per weight
+LATENT_BITS = 2  # 4 parts of a code's interval, a quarter byte per weight (on stories260K as good as 16, docs/qat.md)
 _REBUILT = {"float_weight"}  # site buffers a checkpoint does not hold (rebuilt on resume)
 
 
