@@ -269,8 +269,9 @@ class FakeQuantLinear(nn.Module):
         weight's shape). A weight beyond the end values (clipped) takes the outermost part; a
         dead group (zero scale) the middle. The frozen model keeps only the codes, so a run
         that starts from it (:meth:`Trainer.start_from_artifact`) puts every latent weight at
-        its code's value, where the straight-through gradient needs half a step to change it;
-        these offsets let it start where the earlier run left the latent weights instead."""
+        its code's value (or at the float weight where that rounds to the same code), where the
+        straight-through gradient may need half a step to change it; these offsets let it start
+        where the earlier run left the latent weights instead."""
         with torch.no_grad():
             _, level, step = self._latent_position()
             live = step > 0

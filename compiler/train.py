@@ -959,8 +959,8 @@ class Trainer:
         """Move the latent weights to the offsets in ``path`` (an ended run's
         ``latents.safetensors``) inside their current codes' intervals; after
         :meth:`start_from_artifact` with that run's model the student so continues from that
-        run's latent weights, to within half a part (1/8 of a group step at 2 bits), and computes the
-        same outputs."""
+        run's latent weights, to within half a part (1/8 of a group step at 2 bits), and computes
+        the same outputs."""
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -974,7 +974,8 @@ class Trainer:
         sites = fake_quant_sites(self.model)
         if set(tensors) != set(sites):
             raise ValueError(f"{path}: its sites differ from this model's (only in the file: "
-                             f"{sorted(set(tensors) - set(sites))[:5]}, only here: {sorted(set(sites) - set(tensors))[:5]})")
+                             f"{sorted(set(tensors) - set(sites))[:5]}, only here: "
+                             f"{sorted(set(sites) - set(tensors))[:5]})")
         for name, m in sites.items():
             packed = tensors[name]
             if tuple(packed.shape) != (m.out_features, m.packed_in_features * bits // 8):
