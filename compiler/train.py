@@ -896,10 +896,7 @@ class Trainer:
                              f"uses {self.recipe.passes}: its weights are in another basis")
         sites = fake_quant_sites(self.model)
         art_sites = {n: m for n, m in art.named_modules() if is_site_module(m)}
-        if set(art_sites) != set(sites):
-            raise ValueError(f"{directory}: the artifact's sites differ from this model's (only in the artifact: "
-                             f"{sorted(set(art_sites) - set(sites))[:5]}, only here: "
-                             f"{sorted(set(sites) - set(art_sites))[:5]})")
+        _require_same_sites(directory, "the artifact", art_sites, sites)
         for name, m in sites.items():
             ql = art_sites[name]
             if not isinstance(ql, QuantLinear):
@@ -972,16 +969,21 @@ class Trainer:
         bits = int(bits)
         tensors = load_file(str(path))
         sites = fake_quant_sites(self.model)
-        if set(tensors) != set(sites):
-            raise ValueError(f"{path}: its sites differ from this model's (only in the file: "
-                             f"{sorted(set(tensors) - set(sites))[:5]}, only here: "
-                             f"{sorted(set(sites) - set(tensors))[:5]})")
+        _require_same_sites(path, "the file", tensors, sites)
         for name, m in sites.items():
             packed = tensors[name]
             if tuple(packed.shape) != (m.out_features, m.packed_in_features * bits // 8):
                 raise ValueError(f"{path}: site {name} has offsets for another shape ({tuple(packed.shape)})")
             m.set_latent_offsets(unpack_codes(packed.to(m.weight.device), bits, m.packed_in_features), bits)
         self.init_latents = str(path)
+
+
+def _require_same_sites(source, what: str, theirs, ours) -> None:
+    """Raise ValueError naming a few sites when ``theirs`` (from ``what`` at ``source``) and
+    ``ours`` (this model's) hold other site names."""
+    if set(theirs) != set(ours):
+        raise ValueError(f"{source}: the sites of {what} differ from this model's (only in {what}: "
+                         f"{sorted(set(theirs) - set(ours))[:5]}, only here: {sorted(set(ours) - set(theirs))[:5]})")
 
 
 LATENTS_FILE = "latents.safetensors"  # written beside an ended run's checkpoint (Trainer.latent_offsets)

@@ -763,7 +763,7 @@ def test_an_ended_run_leaves_its_latent_weights_for_a_run_from_its_model(tmp_pat
     fewer = dict(load_file(str(latents_file)))
     fewer.pop(next(iter(fewer)))
     save_file(fewer, str(tmp_path / "fewer.safetensors"), metadata={"latent_bits": "4"})
-    with pytest.raises(ValueError, match="sites differ"):
+    with pytest.raises(ValueError, match="sites of the file differ"):
         train(model, recipe, data, copy.deepcopy(cfg), progress=False, init_from=tmp_path / "art",
               init_latents=tmp_path / "fewer.safetensors")
 
