@@ -1057,10 +1057,11 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
     and recipe (an earlier run's result) to start from instead of the recipe's weight method
     (:meth:`Trainer.start_from_artifact`); ``init_latents``: with ``init_from``, the
     ``latents.safetensors`` that the artifact's run left beside its checkpoint, so the latent
-    weights start where that run left them (:meth:`Trainer.load_latents`). ``finish_at_limit``: when ``max_steps`` or
-    ``seconds`` stops the run in its last stage, end it there as ``finish`` would, in the same
-    call (earlier stages are left at their checkpoint, with a warning). Returns the trained
-    model with FakeQuantLinear sites; :func:`lowbit.freeze` packs it.
+    weights start where that run left them (:meth:`Trainer.load_latents`).
+    ``finish_at_limit``: when ``max_steps`` or ``seconds`` stops the run in its last stage, end
+    it there as ``finish`` would, in the same call (earlier stages are left at their checkpoint,
+    with a warning). Returns the trained model with FakeQuantLinear sites; :func:`lowbit.freeze`
+    packs it.
     """
     import copy
 
