@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lowbit  # noqa: E402
 from lowbit.qat import prepare_qat  # noqa: E402
-from lowbit.train import GRAPH_WARMUP, Trainer, TrainConfig, recipe_stage  # noqa: E402
+from lowbit.train import (GRAPH_WARMUP, Trainer, TrainConfig, causal_mask_droppable,  # noqa: E402
+                          compile_blocks, recipe_stage)
 from perplexity import VARIANT_PASSES  # noqa: E402
 from qat import probe  # noqa: E402
 
@@ -68,6 +69,12 @@ def main(argv=None):
                    help="also time the end-to-end step with compiled blocks (TrainConfig.compile), eager and graphed")
     p.add_argument("--compiled-float", action="store_true",
                    help="also time the float model's forward + backward under torch.compile")
+    p.add_argument("--norm-lr", type=float, default=0.0, help="train the norm weights too (as lowbit train)")
+    p.add_argument("--act-clip-lr", type=float, default=0.0,
+                   help="train the W*A* sites' activation clip ratios too (as lowbit train)")
+    p.add_argument("--profile-compiled", action="store_true",
+                   help="profile a step with compiled blocks instead of an eager one (the kernels a "
+                        "--compile --cuda-graph run replays)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu: a smoke run of the script (no CUDA graphs, no memory figures)")
     args = p.parse_args(argv)
@@ -121,7 +128,8 @@ def main(argv=None):
     del fmodel, model
 
     base = TrainConfig(stages=[recipe_stage(recipe)], batch_size=args.batch_size, e2e_steps=args.steps,
-                       block_steps=args.steps, warmup=0.05, grad_clip=1.0)
+                       block_steps=args.steps, warmup=0.05, grad_clip=1.0, norm_lr=args.norm_lr,
+                       act_clip_lr=args.act_clip_lr)
     variants = [(graphed, False) for graphed in ((False, True) if cuda else (False,))]
     if args.compile:
         variants += [(graphed, True) for graphed in ((False, True) if cuda else (False,))]
@@ -152,12 +160,14 @@ def main(argv=None):
         else:
             print(f"| {k} | {v:.4f} | {tokens / v:,.0f} | {v / fl:.2f} |")
 
-    # where the eager end-to-end step's GPU time goes
+    # where the end-to-end step's GPU time goes (eager, or with compiled blocks)
     from torch.profiler import ProfilerActivity, profile
 
-    tr = Trainer(student, recipe, base, data, progress=False)
+    tr = Trainer(student, recipe, replace(base, compile=args.profile_compiled), data, progress=False)
     tr.optimizer = tr.make_optimizer(lowbit.qat.fake_quant_sites(student))
     tr._steps_done = 0
+    if args.profile_compiled:
+        compile_blocks(student, True, compile=True, drop_mask=causal_mask_droppable(student))
     for _ in range(2):
         tr.train_step(tr.e2e_loss, (ids,), 1, 10)
     sync()
@@ -168,7 +178,8 @@ def main(argv=None):
     key = ("self_device_time_total" if hasattr(avg[0], "self_device_time_total") else "self_cuda_time_total") \
         if cuda else "self_cpu_time_total"
     total = sum(getattr(e, key) for e in avg)
-    print(f"\n{'GPU' if cuda else 'CPU'} time of one eager end-to-end step: {total / 1e3:.1f} ms (sum over ops)")
+    kind = "compiled-block" if args.profile_compiled else "eager"
+    print(f"\n{'GPU' if cuda else 'CPU'} time of one {kind} end-to-end step: {total / 1e3:.1f} ms (sum over ops)")
     print(avg.table(sort_by=key, row_limit=args.profile_rows, max_name_column_width=70))
 
 
