@@ -145,6 +145,8 @@ def cmd_train(args) -> int:
         raise SystemExit(f"--cuda-graph needs --device cuda (got --device {args.device})")
     if args.finish and not args.resume:
         raise SystemExit("--finish ends a run from its checkpoint: add --resume")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise SystemExit(f"--max-steps must be at least 1 (got {args.max_steps})")
     if args.finish_at_limit and args.time_limit is None and args.max_steps is None:
         raise SystemExit("--finish-at-limit ends the run where a limit stops it: add --time-limit or --max-steps")
     if args.init_from and args.resume:

@@ -702,6 +702,8 @@ class Trainer:
         checkpoint written there; ``seconds`` stops
         at the first end-to-end step or block end after that much time, with a checkpoint
         written there (a run that must fit a time limit, continued later with ``resume``)."""
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1 (got {max_steps}); None trains to the end")
         self._budget, self._steps_done = max_steps, 0
         self._deadline = None if seconds is None else time.monotonic() + seconds
         self.interrupted = False
@@ -1074,6 +1076,8 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
     if stage_formats(recipe, config.stages[-1]) != (recipe.weight, recipe.activation):
         raise ValueError(f"the last stage {config.stages[-1]!r} must be the recipe's formats ({recipe_stage(recipe)})")
     out = Path(out) if out else None
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1 (got {max_steps}); None trains to the end")
     if resume and init_from is not None:
         raise ValueError("init_from starts a new run; a resumed one continues from its checkpoint")
     if init_latents is not None and init_from is None:

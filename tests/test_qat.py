@@ -873,6 +873,20 @@ def test_finish_at_limit_ends_the_run_in_the_call_that_reaches_the_limit(tmp_pat
         assert torch.equal(m.weight, sites_two[name].weight) and torch.equal(m.log_scale, sites_two[name].log_scale)
 
 
+def test_a_step_budget_below_one_is_refused_before_any_work(tmp_path):
+    """``max_steps=0`` used to take one step anyway (the budget is checked after each step)."""
+    model = _tiny_llama(1)
+    data = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(2))
+    cfg = TrainConfig(e2e_steps=3, batch_size=2)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="max_steps must be at least 1"):
+            train(model, "w2a16", data, copy.deepcopy(cfg), out=tmp_path, progress=False, max_steps=bad)
+    assert not any(tmp_path.iterdir())  # refused before the model was prepared or a checkpoint written
+    trainer = Trainer(prepare_qat(copy.deepcopy(model), "w2a16"), "w2a16", cfg, data, progress=False)
+    with pytest.raises(ValueError, match="max_steps must be at least 1"):
+        trainer.run(max_steps=0)
+
+
 def test_time_limit_counts_the_preparation(tmp_path, monkeypatch):
     """``seconds`` counts from the call of ``train``: a preparation (GPTQ) that takes longer than
     the limit leaves no time to train, so the run stops with a checkpoint at its first chance."""
@@ -993,6 +1007,8 @@ def test_cli_train_refuses_cuda_graph_off_cuda():
         main(["train", "stories260k", "--finish", "--out", "unused"])
     with pytest.raises(SystemExit, match="add --time-limit or --max-steps"):
         main(["train", "stories260k", "--finish-at-limit", "--out", "unused"])
+    with pytest.raises(SystemExit, match="--max-steps must be at least 1"):
+        main(["train", "stories260k", "--max-steps", "0", "--out", "unused"])
     with pytest.raises(SystemExit, match="drop one"):
         main(["train", "stories260k", "--init-from", "unused", "--resume", "--out", "unused"])
     with pytest.raises(SystemExit, match="not a lowbit artifact"):
