@@ -257,6 +257,13 @@ def compile_blocks(model: nn.Module, on: bool, compile: bool = True, drop_mask: 
         block._compiled_call_impl = _without_mask(call) if drop_mask else call
 
 
+def _require_step_budget(max_steps: int | None) -> None:
+    """A step budget is None (no limit) or at least one step: the budget is checked after each
+    step, so a budget of 0 would still take one."""
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1 (got {max_steps}); None trains to the end")
+
+
 class _Stop(Exception):
     pass
 
@@ -702,8 +709,7 @@ class Trainer:
         checkpoint written there; ``seconds`` stops
         at the first end-to-end step or block end after that much time, with a checkpoint
         written there (a run that must fit a time limit, continued later with ``resume``)."""
-        if max_steps is not None and max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1 (got {max_steps}); None trains to the end")
+        _require_step_budget(max_steps)
         self._budget, self._steps_done = max_steps, 0
         self._deadline = None if seconds is None else time.monotonic() + seconds
         self.interrupted = False
@@ -1076,8 +1082,7 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
     if stage_formats(recipe, config.stages[-1]) != (recipe.weight, recipe.activation):
         raise ValueError(f"the last stage {config.stages[-1]!r} must be the recipe's formats ({recipe_stage(recipe)})")
     out = Path(out) if out else None
-    if max_steps is not None and max_steps < 1:
-        raise ValueError(f"max_steps must be at least 1 (got {max_steps}); None trains to the end")
+    _require_step_budget(max_steps)
     if resume and init_from is not None:
         raise ValueError("init_from starts a new run; a resumed one continues from its checkpoint")
     if init_latents is not None and init_from is None:
