@@ -33,12 +33,13 @@ every ``eval_every`` steps, and with ``keep_best`` each end-to-end phase ends wi
 tensors of its lowest held-out KL, so a phase that diverges cannot end worse than it began.
 
 Step cost (``cuda_graph``): a step launches tens of small kernels per site (the fake
-quantizers, forward and backward, and Adam per site), about 20,000 in all for a 210-site model.
+quantizers, forward and backward), about 20,000 in all for a 210-site model. Adam is one
+multi-tensor pass over all the sites (:class:`lowbit.optim.GroupedAdam`).
 With ``cuda_graph=True`` each phase (an end-to-end phase, or one block of block reconstruction)
 runs its first :data:`GRAPH_WARMUP` steps eagerly. It then captures one whole step as a CUDA
 graph and replays it for the remaining steps, copying each batch into the graph's input
 tensors. The step covers forward, backward, gradient clipping and Adam, with
-``capturable=True`` and learning rates held in device tensors. The arithmetic is that of the
+``capturable=True`` and the learning-rate schedule's factor held in a device tensor. The arithmetic is that of the
 eager step; only the launches go. For SmolLM2 on an H200 that makes end-to-end steps 1.39x
 faster and block steps 2.2x; what remains is GPU time (docs/qat.md).
 
@@ -86,6 +87,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .formats import QFormat, pack_codes, unpack_codes
+from .optim import GroupedAdam
 from .qat import fake_quant_sites, float_mode, prepare_qat, set_formats
 from .recipes import Recipe, get_recipe
 
@@ -424,12 +426,12 @@ class Trainer:
         g = torch.Generator().manual_seed(hash_key(self.config.seed, *key))
         return torch.randint(0, self.data.shape[0], (self.config.batch_size,), generator=g)
 
-    def make_optimizer(self, sites: dict, saved: dict | None = None, scope: str = "") -> torch.optim.Optimizer:
+    def make_optimizer(self, sites: dict, saved: dict | None = None, scope: str = "") -> GroupedAdam:
         """Adam over the sites' latent weights (one group per site, step relative to its weight
         RMS), their log scales and, with ``norm_lr``, the weights of the normalization layers
         under the module ``scope`` ("" for the whole model); ``saved``: a checkpoint's optimizer
-        state to continue. With ``cuda_graph`` the optimizer is capturable and its learning rates
-        are device tensors (a captured step reads them; :meth:`set_lr` fills them in place)."""
+        state to continue. With ``cuda_graph`` the optimizer is capturable: its schedule factor is a
+        device tensor (a captured step reads it; :meth:`set_lr` fills it in place)."""
         groups = []
         for m in sites.values():
             rms = float(m.float_weight.pow(2).mean().sqrt()) or 1.0
@@ -442,16 +444,13 @@ class Trainer:
         norms = [p for n, p in self._norms.items() if not scope or n.startswith(scope + ".")]
         if norms and self.config.norm_lr > 0:
             groups.append({"params": norms, "lr": self.config.norm_lr, "base_lr": self.config.norm_lr})
-        graphed = self.config.cuda_graph
-        # on CUDA the fused Adam: one kernel per group instead of ten (the per-site groups made
-        # the multi-tensor kernels a tenth of a step's GPU time)
-        fused = self.device.type == "cuda"
-        opt = torch.optim.Adam(groups, betas=(0.9, 0.95), capturable=graphed, fused=True if fused else None)
+        # one multi-tensor Adam pass over all the groups (torch.optim.Adam launches per group:
+        # a tenth of a W2A2 step's GPU time on an H200, lowbit.optim); capturable for CUDA graphs
+        opt = GroupedAdam(groups, betas=(0.9, 0.95), capturable=self.config.cuda_graph)
         if saved is not None:
             load_optimizer_state(opt, saved)
-        if graphed:
-            for g in opt.param_groups:
-                g["lr"] = torch.tensor(float(g["lr"]), device=self.device)
+            for g in opt.param_groups:  # a group's lr is its base rate (older checkpoints hold the scheduled one)
+                g["lr"] = float(g["base_lr"])
         self._graph = None
         return opt
 
@@ -462,11 +461,7 @@ class Trainer:
         ramp = self.config.warmup * total
         if ramp > 0 and step < ramp:
             f *= (step + 1) / (ramp + 1)
-        for g in self.optimizer.param_groups:
-            if torch.is_tensor(g["lr"]):
-                g["lr"].fill_(g["base_lr"] * f)
-            else:
-                g["lr"] = g["base_lr"] * f
+        self.optimizer.set_lr_factor(f)
 
     def _update(self, loss: torch.Tensor) -> None:
         """Backward, gradient clipping and the optimizer step (gradients must be None before)."""
