@@ -444,6 +444,21 @@ HADAMARD_SHAPES = [(16384, 1536, "16384 x 1536 (12 x 128)"), (4096, 8192, "4096 
                    (16384, 576, "16384 x 576 (36 x 16)"), (1, 8192, "1 x 8192")]
 
 
+def _hadamard_in_passes(x):
+    """``torch.ops.lowbit.hadamard(x)`` in separate passes: float32 copy, butterflies, H_m, scale, cast."""
+    import math
+
+    from lowbit.codegen.triton import fwht
+    from lowbit.hadamard import _base_matrix_cached, decompose
+
+    n = x.shape[-1]
+    m, p = decompose(n)
+    y = fwht(x.float().reshape(-1, p), p).view(-1, m, p)
+    if m > 1:
+        y = torch.matmul(_base_matrix_cached(m, False, torch.float32, y.device), y)
+    return (y * (1.0 / math.sqrt(n))).reshape(x.shape).to(x.dtype)
+
+
 def run_hadamard(shapes=HADAMARD_SHAPES, dtype=torch.bfloat16):
     """The Hadamard transform (``torch.ops.lowbit.hadamard``) with the Triton butterfly kernel
     against the same transform with the butterfly stages in torch, and against a plain copy of
@@ -459,7 +474,12 @@ def run_hadamard(shapes=HADAMARD_SHAPES, dtype=torch.bfloat16):
         t_copy = time_graph(lambda i: xs[i].clone(), len(xs), calls, replays)
         t_torch = time_graph(lambda i: hadamard_transform(xs[i], fwht=_fwht_last), len(xs), calls, replays)
         t_kernel = time_graph(lambda i: torch.ops.lowbit.hadamard(xs[i]), len(xs), calls, replays)
+        # the op as it was before 2026-12-02: a float32 copy of x, the kernel, the H_m product, the scaling
+        # and the cast each a pass of their own (the same values: tests/test_hadamard.py)
+        t_passes = time_graph(lambda i: _hadamard_in_passes(xs[i]), len(xs), calls, replays)
         _row(rows, label, m, n, n, "hadamard, torch butterfly stages (baseline)", t_torch, t_torch)
+        _row(rows, label, m, n, n, "hadamard, Triton butterfly, float32 copy first, scale and cast apart",
+             t_passes, t_torch, extra=f"= {t_passes / t_copy:.2f}x a copy of x")
         _row(rows, label, m, n, n, f"hadamard, Triton butterfly {'(bit-identical)' if same else '(DIFFERS)'}",
              t_kernel, t_torch, extra=f"= {t_kernel / t_copy:.2f}x a copy of x ({t_copy:.1f} us)")
     return rows

@@ -343,8 +343,9 @@ _FWHT_KERNELS: dict = {}
 
 def register_fwht_kernel(device_type: str, kernel) -> None:
     """Run the butterfly stages of :func:`hadamard_transform` on ``device_type`` with
-    ``kernel(x, p)`` (x: a 2-D float32 tensor whose rows have length ``p``, a power of two; returns
-    ``x @ S_p`` in a new tensor) when no gradient is being recorded. The kernel must compute the
+    ``kernel(x, p)`` (x: a 2-D float32, float16 or bfloat16 tensor whose rows have length ``p``, a
+    power of two; returns ``x @ S_p`` of its values converted to float32, as a new float32 tensor)
+    when no gradient is being recorded. The kernel must compute the
     sums of :func:`_fwht_last` in the same order, so results stay identical bit for bit
     (importing ``lowbit.codegen.triton`` registers one for CUDA); ``kernel=None`` removes it."""
     if kernel is None:
@@ -383,19 +384,30 @@ def hadamard_transform(x: Tensor, scale: float | None = None, *, transpose: bool
     compute_dtype = torch.float32 if x.dtype in _HALF_DTYPES else x.dtype
     lead = x.shape[:-1]
     rows = math.prod(lead)
-    y = x.to(compute_dtype).reshape(rows * m, p)
-    if p > 1:
-        kernel = fwht or _FWHT_KERNELS.get(y.device.type)
-        if kernel is None or compute_dtype != torch.float32 or _is_fake(y) \
-                or (y.requires_grad and torch.is_grad_enabled()):
-            kernel = _fwht_last
-        y = kernel(y, p)
+    fake = _is_fake(x)
+    # no autograd graph and no trace: the kernel takes half inputs and the scaling writes the output
+    # dtype directly (each saves a pass over a float32 copy; the values are the same, see below)
+    plain = not fake and not (x.requires_grad and torch.is_grad_enabled())
+    kernel = (fwht or _FWHT_KERNELS.get(x.device.type)) if p > 1 else None
+    if kernel is _fwht_last or compute_dtype != torch.float32 or not plain:
+        kernel = None
+    if kernel is not None:
+        # a registered kernel converts half inputs to float32 as it loads them (exact)
+        y = kernel(x.reshape(rows * m, p), p)
+    else:
+        y = x.to(compute_dtype).reshape(rows * m, p)
+        if p > 1:
+            y = _fwht_last(y, p)
     y = y.view(rows, m, p)
     if m > 1:
         # x @ H_n^T  <=>  H_m @ X @ S_p   (X = row viewed as (m, p));  x @ H_n <=> H_m^T @ X @ S_p
-        hm = _base_matrix_traced(m, transpose, compute_dtype, y) if _is_fake(y) else \
+        hm = _base_matrix_traced(m, transpose, compute_dtype, y) if fake else \
             _base_matrix_cached(m, transpose, compute_dtype, y.device)
         y = torch.matmul(hm, y)
+    if plain and out_dtype != compute_dtype:
+        # the product in float32, rounded once to the output dtype: (y * scale).to(out_dtype) in one pass
+        out = torch.empty(y.shape, dtype=out_dtype, device=y.device)
+        return torch.mul(y, scale, out=out).reshape(*lead, n)
     if scale != 1.0:
         y = y * scale
     return y.reshape(*lead, n).to(out_dtype)

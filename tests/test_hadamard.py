@@ -356,3 +356,31 @@ def test_fast_transform_equals_its_autograd_form_bit_for_bit():
         fast = hadamard_transform(x)
         slow = hadamard_transform(x.clone().requires_grad_(True)).detach()
         assert torch.equal(fast, slow) and torch.equal(x, keep)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [64, 576, 1536])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_half_inputs_round_once_and_equal_the_autograd_form(dtype, n, transpose):
+    """Half inputs: computed in float32 and rounded once to the input dtype. Without autograd the
+    scaling writes the output dtype directly; the result equals, bit for bit, the autograd form
+    (scale in float32, then cast) and the pipeline spelled out here with the module's pieces."""
+    from lowbit.hadamard import _base_matrix_cached, _fwht_last
+
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(5, 3, n, generator=g) * torch.logspace(-4, 4, n)).to(dtype)
+    fast = hadamard_transform(x, transpose=transpose)
+    slow = hadamard_transform(x.clone().requires_grad_(True), transpose=transpose).detach()
+    m, p = decompose(n)
+    y = x.float().reshape(-1, p)
+    y = (_fwht_last(y, p) if p > 1 else y).view(15, m, p)
+    if m > 1:
+        y = torch.matmul(_base_matrix_cached(m, transpose, torch.float32, y.device), y)
+    spelled = (y * (1.0 / math.sqrt(n))).reshape(5, 3, n).to(dtype)
+    assert fast.dtype == dtype
+    assert torch.equal(fast.view(torch.int16), slow.view(torch.int16))
+    assert torch.equal(fast.view(torch.int16), spelled.view(torch.int16))
+    # and the transform itself (float64 matrix product, independent of the fast path)
+    h = hadamard_matrix(n)
+    ref = x.double() @ (h if transpose else h.T) / math.sqrt(n)
+    torch.testing.assert_close(fast.double(), ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()))

@@ -30,6 +30,17 @@ def test_hadamard_transform_with_the_kernel_is_the_reference(n, dtype, transpose
     assert got.dtype == dtype and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fwht_kernel_takes_half_inputs_as_their_float32_values(dtype):
+    """A half input is converted as the kernel loads it: the result is the float32 transform of
+    its float32 values (no float32 copy needed first)."""
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(9, 256, generator=g) * 30).to(dtype)
+    got = fwht(x, 256)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, _fwht_last(x.float(), 256))
+
+
 def test_fwht_rejects_what_it_cannot_do():
     with pytest.raises(ValueError, match="power-of-two"):
         fwht(torch.zeros(2, 12), 12)

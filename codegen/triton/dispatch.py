@@ -29,7 +29,7 @@ import torch
 from lowbit import ops as _ops
 
 from .codebook import codebook_gemv, codebook_unsupported
-from .hadamard import MAX_P, fwht
+from .hadamard import FWHT_DTYPES, MAX_P, fwht
 from .w2a2 import act_quant, w2a2_linear
 from .w2a16 import _interpreting, w2a16_linear
 from .w2a16_gluon import MAX_M as _GLUON_MAX_M
@@ -155,11 +155,11 @@ def codebook_linear_triton(x, indices_packed, codebook_packed, scales, global_sc
 
 def fwht_cuda(x: torch.Tensor, p: int) -> torch.Tensor:
     """The butterfly stages of the Hadamard transform on CUDA: :func:`fwht` where it applies."""
-    if p <= MAX_P and x.dim() == 2 and x.dtype == torch.float32 and _device_ok(x.device):
+    if p <= MAX_P and x.dim() == 2 and x.dtype in FWHT_DTYPES and _device_ok(x.device):
         return fwht(x, p)
     from lowbit.hadamard import _fwht_last
 
-    return _fwht_last(x, p)
+    return _fwht_last(x.float(), p)
 
 
 def register_hadamard() -> None:

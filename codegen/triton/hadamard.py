@@ -75,15 +75,19 @@ def _fwht_kernel(x_ptr, y_ptr, rows, P: tl.constexpr, BLOCK_R: tl.constexpr):
     tl.store(y_ptr + offs, fwht_tile(x, BLOCK_R, P), mask=mask)
 
 
+FWHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def fwht(x: torch.Tensor, p: int) -> torch.Tensor:
-    """``x @ S_p`` (unnormalised Sylvester transform) of the rows of a 2-D float32 tensor with
-    ``x.shape[1] == p``, a power of two up to :data:`MAX_P`; a new tensor, equal bit for bit to
-    :func:`lowbit.hadamard._fwht_last`."""
-    if x.dim() != 2 or x.shape[1] != p or p & (p - 1) or not 1 < p <= MAX_P or x.dtype != torch.float32:
-        raise ValueError(f"fwht needs a 2-D float32 tensor with rows of a power-of-two length p <= {MAX_P} "
-                         f"(got {tuple(x.shape)} {x.dtype}, p={p})")
+    """``x @ S_p`` (unnormalised Sylvester transform) of the rows of a 2-D float32, float16 or
+    bfloat16 tensor with ``x.shape[1] == p``, a power of two up to :data:`MAX_P`; a new float32
+    tensor, equal bit for bit to :func:`lowbit.hadamard._fwht_last` of ``x.float()`` (half inputs
+    are converted as they are loaded, which is exact, instead of in a float32 copy first)."""
+    if x.dim() != 2 or x.shape[1] != p or p & (p - 1) or not 1 < p <= MAX_P or x.dtype not in FWHT_DTYPES:
+        raise ValueError(f"fwht needs a 2-D float32/float16/bfloat16 tensor with rows of a power-of-two length "
+                         f"p <= {MAX_P} (got {tuple(x.shape)} {x.dtype}, p={p})")
     x = x.contiguous()
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     rows = x.shape[0]
     if rows == 0:
         return y
