@@ -369,6 +369,7 @@ class Trainer:
         if config.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device (it is on {self.device})")
         self._graph: dict | None = None  # the current phase's captured step (see _graph_step)
+        self._compiled_kl = None  # logits_kl through torch.compile, during compiled end-to-end phases
         self.step_times: list[float] = []  # perf_counter() after each optimizer step (for timing probes)
         self.graph_replays = 0  # steps replayed from a captured CUDA graph
         self._budget, self._steps_done, self._deadline = None, 0, None  # limits of run()
@@ -603,9 +604,7 @@ class Trainer:
             teacher, teacher_hidden = _call_logits_hidden(self.model, ids, hidden)
         with self.autocast():
             student, student_hidden = _call_logits_hidden(self.model, ids, hidden)
-        logp_t = F.log_softmax(teacher.float() / t, -1)
-        logp_s = F.log_softmax(student.float() / t, -1)
-        kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean() * (t * t)
+        kl = (self._compiled_kl if self._compiled_kl is not None else logits_kl)(teacher, student, t)
         if not hidden:
             return kl
         err = [relative_squared_error(s, h) for s, h in zip(student_hidden, teacher_hidden)]
@@ -660,10 +659,15 @@ class Trainer:
         if not (self.config.compile or drop_mask):
             return self._train_e2e(stage, start_step)
         compile_blocks(self.model, True, compile=self.config.compile, drop_mask=drop_mask)
+        if self.config.compile:
+            # the KL over the vocabulary too: eager, its casts, log-softmaxes and products are a dozen
+            # passes over [batch, seq, vocab] float32 tensors, forward and backward
+            self._compiled_kl = torch.compile(logits_kl)
         try:
             self._train_e2e(stage, start_step)
         finally:
             compile_blocks(self.model, False)
+            self._compiled_kl = None
 
     def _train_e2e(self, stage: int, start_step: int) -> None:
         cfg = self.config
@@ -992,6 +996,15 @@ def _require_same_sites(source, what: str, theirs, ours) -> None:
 LATENTS_FILE = "latents.safetensors"  # written beside an ended run's checkpoint (Trainer.latent_offsets)
 LATENT_BITS = 2  # 4 parts of a code's interval, a quarter byte per weight (on stories260K as good as 16, docs/qat.md)
 _REBUILT = {"float_weight"}  # site buffers a checkpoint does not hold (rebuilt on resume)
+
+
+def logits_kl(teacher: torch.Tensor, student: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Distillation loss: KL(p_t || p_s) with ``p = softmax(logits / temperature)`` over the last
+    axis, averaged over the other positions, times ``temperature ** 2`` (so that its gradients
+    keep their scale across temperatures); computed in float32."""
+    logp_t = F.log_softmax(teacher.float() / temperature, -1)
+    logp_s = F.log_softmax(student.float() / temperature, -1)
+    return (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean() * (temperature * temperature)
 
 
 def hash_key(*parts: int) -> int:

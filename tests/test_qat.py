@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lowbit
 from lowbit.formats import QFormat, dequantize_codes, effective_scales, quantize_codes, quantize_weight_rtn
@@ -415,8 +416,11 @@ def test_compiled_steps_train_learned_activation_clip_ratios_like_eager():
         runs[comp] = ([h["loss"] for h in trainer.history],
                       {n: float(m.act_clip().detach()) for n, m in fake_quant_sites(student).items()})
     (le, ce), (lc, cc) = runs[False], runs[True]
-    # (2-bit activations: a float rounding that flips a code moves the loss more than at W2A16)
-    assert lc == pytest.approx(le, rel=1e-2)
+    # the first loss: the same tensors, compiled blocks and KL against eager (this tiny model's KL is
+    # ~5e-4, where float32 cancellation over the vocabulary alone is ~1e-3 of it); later steps: 2-bit
+    # activations, where a float rounding that flips a code moves the loss more than at W2A16
+    assert lc[0] == pytest.approx(le[0], rel=2e-3)
+    assert lc == pytest.approx(le, rel=5e-2)
     start = {n: m.act_format.clip for n, m in fake_quant_sites(prepared).items()}
     moved = [abs(ce[n] - start[n]) for n in start]
     assert sum(d > 1e-3 for d in moved) > len(moved) // 2
@@ -1102,3 +1106,28 @@ def test_a_checkpoint_interrupted_while_writing_leaves_the_last_one_whole(tmp_pa
         trainer.save_checkpoint()
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if not p.name.endswith(".tmp")}
     assert after == before
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_logits_kl_is_the_distillation_kl(temperature):
+    """The trainer's loss against torch's kl_div in float64 (a separate implementation), on bf16
+    logits as autocast gives them; and through torch.compile (the compiled end-to-end phases use
+    it so) the value and the student's gradient stay within float rounding."""
+    from lowbit.train import logits_kl
+
+    g = torch.Generator().manual_seed(3)
+    teacher = (torch.randn(2, 5, 300, generator=g) * 4).bfloat16()
+    student = (teacher.float() + torch.randn(2, 5, 300, generator=g)).bfloat16().requires_grad_(True)
+    got = logits_kl(teacher, student, temperature)
+    t64, s64 = teacher.double() / temperature, student.detach().double() / temperature
+    want = F.kl_div(F.log_softmax(s64, -1).reshape(-1, 300), F.log_softmax(t64, -1).reshape(-1, 300),
+                    log_target=True, reduction="batchmean") * temperature ** 2
+    assert float(want) > 0.1 and float(got) == pytest.approx(float(want), rel=1e-5)
+    if not any(__import__("shutil").which(c) for c in ("g++", "c++", "clang++")):
+        return
+    (grad,) = torch.autograd.grad(got, student)
+    torch._dynamo.reset()
+    compiled = torch.compile(logits_kl)(teacher, student, temperature)
+    (cgrad,) = torch.autograd.grad(compiled, student)
+    assert float(compiled) == pytest.approx(float(got), rel=1e-5)
+    torch.testing.assert_close(cgrad.float(), grad.float(), rtol=2e-2, atol=1e-5)
