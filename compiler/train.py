@@ -39,8 +39,8 @@ With ``cuda_graph=True`` each phase (an end-to-end phase, or one block of block 
 runs its first :data:`GRAPH_WARMUP` steps eagerly. It then captures one whole step as a CUDA
 graph and replays it for the remaining steps, copying each batch into the graph's input
 tensors. The step covers forward, backward, gradient clipping and Adam, with
-``capturable=True`` and the learning-rate schedule's factor held in a device tensor. The arithmetic is that of the
-eager step; only the launches go. For SmolLM2 on an H200 that makes end-to-end steps 1.39x
+``capturable=True`` and the learning-rate schedule's factor held in a device tensor. The
+arithmetic is that of the eager step; only the launches go. For SmolLM2 on an H200 that makes end-to-end steps 1.39x
 faster and block steps 2.2x; what remains is GPU time (docs/qat.md).
 
 Checkpoints (``out/``, no pickle): ``sites.safetensors`` (the tensors of every trainable
