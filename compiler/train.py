@@ -393,9 +393,9 @@ class Trainer:
         if self.config.act_clip_lr <= 0:
             return
         for m in fake_quant_sites(self.model).values():
-            if m.act_format is not None and m.act_clip_ratio is None:
-                m.learn_act_clip()
-                m.act_clip_ratio.requires_grad_(True)
+            if m.act_format is not None:
+                m.learn_act_clip()  # keeps a ratio the model already learns (a second trainer on it)
+                m.act_clip_ratio.requires_grad_(True)  # the constructor froze every parameter first
 
     def autocast(self):
         amp = self.config.amp
@@ -440,7 +440,7 @@ class Trainer:
         groups.append({"params": [m.log_scale for m in sites.values()], "lr": self.config.scale_lr,
                        "base_lr": self.config.scale_lr})
         clips = [m.act_clip_ratio for m in sites.values() if m.act_clip_ratio is not None]
-        if clips:
+        if clips and self.config.act_clip_lr > 0:
             groups.append({"params": clips, "lr": self.config.act_clip_lr, "base_lr": self.config.act_clip_lr})
         norms = [p for n, p in self._norms.items() if not scope or n.startswith(scope + ".")]
         if norms and self.config.norm_lr > 0:

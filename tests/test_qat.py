@@ -809,6 +809,29 @@ def float_mode_logits(model, ids):
         return model(ids).logits
 
 
+def test_a_second_trainer_on_a_model_with_learned_clip_ratios():
+    """A trainer built on a model whose sites already learn their clip ratios (a benchmark's copy,
+    a second phase) trains them too with ``act_clip_lr``, and leaves them as they are without it
+    (the constructor freezes every parameter first; before, the ratios stayed frozen and the
+    multi-tensor optimizer refused them)."""
+    model = _tiny_llama(6)
+    data = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(6))
+    recipe = lowbit.get_recipe("w2a2-half")
+    cfg = TrainConfig(stages=["w2a2"], e2e_steps=3, batch_size=2, act_clip_lr=0.02)
+    student = prepare_qat(copy.deepcopy(model), recipe, calibration=data[:2], inplace=True, progress=False)
+    Trainer(student, recipe, copy.deepcopy(cfg), data, progress=False)  # the ratios become parameters
+    start = {n: float(m.act_clip().detach()) for n, m in fake_quant_sites(student).items()}
+    fixed = copy.deepcopy(student)
+    Trainer(student, recipe, copy.deepcopy(cfg), data, progress=False).run()
+    moved = {n: abs(float(m.act_clip().detach()) - start[n]) for n, m in fake_quant_sites(student).items()}
+    assert sum(d > 1e-4 for d in moved.values()) > len(moved) // 2
+    no_clips = copy.deepcopy(cfg)
+    no_clips.act_clip_lr = 0.0
+    trainer = Trainer(fixed, recipe, no_clips, data, progress=False)
+    trainer.run()
+    assert trainer.history and all(math.isfinite(h["loss"]) for h in trainer.history)
+    assert {n: float(m.act_clip().detach()) for n, m in fake_quant_sites(fixed).items()} == start
+
 def test_time_limit_checkpoints_and_finish_ends_at_the_best_evaluation(tmp_path, monkeypatch):
     """A run out of time writes a checkpoint and stops; ``finish`` ends it there: the site
     tensors become those of the best held-out evaluation so far, and the run counts as done."""
