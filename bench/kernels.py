@@ -234,7 +234,8 @@ def _rel(y, ref):
 
 def _row(rows, label, m, k, n, name, t, base, err=float("nan"), extra=""):
     rows.append(dict(shape=label, m=m, k=k, n=n, variant=name, us=t, ratio=base / t, err=err))
-    print(f"{label:28s} {name:52s} {t:9.1f} us  x{base / t:5.2f}  err {err:.1e} {extra}", flush=True)
+    shown = "" if math.isnan(err) else f"err {err:.1e} "  # nan: a row that is not compared with a reference
+    print(f"{label:28s} {name:52s} {t:9.1f} us  x{base / t:5.2f}  {shown}{extra}", flush=True)
 
 
 def run_w2a2(with_variants, shapes=W2A2_SHAPES, dtype=torch.bfloat16):
@@ -493,8 +494,8 @@ def table(rows):
         if "error" in r:
             out.append(f"| {r['m']}, {r['k']}, {r['n']} | {r['variant']} | failed | | |")
         else:
-            out.append(f"| {r['m']}, {r['k']}, {r['n']} | {r['variant']} | {r['us']:.1f} | {r['ratio']:.2f}x | "
-                       f"{r['err']:.1e} |")
+            err = "" if math.isnan(r["err"]) else f"{r['err']:.1e}"
+            out.append(f"| {r['m']}, {r['k']}, {r['n']} | {r['variant']} | {r['us']:.1f} | {r['ratio']:.2f}x | {err} |")
     return "\n".join(out)
 
 
