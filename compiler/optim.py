@@ -87,11 +87,12 @@ class GroupedAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         params, grads, exp_avgs, exp_avg_sqs, steps, rates = [], [], [], [], [], []
-        for g in self.param_groups:
+        for gi, g in enumerate(self.param_groups):
             for p in g["params"]:
                 if p.grad is None:
                     raise ValueError("GroupedAdam steps every parameter together: one has no gradient "
-                                     f"(shape {tuple(p.shape)})")
+                                     f"(group {gi}, shape {tuple(p.shape)}, requires_grad={p.requires_grad}); "
+                                     "give it only parameters that the loss reaches")
                 if p.grad.is_sparse:
                     raise ValueError("GroupedAdam does not take sparse gradients")
                 st = self._state_of(p)
