@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -367,5 +368,20 @@ def main(argv=None) -> int:
     return args.func(args)
 
 
+def console_main(argv=None) -> int:
+    """The ``lowbit`` console script: :func:`main`, with the errors a user's input causes (a
+    missing file, a value out of range, an artifact that fails its checks) printed as one line
+    and exit status 2 instead of a traceback; ``LOWBIT_TRACEBACK=1`` lets them through whole."""
+    from lowbit.runtime.manifest import ManifestError
+
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError, ManifestError) as e:
+        if os.environ.get("LOWBIT_TRACEBACK"):
+            raise
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -134,6 +134,25 @@ class TrainConfig:
     checkpoint_every: int = 0      # end-to-end steps between checkpoints; >0 also at each block end (0: stage ends)
     transition: str = "nested"     # between stages: "nested" codes, or "refit" scales to the latent weights
 
+    def __post_init__(self):
+        for name in ("block_steps", "block_samples", "e2e_steps", "holdout", "eval_every", "checkpoint_every"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name in ("lr", "scale_lr", "norm_lr", "act_clip_lr", "grad_clip", "hidden_weight"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        if not 0.0 <= self.warmup <= 1.0:
+            raise ValueError(f"warmup is a fraction of each phase's steps, in [0, 1]; got {self.warmup}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.amp not in ("auto", "bf16", "none"):
+            raise ValueError(f"amp must be 'auto', 'bf16' or 'none', got {self.amp!r}")
+        if self.transition not in ("nested", "refit"):
+            raise ValueError(f"transition must be 'nested' or 'refit', got {self.transition!r}")
+
     @classmethod
     def from_recipe(cls, recipe: Recipe, **overrides) -> "TrainConfig":
         """Defaults from ``recipe.weight_options["qat"]`` (if any), then ``overrides``."""

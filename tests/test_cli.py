@@ -45,3 +45,35 @@ def test_compile_with_an_override(data, tmp_path, capsys):
     assert sites["model.layers.0.mlp.up_proj"]["format"] == "int2_g16_e4m3"
     with pytest.raises(ValueError, match="PATTERN=PRESET"):
         main(["compile", "stories260k", "--override", "lm_head", "--quiet"])
+
+
+def test_console_script_reports_input_errors_in_one_line(tmp_path, capsys, monkeypatch):
+    """The installed ``lowbit`` command (``console_main``): a missing model, a damaged artifact and
+    a training value out of range end with one ``lowbit: error:`` line and status 2, not a
+    traceback; ``LOWBIT_TRACEBACK=1`` lets the exception through."""
+    from lowbit.cli import console_main
+
+    monkeypatch.delenv("LOWBIT_TRACEBACK", raising=False)
+    missing = tmp_path / "no_such_model"
+    assert console_main(["eval", str(missing), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lowbit: error:") and str(missing) in err[0]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{}")
+    assert console_main(["eval", str(broken), "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("lowbit: error:")
+    monkeypatch.setenv("LOWBIT_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError):
+        console_main(["eval", str(missing), "--quiet"])
+
+
+def test_train_refuses_values_out_of_range(data, tmp_path, capsys):
+    from lowbit.cli import console_main
+
+    for flag, value, word in (("--lr", "-1", "lr"), ("--warmup", "1.5", "warmup"), ("--batch-size", "0", "batch_size"),
+                              ("--e2e-steps", "-3", "e2e_steps"), ("--grad-clip", "nan", "grad_clip")):
+        assert console_main(["train", "stories260k", "--out", str(tmp_path / "run"), "--quiet", flag, value]) == 2, flag
+        err = capsys.readouterr().err
+        assert err.startswith("lowbit: error:") and word in err, (flag, err)
+    assert not (tmp_path / "run" / "manifest.json").exists()
