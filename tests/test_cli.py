@@ -48,9 +48,9 @@ def test_compile_with_an_override(data, tmp_path, capsys):
 
 
 def test_console_script_reports_input_errors_in_one_line(tmp_path, capsys, monkeypatch):
-    """The installed ``lowbit`` command (``console_main``): a missing model, a damaged artifact and
-    a training value out of range end with one ``lowbit: error:`` line and status 2, not a
-    traceback; ``LOWBIT_TRACEBACK=1`` lets the exception through."""
+    """The installed ``lowbit`` command (``console_main``): a missing model and a damaged artifact
+    end with one ``lowbit: error:`` line and status 2, not a traceback; ``LOWBIT_TRACEBACK=1``
+    lets the exception through."""
     from lowbit.cli import console_main
 
     monkeypatch.delenv("LOWBIT_TRACEBACK", raising=False)
@@ -69,6 +69,7 @@ def test_console_script_reports_input_errors_in_one_line(tmp_path, capsys, monke
 
 
 def test_train_refuses_values_out_of_range(data, tmp_path, capsys):
+    """``lowbit train`` with a value out of range stops before it trains (a negative rate trained)."""
     from lowbit.cli import console_main
 
     for flag, value, word in (("--lr", "-1", "lr"), ("--warmup", "1.5", "warmup"), ("--batch-size", "0", "batch_size"),

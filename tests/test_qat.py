@@ -832,6 +832,7 @@ def test_a_second_trainer_on_a_model_with_learned_clip_ratios():
     assert trainer.history and all(math.isfinite(h["loss"]) for h in trainer.history)
     assert {n: float(m.act_clip().detach()) for n, m in fake_quant_sites(fixed).items()} == start
 
+
 def test_time_limit_checkpoints_and_finish_ends_at_the_best_evaluation(tmp_path, monkeypatch):
     """A run out of time writes a checkpoint and stops; ``finish`` ends it there: the site
     tensors become those of the best held-out evaluation so far, and the run counts as done."""
