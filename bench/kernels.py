@@ -447,8 +447,6 @@ HADAMARD_SHAPES = [(16384, 1536, "16384 x 1536 (12 x 128)"), (4096, 8192, "4096 
 
 def _hadamard_in_passes(x):
     """``torch.ops.lowbit.hadamard(x)`` in separate passes: float32 copy, butterflies, H_m, scale, cast."""
-    import math
-
     from lowbit.codegen.triton import fwht
     from lowbit.hadamard import _base_matrix_cached, decompose
 
