@@ -73,6 +73,22 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _per_stage(kind):
+    """argparse type: one number, or a comma-separated list of them (one per training stage)."""
+
+    def parse(text: str):
+        parts = [p.strip() for p in text.split(",")]
+        try:
+            values = [kind(p) for p in parts]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} or a comma-separated list of them "
+                                             f"(one per stage), got {text!r}") from None
+        return values[0] if len(values) == 1 else values
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def cmd_eval(args) -> int:
     import lowbit
     from .eval import perplexity
@@ -296,10 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first training sequences used to calibrate the passes and GPTQ")
     t.add_argument("--block-samples", type=int, default=0,
                    help="sequences used for block reconstruction (0: all)")
-    t.add_argument("--block-steps", type=int, default=0, help="block-reconstruction steps per block and stage")
-    t.add_argument("--e2e-steps", type=int, default=100, help="end-to-end KL steps per stage")
+    t.add_argument("--block-steps", type=_per_stage(int), default=0,
+                   help="block-reconstruction steps per block and stage (or one per stage: 300,150)")
+    t.add_argument("--e2e-steps", type=_per_stage(int), default=100,
+                   help="end-to-end KL steps per stage (or one per stage: 3000,4200)")
     t.add_argument("--batch-size", type=int, default=4)
-    t.add_argument("--lr", type=float, default=5e-3, help="latent weights (relative to each site's weight RMS)")
+    t.add_argument("--lr", type=_per_stage(float), default=5e-3,
+                   help="latent weights (relative to each site's weight RMS; or one per stage: 2.5e-3,4e-3)")
     t.add_argument("--scale-lr", type=float, default=2e-3, help="log group scales")
     t.add_argument("--hidden-weight", type=float, default=None,
                    help="end-to-end phases: add this times the blocks' outputs' relative squared error "

@@ -91,6 +91,7 @@ from .optim import GroupedAdam
 from .qat import fake_quant_sites, float_mode, prepare_qat, set_formats
 from .recipes import Recipe, get_recipe
 
+PER_STAGE = ("block_steps", "e2e_steps", "lr")  # TrainConfig options that can take one value per stage
 GRAPH_WARMUP = 3  # eager steps of a phase before its step is captured as a CUDA graph
 _STAGE = re.compile(r"^w(\d)(?:a(\d+))?$")
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
@@ -111,11 +112,11 @@ class TrainConfig:
     be the recipe's own formats."""
 
     stages: list[str] = field(default_factory=list)
-    block_steps: int = 0           # per block, per stage
+    block_steps: int | list[int] = 0  # per block, per stage (a list: one value for each stage)
     block_samples: int = 0         # sequences used for block reconstruction (0: all)
-    e2e_steps: int = 100           # per stage
+    e2e_steps: int | list[int] = 100  # per stage (a list: one value for each stage)
     batch_size: int = 4
-    lr: float = 5e-3               # latent weights: Adam step relative to each site's weight RMS
+    lr: float | list[float] = 5e-3  # latent weights: Adam step relative to each site's weight RMS (or one per stage)
     scale_lr: float = 2e-3         # log group scales (relative change of a scale per step)
     warmup: float = 0.0            # fraction of each phase's steps with a linear learning-rate ramp
     grad_clip: float = 0.0         # clip the global gradient norm of each step to this (0: off)
@@ -135,15 +136,25 @@ class TrainConfig:
     transition: str = "nested"     # between stages: "nested" codes, or "refit" scales to the latent weights
 
     def __post_init__(self):
+        for name in PER_STAGE:
+            v = getattr(self, name)
+            if isinstance(v, (list, tuple)):
+                if not v:
+                    raise ValueError(f"{name}: an empty list (give one value, or one for each stage)")
+                if self.stages and len(v) != len(self.stages):
+                    raise ValueError(f"{name} has {len(v)} values for {len(self.stages)} stages "
+                                     f"({', '.join(self.stages)}): give one value, or one for each stage")
+                setattr(self, name, list(v))
         for name in ("block_steps", "block_samples", "e2e_steps", "holdout", "eval_every", "checkpoint_every"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            for v in _values(getattr(self, name)):
+                if int(v) < 0:
+                    raise ValueError(f"{name} must be >= 0, got {v}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         for name in ("lr", "scale_lr", "norm_lr", "act_clip_lr", "grad_clip", "hidden_weight"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+            for v in _values(getattr(self, name)):
+                if not (math.isfinite(v) and v >= 0):
+                    raise ValueError(f"{name} must be a finite number >= 0, got {v}")
         if not 0.0 <= self.warmup <= 1.0:
             raise ValueError(f"warmup is a fraction of each phase's steps, in [0, 1]; got {self.warmup}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
@@ -165,6 +176,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def for_stage(self, stage: int) -> "TrainConfig":
+        """This config with the values of ``stage`` for the options given per stage
+        (:data:`PER_STAGE`, where a list holds one value for each stage)."""
+        per_stage = {name: getattr(self, name)[stage] for name in PER_STAGE
+                     if isinstance(getattr(self, name), list)}
+        return replace(self, **per_stage) if per_stage else self
+
+
+def _values(v) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
 def recipe_stage(recipe: Recipe) -> str:
@@ -343,7 +365,9 @@ class Trainer:
 
     def __init__(self, student: nn.Module, recipe: Recipe, config: TrainConfig, data: torch.Tensor,
                  out: str | Path | None = None, progress: bool = True):
-        self.model, self.recipe, self.config = student, recipe, config
+        self.model, self.recipe = student, recipe
+        self.full_config = config  # as given: the options given per stage hold a list
+        self.config = config.for_stage(0)  # the current stage's values (set again at each stage)
         self._all_data = data.long()
         train_rows = data.shape[0] - config.holdout
         if config.holdout < 0 or (config.holdout and train_rows < 1):
@@ -375,6 +399,9 @@ class Trainer:
         self._trained_norms: dict[str, torch.Tensor] = {}
         self.init_from: str | None = None  # the artifact the run started from (start_from_artifact)
         self.init_latents: str | None = None  # the latent offsets it started from (load_latents)
+        # activation clip ratios searched when the model was prepared, for the sites whose activations
+        # a later stage quantizes (taken by the first stage that does: _take_pending_act_clips)
+        self.pending_act_clips: dict[str, float] = {}
         if config.norm_lr > 0:
             self._track_norms()
             for p in self._norms.values():
@@ -405,6 +432,13 @@ class Trainer:
             self._norms = norm_weights(self.model)
             self._float_norms = {n: p.detach().clone() for n, p in self._norms.items()}
             self._trained_norms = {n: torch.empty_like(p) for n, p in self._norms.items()}
+
+    def _take_pending_act_clips(self) -> None:
+        """A stage that brings in activation quantization starts each site at the clip ratio searched
+        for it when the model was prepared (:func:`train`), not at the format's default."""
+        for name, m in fake_quant_sites(self.model).items():
+            if m.act_format is not None and name in self.pending_act_clips and m.act_clip_ratio is None:
+                m.act_format = replace(m.act_format, clip=self.pending_act_clips.pop(name))
 
     def _learn_act_clips(self) -> None:
         """With ``act_clip_lr``: every site that quantizes its activations learns its clip ratio
@@ -785,12 +819,13 @@ class Trainer:
         self.save_checkpoint()
 
     def _run(self) -> None:
-        cfg = self.config
         blocks = block_names(self.model)
-        for stage in range(self.state["stage"], len(cfg.stages)):
+        for stage in range(self.state["stage"], len(self.full_config.stages)):
+            self.config = cfg = self.full_config.for_stage(stage)
             if self.state["formats_stage"] != stage:
                 w, a = stage_formats(self.recipe, cfg.stages[stage])
                 set_formats(self.model, w, a, refit=cfg.transition == "refit")
+                self._take_pending_act_clips()
                 self._learn_act_clips()
                 self.state.update(formats_stage=stage, phase="block", block=0, step=0)
             self.state["stage"] = stage
@@ -843,10 +878,11 @@ class Trainer:
         if formats.get("act"):  # each site's activation clip ratio (its own with act_clip_search)
             formats["act_clips"] = {name: m.current_act_format().clip
                                     for name, m in fake_quant_sites(self.model).items() if m.act_format is not None}
-        state = {"state": self.state, "optimizer": opt_meta, "best": best_meta, "config": self.config.to_dict(),
+        state = {"state": self.state, "optimizer": opt_meta, "best": best_meta, "config": self.full_config.to_dict(),
                  "recipe": self.recipe.to_dict(), "formats": formats, "history": self.history,
                  "init_from": self.init_from,
                  "init_latents": self.init_latents,
+                 "pending_act_clips": self.pending_act_clips,
                  "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
         for fname, tensors in files.items():
             meta = {"latent_bits": str(LATENT_BITS)} if fname == LATENTS_FILE else None
@@ -861,6 +897,8 @@ class Trainer:
         state = json.loads((self.out / "state.json").read_text())
         self.state = dict(state["state"])
         self.history = list(state["history"])
+        self.config = self.full_config.for_stage(min(self.state["stage"], len(self.full_config.stages) - 1))
+        self.pending_act_clips = dict(state.get("pending_act_clips") or {})
         f = state["formats"]
         if f:
             set_formats(self.model, QFormat.from_dict(f["weight"]), QFormat.from_dict(f["act"]) if f["act"] else None)
@@ -1140,13 +1178,27 @@ def train(model: nn.Module, recipe="w2a16", data: torch.Tensor | None = None, co
         art_sites = json.loads((Path(init_from) / "manifest.json").read_text()).get("sites", {})
         if art_sites and all(site.get("act_format") for site in art_sites.values()):
             first = replace(first, act_clip_search=[], clip_search=False)
+    pending_search = None
+    if not resume and init_from is None and first.activation is None and recipe.act_clip_search:
+        # a later stage brings in activation quantization: its clip search runs now, on the prepared
+        # weights and the calibration data, and the first stage leaves the activations in float
+        later = [stage_formats(recipe, spec)[1] for spec in config.stages[1:]]
+        pending_search = next((a for a in later if a is not None), None)
+        if pending_search is not None:
+            first = replace(first, activation=pending_search, act_clip_search=list(recipe.act_clip_search))
     # compiled on the CPU (the passes' calibration runs there), then moved to the model's device
     device = next(model.parameters()).device
     t0 = time.perf_counter()
     # a rebuild's site values are replaced, so the report's per-site errors would only cost time
     student = prepare_qat(copy.deepcopy(model).cpu(), first, calibration=calibration.cpu(), inplace=True,
                           progress=progress, measure_errors=not (resume or init_from is not None)).to(device)
+    pending_clips = {}
+    if pending_search is not None:
+        pending_clips = {name: m.act_format.clip for name, m in fake_quant_sites(student).items()
+                         if m.act_format is not None}
+        set_formats(student, first.weight, None)
     trainer = Trainer(student, recipe, config, data.to(torch.long), out=out, progress=progress)
+    trainer.pending_act_clips = pending_clips
     if init_from is not None:
         trainer.start_from_artifact(init_from)
         if init_latents is not None:

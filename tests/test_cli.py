@@ -73,7 +73,8 @@ def test_train_refuses_values_out_of_range(data, tmp_path, capsys):
     from lowbit.cli import console_main
 
     for flag, value, word in (("--lr", "-1", "lr"), ("--warmup", "1.5", "warmup"), ("--batch-size", "0", "batch_size"),
-                              ("--e2e-steps", "-3", "e2e_steps"), ("--grad-clip", "nan", "grad_clip")):
+                              ("--e2e-steps", "-3", "e2e_steps"), ("--grad-clip", "nan", "grad_clip"),
+                              ("--e2e-steps", "30,40", "2 values for 1 stages"), ("--lr", "1e-3,-1", "lr")):
         assert console_main(["train", "stories260k", "--out", str(tmp_path / "run"), "--quiet", flag, value]) == 2, flag
         err = capsys.readouterr().err
         assert err.startswith("lowbit: error:") and word in err, (flag, err)

@@ -706,6 +706,59 @@ def test_a_w2a16_artifact_starts_w2a2_training(tmp_path, monkeypatch):
     assert searches == [([], False), (list(w2a2.act_clip_search), True)]
 
 
+def test_a_run_from_w2_to_w2a2_with_per_stage_values_and_searched_clip_ratios(tmp_path):
+    """One run of two stages, W2 (activations in float) then W2A2, with steps and learning rates
+    given per stage. The first stage, at lr 0, keeps the codes of a weight-only preparation (so
+    preparing with the activation formats, for their clip search, moves no weight); each stage runs
+    its own number of steps; the W2A2 stage starts every site at the clip ratio the recipe's search
+    picks for it in a direct W2A2 preparation, not at the format's default. A run stopped after the
+    first stage and resumed (its model rebuilt from the float one) ends as the uninterrupted run."""
+    from lowbit.train import stage_recipe
+
+    model = _tiny_llama(7)
+    data = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(7))
+    recipe = lowbit.Recipe.from_dict(dict(lowbit.get_recipe("w2a2-half").with_passes({"name": "rotate"}).to_dict(),
+                                          act_clip_search=[0.4, 0.7, 1.0]))
+    cfg = TrainConfig(stages=["w2", "w2a2"], block_steps=[1, 0], e2e_steps=[3, 2], lr=[0.0, 0.01], scale_lr=0.0,
+                      batch_size=2)
+    direct = prepare_qat(copy.deepcopy(model), recipe, calibration=data, inplace=True, progress=False)
+    searched = {n: m.act_format.clip for n, m in fake_quant_sites(direct).items()}
+    assert all(c != recipe.activation.clip for c in searched.values())
+    weight_only = prepare_qat(copy.deepcopy(model), stage_recipe(recipe, "w2"), calibration=data, inplace=True,
+                              progress=False)
+    # stopped after the first stage's 2 x 1 block steps and 3 end-to-end steps
+    first = train(model, recipe, data, copy.deepcopy(cfg), out=tmp_path / "run", progress=False, max_steps=5)
+    for name, m in fake_quant_sites(first).items():
+        assert m.act_format is None, name
+        assert torch.equal(m.codes(), fake_quant_sites(weight_only)[name].codes()), name
+        assert torch.equal(m.weight, fake_quant_sites(weight_only)[name].weight), name  # lr 0: not moved
+    resumed = train(model, recipe, out=tmp_path / "run", resume=True, progress=False)
+    whole = train(model, recipe, data, copy.deepcopy(cfg), progress=False)
+    e2e = [h["stage"] for h in whole.lowbit_train_history if h["phase"] == "e2e"]
+    assert e2e == [0, 0, 0, 1, 1]
+    assert [(h["phase"], h["loss"]) for h in resumed.lowbit_train_history] == \
+        [(h["phase"], h["loss"]) for h in whole.lowbit_train_history]
+    for name, m in fake_quant_sites(whole).items():
+        assert m.act_format.clip == searched[name], name  # fixed ratios (act_clip_lr 0): the searched ones
+        assert not torch.equal(m.weight, fake_quant_sites(weight_only)[name].weight), name  # lr 0.01 moved it
+        other = fake_quant_sites(resumed)[name]
+        assert torch.equal(m.weight, other.weight) and other.act_format == m.act_format, name
+
+
+def test_per_stage_values_are_checked_against_the_stages():
+    cfg = TrainConfig(stages=["w4", "w2"], e2e_steps=[5, 7], lr=[1e-3, 2e-3], block_steps=3)
+    assert (cfg.for_stage(1).e2e_steps, cfg.for_stage(1).lr, cfg.for_stage(1).block_steps) == (7, 2e-3, 3)
+    assert TrainConfig(**cfg.to_dict()) == cfg  # the checkpoint's JSON round trip
+    with pytest.raises(ValueError, match="e2e_steps has 3 values for 2 stages"):
+        TrainConfig(stages=["w4", "w2"], e2e_steps=[1, 2, 3])
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
+        TrainConfig(stages=["w4", "w2"], lr=[1e-3, -1.0])
+    with pytest.raises(ValueError, match="empty list"):
+        TrainConfig(block_steps=[])
+    with pytest.raises(ValueError, match="1 values for 2 stages"):  # the stages filled in from a recipe count too
+        TrainConfig.from_recipe(lowbit.get_recipe("w2a16"), stages=["w4", "w2"], e2e_steps=[3])
+
+
 def test_an_ended_run_leaves_its_latent_weights_for_a_run_from_its_model(tmp_path):
     """An ended run writes ``latents.safetensors`` beside its checkpoint: where each latent weight
     sits inside its code's interval, at ``LATENT_BITS`` bits. A run ``init_from`` its frozen model with
