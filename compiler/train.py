@@ -7,6 +7,9 @@ stages of ``config``, each at a lower precision than the last (for example weigh
 4, then 3, then 2 bits). A stage starts from the previous one: the codes move along the
 nested integer grids of :mod:`lowbit.formats` (``q_b = round_shift(q_{b+d}, d)``, group
 scales kept, global scale times ``2^d``), see :meth:`lowbit.qat.FakeQuantLinear.set_formats`.
+``block_steps``, ``e2e_steps`` and ``lr`` take one value for all stages or one per stage. A
+stage that brings activation quantization in starts each site at the clip ratio the recipe's
+``act_clip_search`` picked for it when the model was prepared (searched then, on the same weights).
 
 Each stage has two phases, both distilling the float model (the compiled model with its
 sites in ``float_mode``: the same rotations and splits, unquantized weights):
