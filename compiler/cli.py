@@ -1,7 +1,8 @@
 """The ``lowbit`` command line.
 
     lowbit compile [MODEL] --recipe w2a16 --out DIR     quantize a model and save the artifact
-    lowbit eval [MODEL|DIR] [--recipe R] [--text FILE]  perplexity of a float, compiled or saved model
+    lowbit eval [MODEL|DIR] [--recipe R] [--text FILE]  perplexity of a float, compiled or saved model,
+                                                        or of an ONNX export on onnxruntime
     lowbit report DIR                                   HTML page with plots of a compile report
     lowbit train [MODEL] --recipe w2a16 --out DIR       quantization-aware training (--resume continues)
     lowbit recipes                                      list the preset recipes
@@ -31,6 +32,16 @@ def _load(name: str):
 
 def _is_artifact(path: str) -> bool:
     return (Path(path) / "manifest.json").is_file()
+
+
+def _is_onnx_export(path: str) -> bool:
+    """A folder written by ``lowbit export`` / ``lowbit.export_onnx`` (its manifest's format)."""
+    from lowbit.runtime.manifest import FORMAT
+
+    try:
+        return json.loads((Path(path) / "manifest.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _calibration(tokenizer, args, vocab_size: int, model=None):
@@ -93,7 +104,23 @@ def cmd_eval(args) -> int:
     import lowbit
     from .eval import perplexity
 
-    if _is_artifact(args.model):
+    if _is_onnx_export(args.model):
+        from lowbit.runtime import Session
+
+        if args.recipe:
+            raise SystemExit(f"{args.model} is an ONNX export: it is evaluated as exported, without --recipe")
+        device = str(args.device)
+        providers = (["CPUExecutionProvider"] if device == "cpu" else
+                     ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None)
+        if providers is None:
+            raise SystemExit(f"--device {device}: an ONNX export runs on cpu or cuda")
+        try:
+            model = Session(args.model, providers=providers)
+            tokenizer = model.tokenizer
+        except ValueError as e:  # a provider this onnxruntime lacks, or no tokenizer in the export
+            raise SystemExit(str(e))
+        label = f"{args.model} (ONNX, onnxruntime {model.providers[0]})"
+    elif _is_artifact(args.model):
         from .artifacts import load_tokenizer, read_manifest
 
         model = lowbit.load(args.model)
@@ -112,7 +139,8 @@ def cmd_eval(args) -> int:
             model = lowbit.compile_quantized(model, recipe=args.recipe, calibration=calib, inplace=True,
                                              progress=not args.quiet)
             label += f" {args.recipe}"
-    model = model.to(args.device)
+    if hasattr(model, "to"):
+        model = model.to(args.device)
     text = Path(args.text).read_text()
     if args.chars:
         text = text[: args.chars]
@@ -268,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(c)
     c.set_defaults(func=cmd_compile)
 
-    e = sub.add_parser("eval", help="perplexity of a model (float, compiled with --recipe, or a saved artifact)")
+    e = sub.add_parser("eval", help="perplexity of a model (float, compiled with --recipe, a saved artifact, "
+                                    "or an ONNX export run on onnxruntime)")
     e.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     e.add_argument("--recipe", help="compile with this recipe first")
     e.add_argument("--text", default=_default_text(), help="evaluation text (default: WikiText-2 test)")
@@ -276,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--windows", type=int, default=8)
     e.add_argument("--window-len", type=int, default=512)
     e.add_argument("--json", action="store_true")
-    e.add_argument("--device", default="cpu", help="where the model runs (cuda: the Triton kernels)")
+    e.add_argument("--device", default="cpu", help="where the model runs (cuda: the Triton kernels, or onnxruntime's CUDA provider for an ONNX export)")
     common(e)
     e.set_defaults(func=cmd_eval)
 

@@ -95,6 +95,23 @@ def window_token_ids(
     return torch.tensor(ids[:needed], dtype=torch.long).view(windows, window_len)
 
 
+def _logits_function(model):
+    """``input_ids [b, s] -> logits [b, s, vocab]`` (a torch tensor) for a PyTorch causal LM or
+    a :class:`lowbit.runtime.Session` (an ONNX export on onnxruntime: one call of its graph with
+    an empty KV cache, so each window is scored exactly as the PyTorch model scores it)."""
+    if isinstance(model, torch.nn.Module):
+        try:
+            device = next(model.parameters()).device
+        except StopIteration:  # pragma: no cover - parameterless model
+            device = torch.device("cpu")
+        return lambda input_ids: model(input_ids.to(device), use_cache=False).logits
+    from lowbit.runtime.session import Session
+
+    if isinstance(model, Session):
+        return lambda input_ids: torch.from_numpy(model.forward(input_ids.numpy())[0])
+    raise TypeError(f"perplexity needs a torch.nn.Module or a lowbit.runtime.Session, got {type(model).__name__}")
+
+
 def perplexity(
     model,
     tokenizer,
@@ -109,6 +126,8 @@ def perplexity(
 ) -> dict:
     """Perplexity of ``model`` on ``text`` over non-overlapping token windows.
 
+    ``model``: a PyTorch causal LM (float, compiled or loaded) or a
+    :class:`lowbit.runtime.Session` of an ONNX export, scored by the same code.
     See the module docstring for the protocol.  ``bos=True`` prepends the tokenizer's
     BOS token once, in front of the whole token stream (so only the first window
     starts with it); ``squeeze_blank_lines=True`` applies :func:`squeeze_blank_lines`
@@ -127,17 +146,15 @@ def perplexity(
     batch = window_token_ids(
         tokenizer, text, windows, window_len, bos=bos, squeeze_blank_lines=squeeze_blank_lines
     )
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:  # pragma: no cover - parameterless model
-        device = torch.device("cpu")
+    logits_of = _logits_function(model)
 
     total_nll = 0.0
     total_tokens = 0
     with torch.no_grad(), tqdm(total=windows, desc="perplexity", unit="window", disable=not progress) as bar:
         for start in range(0, windows, batch_size):
-            input_ids = batch[start:start + batch_size].to(device)
-            logits = model(input_ids, use_cache=False).logits
+            input_ids = batch[start:start + batch_size]
+            logits = logits_of(input_ids)
+            input_ids = input_ids.to(logits.device)
             # Position t predicts token t+1; score in float32 whatever the model dtype.
             pred = logits[:, :-1, :].float()
             target = input_ids[:, 1:]

@@ -121,14 +121,17 @@ def load_model(name: str = "smollm2", dtype: torch.dtype = torch.float32):
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` without any special tokens, for either tokenizer kind.
+    """Token ids of ``text`` without any special tokens, for any of the tokenizer kinds.
 
     Perplexity windows are cut from one long token stream, so no BOS/EOS is added
-    here: a Hugging Face tokenizer is called with ``add_special_tokens=False`` and a
+    here: a Hugging Face tokenizer (``transformers``, or a ``tokenizers.Tokenizer`` as an
+    ONNX export holds) is called with ``add_special_tokens=False`` and a
     :class:`~lowbit.llama2c.Llama2cTokenizer` with ``bos=False, eos=False`` (it still
     adds llama2.c's dummy leading space, which is part of its text normalization).
     Callers that want BOS markers add them explicitly (see ``lowbit.eval.perplexity``).
     """
     if isinstance(tokenizer, Llama2cTokenizer):
         return tokenizer.encode(text, bos=False, eos=False)
+    if type(tokenizer).__module__.startswith("tokenizers"):  # a tokenizers.Tokenizer (ONNX exports)
+        return list(tokenizer.encode(text, add_special_tokens=False).ids)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

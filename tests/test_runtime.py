@@ -173,3 +173,43 @@ def test_runtime_runs_without_torch(artifact):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "NO_TORCH_OK True" in r.stdout
+
+
+_EVAL_TEXT = ("It was a bright cold day in April, and the clocks were striking thirteen. "
+              "Winston Smith, his chin nuzzled into his breast, slipped quickly through the glass doors.")
+
+
+def test_perplexity_of_an_export_on_onnxruntime(artifact, tmp_path, capsys):
+    """``lowbit.eval.perplexity`` and ``lowbit eval DIR`` score an ONNX export on onnxruntime: the
+    same windows as the PyTorch model (same loss within float rounding), and a loss that a float64
+    log-softmax of onnxruntime's own logits reproduces."""
+    from lowbit.cli import main
+    from lowbit.eval import perplexity, window_token_ids
+
+    q, d = artifact
+    s = Session(d, threads=2)
+    windows, window_len = 3, 40
+    got = perplexity(s, s.tokenizer, _EVAL_TEXT, windows=windows, window_len=window_len, progress=False)
+    ref = perplexity(q, s.tokenizer, _EVAL_TEXT, windows=windows, window_len=window_len, progress=False)
+    assert got["tokens"] == ref["tokens"] == windows * (window_len - 1)
+    assert abs(got["loss"] - ref["loss"]) < 1e-4 * ref["loss"]
+
+    ids = window_token_ids(s.tokenizer, _EVAL_TEXT, windows, window_len).numpy()
+    assert ids[0].tolist() == s.tokenizer.encode(_EVAL_TEXT, add_special_tokens=False).ids[:window_len]
+    nll = 0.0
+    for row in ids:  # one window per graph call, float64 log-softmax
+        logits = s.forward(row[None])[0][0, :-1].astype(np.float64)
+        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        nll += float((logz - logits[np.arange(window_len - 1), row[1:]]).sum())
+    assert abs(got["loss"] - nll / ids[:, 1:].size) < 1e-5
+
+    text = tmp_path / "eval.txt"
+    text.write_text(_EVAL_TEXT)
+    args = ["eval", str(d), "--text", str(text), "--windows", str(windows), "--window-len", str(window_len)]
+    assert main(args + ["--json", "--quiet"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["loss"] == pytest.approx(got["loss"], rel=1e-6) and "ONNX" in res["model"]
+    with pytest.raises(SystemExit, match="without --recipe"):
+        main(args + ["--recipe", "w2a16"])
+    with pytest.raises(SystemExit, match="cpu or cuda"):
+        main(args + ["--device", "mps"])
