@@ -338,3 +338,39 @@ def test_stories260k_w2a16_logits_and_greedy_text(tmp_path):
     g = s.generate("Once upon a time, there was a little", max_new_tokens=16)
     assert g.token_ids == ref_ids[:len(g.token_ids)] and len(g.token_ids) >= min(16, len(ref_ids))
     assert g.text == tok.decode(g.token_ids).lstrip(" ") or g.text == tok.decode(g.token_ids)
+
+
+def test_rewrites_of_several_output_nodes_are_left_out_without_changing_the_graph(monkeypatch, tmp_path):
+    """The optimizer runs without onnxscript's multi-output rewrite rules (their matcher is quadratic
+    in the graph's size): inside the export the table lacks them, afterwards it is whole again, and
+    the W2A2-half graph of a rotated model is byte for byte the one the full table gives."""
+    import contextlib
+
+    import onnxscript.optimizer
+    import onnxscript.rewriter as rewriter
+
+    import lowbit.codegen.onnx.export as export_mod
+
+    full = rewriter._DEFAULT_REWRITE_RULES
+    multi = [r for r in full if not r._target_pattern.has_single_output_node]
+    assert multi, "this onnxscript has no multi-output rewrite rule left to leave out"
+    seen = []
+    real_optimize_ir = onnxscript.optimizer.optimize_ir
+
+    def spy(model_ir, **kwargs):
+        seen.append(tuple(rewriter._DEFAULT_REWRITE_RULES))
+        return real_optimize_ir(model_ir, **kwargs)
+
+    monkeypatch.setattr(onnxscript.optimizer, "optimize_ir", spy)
+    recipe = lowbit.get_recipe("w2a2-half").with_passes({"name": "rotate"})
+    q = lowbit.compile_quantized(tiny_exports.tiny_llama(layers=1), recipe, calibration=tiny_exports.calibration(),
+                                 progress=False)
+    filtered = export_onnx(q, tmp_path / "filtered")
+    assert len(seen) == 1 and set(seen[0]) == set(full) - set(multi)
+    assert rewriter._DEFAULT_REWRITE_RULES is full
+    monkeypatch.setattr(export_mod, "_single_output_rewrite_rules", contextlib.nullcontext)
+    whole = export_onnx(q, tmp_path / "whole")
+    assert len(seen) == 2 and set(seen[1]) == set(full)
+    graphs = [onnx.load(str(d / "model.onnx"), load_external_data=False).graph.SerializeToString()
+              for d in (filtered, whole)]
+    assert graphs[0] == graphs[1]

@@ -22,6 +22,7 @@ options and the sha256 of every file.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -104,11 +105,38 @@ def _lowbit_weight_names(module: nn.Module) -> set[str]:
             if name.endswith(LOWBIT_BUFFER_SUFFIXES)}
 
 
+@contextlib.contextmanager
+def _single_output_rewrite_rules():
+    """Within the block, onnxscript's default rewrite rules less those whose pattern ends in
+    several output nodes (``SlicesSplit``). onnxscript matches such a pattern by scanning the
+    whole graph for every candidate node, which grows with the square of the graph: most of a
+    SmolLM2 W2A2 export's time went there, and on the graphs lowbit writes the rule changes
+    nothing (a 4-layer W2A2 export gives the same bytes with and without it). Without the
+    private rule table (another onnxscript version) the defaults stay."""
+    import onnxscript.rewriter as rewriter
+
+    default = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
+    if default is None:
+        yield
+        return
+
+    def single_output(rule) -> bool:
+        pattern = getattr(rule, "_target_pattern", None)
+        return getattr(pattern, "has_single_output_node", True)
+
+    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in default if single_output(r))
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = default
+
+
 def optimize(model_ir, keep_names: set[str]) -> None:
     """onnxscript's optimizer (constant folding, rewrites, ONNX fusions such as
     RMSNormalization), except that nodes reading the initializers ``keep_names`` (the
     packed lowbit weights) are never folded: folding would store unpacked (or fp32)
-    copies of the weights in the file. onnxruntime folds them when it loads the model."""
+    copies of the weights in the file. onnxruntime folds them when it loads the model.
+    The rewrites leave out those of several output nodes (:func:`_single_output_rewrite_rules`)."""
     import onnxscript.optimizer
     import onnxscript.rewriter.onnx_fusions as onnx_fusions
 
@@ -118,7 +146,8 @@ def optimize(model_ir, keep_names: set[str]) -> None:
                 return False
         return None
 
-    onnxscript.optimizer.optimize_ir(model_ir, should_fold=keep_packed)
+    with _single_output_rewrite_rules():
+        onnxscript.optimizer.optimize_ir(model_ir, should_fold=keep_packed)
     onnx_fusions.fuse(model_ir)
 
 
