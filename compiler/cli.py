@@ -108,17 +108,15 @@ def cmd_eval(args) -> int:
         from lowbit.runtime import Session
 
         if args.recipe:
-            raise SystemExit(f"{args.model} is an ONNX export: it is evaluated as exported, without --recipe")
+            raise ValueError(f"{args.model} is an ONNX export: it is evaluated as exported, without --recipe")
         device = str(args.device)
         providers = (["CPUExecutionProvider"] if device == "cpu" else
                      ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None)
         if providers is None:
-            raise SystemExit(f"--device {device}: an ONNX export runs on cpu or cuda")
-        try:
-            model = Session(args.model, providers=providers)
-            tokenizer = model.tokenizer
-        except ValueError as e:  # a provider this onnxruntime lacks, or no tokenizer in the export
-            raise SystemExit(str(e))
+            raise ValueError(f"--device {device}: an ONNX export runs on cpu or cuda")
+        # a provider this onnxruntime lacks, or an export without a tokenizer: ValueError too
+        model = Session(args.model, providers=providers)
+        tokenizer = model.tokenizer
         label = f"{args.model} (ONNX, onnxruntime {model.providers[0]})"
     elif _is_artifact(args.model):
         from .artifacts import load_tokenizer, read_manifest
@@ -305,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--windows", type=int, default=8)
     e.add_argument("--window-len", type=int, default=512)
     e.add_argument("--json", action="store_true")
-    e.add_argument("--device", default="cpu", help="where the model runs (cuda: the Triton kernels, or onnxruntime's CUDA provider for an ONNX export)")
+    e.add_argument("--device", default="cpu",
+                   help="where the model runs (cuda: the Triton kernels, or onnxruntime's CUDA provider for an ONNX export)")
     common(e)
     e.set_defaults(func=cmd_eval)
 

@@ -209,7 +209,11 @@ def test_perplexity_of_an_export_on_onnxruntime(artifact, tmp_path, capsys):
     assert main(args + ["--json", "--quiet"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["loss"] == pytest.approx(got["loss"], rel=1e-6) and "ONNX" in res["model"]
-    with pytest.raises(SystemExit, match="without --recipe"):
+    with pytest.raises(ValueError, match="without --recipe"):
         main(args + ["--recipe", "w2a16"])
-    with pytest.raises(SystemExit, match="cpu or cuda"):
+    with pytest.raises(ValueError, match="cpu or cuda"):
         main(args + ["--device", "mps"])
+    from lowbit.cli import console_main  # what the `lowbit` command runs: one error line, status 2
+
+    assert console_main(args + ["--device", "mps"]) == 2
+    assert "lowbit: error: --device mps" in capsys.readouterr().err
