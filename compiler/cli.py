@@ -222,8 +222,8 @@ def cmd_train(args) -> int:
         t0 = time.perf_counter()
         data = training_data(model, tokenizer, args.data, args.samples, args.seq_len, seed=args.seed,
                              batch_size=args.gen_batch, progress=not args.quiet)
-        if not args.quiet:
-            print(f"training data ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        # one line, so --quiet (no progress bars) keeps it: it says where a run's time went
+        print(f"training data ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     t0 = time.perf_counter()
     calibration = None if data is None else data[: args.calib_samples]
     student = train(model, recipe, data, config, calibration=calibration, out=ckpt, resume=args.resume,

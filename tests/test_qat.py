@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -1020,7 +1021,10 @@ def test_cli_train_and_resume(tmp_path, capsys):
             "--seq-len", "16", "--e2e-steps", "2", "--batch-size", "2", "--checkpoint-every", "1", "--quiet",
             "--holdout", "1", "--eval-every", "1", "--calib-samples", "2", "--block-samples", "2"]
     assert main(args + ["--max-steps", "1"]) == 0
-    assert "continue with --resume" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "continue with --resume" in captured.out
+    # --quiet drops the progress bars, not the line that says how long the data took
+    assert re.search(r"training data ready in \d+\.\d s", captured.err), captured.err
     # without checkpoints every step, --max-steps still stops inside the end-to-end phase
     other = tmp_path / "other"
     i = args.index("--checkpoint-every")
